@@ -1,0 +1,50 @@
+"""ShadowPEFT: a small trainable shadow network beside a frozen LLM.
+
+The torch parts are imported lazily so that ``import shadowpeft.runtime`` (torch-free) does not
+load torch through this package's ``__init__``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ShadowConfig": "shadowpeft.config",
+    "BackboneConfig": "shadowpeft.config",
+    "InjectionConfig": "shadowpeft.config",
+    "UpdateConfig": "shadowpeft.config",
+    "ShadowConfigError": "shadowpeft.errors",
+    "CheckpointError": "shadowpeft.errors",
+    "ShadowModel": "shadowpeft.model",
+    "ShadowForCausalLM": "shadowpeft.tasks",
+    "ShadowForSequenceClassification": "shadowpeft.tasks",
+    "get_shadow_model": "shadowpeft.tasks",
+    "ShadowCache": "shadowpeft.cache",
+    "save_shadow": "shadowpeft.checkpoint",
+    "load_shadow": "shadowpeft.checkpoint",
+    "count_parameters": "shadowpeft.params",
+    "expected_parameter_counts": "shadowpeft.params",
+    "pinv_projection_init": "shadowpeft.backbone",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shadowpeft.backbone import pinv_projection_init
+    from shadowpeft.cache import ShadowCache
+    from shadowpeft.checkpoint import load_shadow, save_shadow
+    from shadowpeft.config import BackboneConfig, InjectionConfig, ShadowConfig, UpdateConfig
+    from shadowpeft.errors import CheckpointError, ShadowConfigError
+    from shadowpeft.model import ShadowModel
+    from shadowpeft.params import count_parameters, expected_parameter_counts
+    from shadowpeft.tasks import ShadowForCausalLM, ShadowForSequenceClassification, get_shadow_model
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shadowpeft' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
