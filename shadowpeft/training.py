@@ -1,0 +1,33 @@
+"""Losses and parameter freezing for training a shadow adapter."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+def shifted_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token CE: position t predicts ``labels[t+1]``; mean over labels != -100.
+
+    Args:
+        logits: (B, T, V).
+        labels: (B, T), ``-100`` where no loss is taken (padding, prompt tokens in SFT).
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def combined_loss(base: Tensor, shadow: Tensor, weight: float) -> Tensor:
+    """``CE_base + lambda * CE_shadow`` (METHOD.md section 4)."""
+    return base + weight * shadow
+
+
+def mark_only_shadow_trainable(model: nn.Module, *, extra: tuple[str, ...] = ()) -> None:
+    """``requires_grad`` on every parameter under a top-level ``shadow_*`` module (plus ``extra`` prefixes)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("shadow_") or name.startswith(extra))
