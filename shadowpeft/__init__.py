@@ -27,10 +27,32 @@ _LAZY = {
     "load_shadow": "shadowpeft.checkpoint",
     "count_parameters": "shadowpeft.params",
     "expected_parameter_counts": "shadowpeft.params",
+    "ParameterCounts": "shadowpeft.params",
     "pinv_projection_init": "shadowpeft.backbone",
+    "greedy_decode": "shadowpeft.generate",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "ShadowConfig",
+    "BackboneConfig",
+    "InjectionConfig",
+    "UpdateConfig",
+    "ShadowConfigError",
+    "CheckpointError",
+    "ShadowModel",
+    "ShadowForCausalLM",
+    "ShadowForSequenceClassification",
+    "get_shadow_model",
+    "ShadowCache",
+    "save_shadow",
+    "load_shadow",
+    "count_parameters",
+    "expected_parameter_counts",
+    "ParameterCounts",
+    "pinv_projection_init",
+    "greedy_decode",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from shadowpeft.backbone import pinv_projection_init
@@ -38,8 +60,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from shadowpeft.checkpoint import load_shadow, save_shadow
     from shadowpeft.config import BackboneConfig, InjectionConfig, ShadowConfig, UpdateConfig
     from shadowpeft.errors import CheckpointError, ShadowConfigError
+    from shadowpeft.generate import greedy_decode
     from shadowpeft.model import ShadowModel
-    from shadowpeft.params import count_parameters, expected_parameter_counts
+    from shadowpeft.params import ParameterCounts, count_parameters, expected_parameter_counts
     from shadowpeft.tasks import ShadowForCausalLM, ShadowForSequenceClassification, get_shadow_model
 
 

@@ -30,7 +30,7 @@ def implicit_shadow_config(base_backbone_config: Any, spec: ArchSpec, cfg: Backb
                 f"backbone.{name}={value!r} cannot be applied to a {shadow_config.model_type!r} shadow; "
                 f"overridable here: {', '.join(spec.overridable)}. Leave it unset."
             )
-        setattr(shadow_config, name, value)
+        setattr(shadow_config, spec.config_name(name), value)
     if (
         cfg.num_attention_heads is not None
         and cfg.num_key_value_heads is None

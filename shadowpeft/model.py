@@ -9,7 +9,7 @@ passed through the loop, never stored on a module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn

@@ -104,12 +104,13 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
         logits_to_keep: int = 0,
         mode: Mode | None = None,
         return_shadow_logits: bool = False,
-        **kwargs: object,
+        **hf_flags: object,
     ) -> ShadowCausalLMOutput:
         """One forward. ``labels`` gives ``loss = CE_base + lambda * CE_shadow`` (attached) or ``CE_shadow``.
 
         ``logits_to_keep=k > 0`` computes logits for the last ``k`` positions only (``generate`` uses 1).
         """
+        check_hf_flags(hf_flags)
         mode = mode or self.inference_mode
         use_cache = bool(use_cache) if use_cache is not None else past_key_values is not None
         if past_key_values is not None and not isinstance(past_key_values, ShadowCache):
@@ -178,12 +179,15 @@ class ShadowForSequenceClassification(ShadowModel):
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
         labels: Tensor | None = None,
         mode: Mode | None = None,
-        **kwargs: object,
+        **hf_flags: object,
     ) -> ShadowSequenceClassifierOutput:
+        """Class logits pooled at the last real token; ``labels`` (B,) give ``CE_base + lambda * CE_shadow``."""
+        check_hf_flags(hf_flags)
         mode = mode or self.inference_mode
-        out = self.run(input_ids, attention_mask=attention_mask, mode=mode)
+        out = self.run(input_ids, attention_mask=attention_mask, position_ids=position_ids, mode=mode)
         last = last_token_index(input_ids, attention_mask)  # (B,)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         shadow_logits = self.shadow_classifier_head(out.s0[rows, last])
@@ -197,6 +201,29 @@ class ShadowForSequenceClassification(ShadowModel):
                 result.base_loss = F.cross_entropy(logits.float(), labels)
                 result.loss = combined_loss(result.base_loss, result.shadow_loss, self.shadow_config.aux_loss_weight)
         return result
+
+
+# Flags HF callers (generate, Trainer) pass that change nothing here when left at these values.
+_NEUTRAL_HF_FLAGS = {
+    "return_dict": (True, None),
+    "output_attentions": (False, None),
+    "output_hidden_states": (False, None),
+    "num_items_in_batch": None,
+}
+
+
+def check_hf_flags(flags: dict[str, object]) -> None:
+    """Refuse keyword arguments this model would otherwise silently ignore."""
+    bad = {
+        k: v
+        for k, v in flags.items()
+        if k not in _NEUTRAL_HF_FLAGS or (_NEUTRAL_HF_FLAGS[k] is not None and v not in _NEUTRAL_HF_FLAGS[k])
+    }
+    if bad:
+        raise TypeError(
+            f"Unsupported forward argument(s) {bad!r}; ShadowPEFT models take input_ids, attention_mask, "
+            "position_ids, past_key_values, labels, use_cache, logits_to_keep and mode."
+        )
 
 
 def last_token_index(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:

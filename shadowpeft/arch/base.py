@@ -53,6 +53,7 @@ class ArchSpec:
         sliding_from_window: Without ``config.layer_types``, every layer uses a sliding window
             when ``config.sliding_window`` is set (Mistral).
         overridable: Implicit-shadow overrides this family's config supports.
+        config_names: Config attribute for an override, where the family names it differently.
     """
 
     model_types: tuple[str, ...]
@@ -62,6 +63,10 @@ class ArchSpec:
     norm_attr: str = "norm"
     sliding_from_window: bool = False
     overridable: tuple[str, ...] = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    config_names: tuple[tuple[str, str], ...] = ()
+
+    def config_name(self, field: str) -> str:
+        return dict(self.config_names).get(field, field)
 
     def backbone(self, model: nn.Module) -> nn.Module:
         """The decoder stack of a task model (``XForCausalLM.model``), or ``model`` if it is one."""

@@ -33,4 +33,5 @@ GPT2 = GPT2Spec(
     embed_attr="wte",
     norm_attr="ln_f",
     overridable=("intermediate_size", "num_attention_heads"),
+    config_names=(("intermediate_size", "n_inner"),),
 )

@@ -1,0 +1,671 @@
+"""Save and load ShadowPEFT checkpoints (DESIGN.md, "Artifacts"). safetensors only, never pickle.
+
+A directory written by :func:`save_shadow`::
+
+    checkpoint/
+      shadow_config.json          format + version, task, ShadowConfig, explicit-shadow reference,
+                                  base reference (name or path, architecture, fingerprint)
+      shadow_model.safetensors    adapter weights: shadow_model.* shadow_hidden_projection.*
+                                  shadow_injection_model.* shadow_update_model.*
+      shadow_modules.safetensors  trained heads, when there are any: shadow_lm_head.* (causal LM with
+                                  train_shadow_head), classifier_head.* + shadow_classifier_head.*
+
+The adapter keys are those of the published ``shadow-peft`` 0.1.1 package, whose checkpoints
+:func:`load_shadow` also reads (flat ``shadow_config.json`` without a ``format`` key,
+``shadow_adapter.safetensors``, optional ``shadow_modules.safetensors``). Those carry no base
+fingerprint, so only their shapes are checked against the base.
+
+Writes are atomic: everything goes to a hidden temp directory beside the target, which is then
+renamed into place, so an interrupted save never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Size, Tensor, nn
+
+from shadowpeft import __version__
+from shadowpeft.config import ShadowConfig
+from shadowpeft.errors import CheckpointError, ShadowConfigError, UnsupportedArchitectureError
+from shadowpeft.fingerprint import (
+    PART_NAMES,
+    BaseFingerprint,
+    architecture_config,
+    compare,
+    config_differences,
+    config_sha256,
+    describe,
+    fingerprint,
+)
+from shadowpeft.model import ShadowModel
+from shadowpeft.tasks import ShadowForCausalLM, ShadowForSequenceClassification, get_shadow_model
+from shadowpeft.training import mark_only_shadow_trainable
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "shadow_config.json"
+WEIGHTS_NAME = "shadow_model.safetensors"
+MODULES_NAME = "shadow_modules.safetensors"
+PUBLISHED_WEIGHTS_NAME = "shadow_adapter.safetensors"
+PUBLISHED_PICKLE_NAME = "shadow_adapter.pt"
+FORMAT = "shadowpeft"
+FORMAT_VERSION = 1
+
+Task = Literal["causal-lm", "sequence-classification"]
+TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification")
+
+ADAPTER_PREFIXES = ("shadow_model", "shadow_hidden_projection", "shadow_injection_model", "shadow_update_model")
+_HEADER_KEYS = ("format", "format_version", "shadowpeft_version", "task", "shadow", "explicit_shadow", "base")
+# Every key the published package's ShadowConfig (0.1.1) writes.
+_PUBLISHED_KEYS = (
+    "num_shadow_layers",
+    "injection_hidden_size",
+    "gate_hidden_size",
+    "alpha",
+    "dropout",
+    "shadow_intermediate_size",
+    "shadow_num_attention_heads",
+    "shadow_num_key_value_heads",
+    "shadow_head_dim",
+    "modules_to_save",
+)
+_MAX_LISTED = 8  # keys named per kind of mismatch before "... and N more"
+
+
+# ----- records ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BaseRef:
+    """The base model an adapter was trained on.
+
+    Attributes:
+        name_or_path: Hub name or local path, for the user to reload it.
+        architecture: Its architecture-defining config keys (:func:`architecture_config`).
+        fingerprint: Hashes of its config, embeddings and LM head.
+    """
+
+    name_or_path: str
+    architecture: dict[str, Any]
+    fingerprint: BaseFingerprint
+
+
+@dataclass(frozen=True)
+class ExplicitShadowRef:
+    """An explicit shadow model: enough to rebuild its backbone config and to recognise it again.
+
+    Attributes:
+        name_or_path: Hub name or local path it was loaded from (may be empty).
+        architecture: Its architecture-defining config keys.
+        config: Its full HF config (``config.to_dict()``), to rebuild it with ``AutoConfig.for_model``.
+        config_sha256: :func:`config_sha256` of that config.
+    """
+
+    name_or_path: str
+    architecture: dict[str, Any]
+    config: dict[str, Any]
+    config_sha256: str
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """Contents of ``shadow_config.json`` in this project's format."""
+
+    task: Task
+    shadow: ShadowConfig
+    base: BaseRef
+    explicit_shadow: ExplicitShadowRef | None
+    format_version: int = FORMAT_VERSION
+    shadowpeft_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        explicit = self.explicit_shadow
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "shadowpeft_version": self.shadowpeft_version,
+            "task": self.task,
+            "shadow": self.shadow.to_dict(),
+            "explicit_shadow": None if explicit is None else dict(vars(explicit)),
+            "base": {
+                "name_or_path": self.base.name_or_path,
+                "architecture": self.base.architecture,
+                "fingerprint": self.base.fingerprint.to_dict(),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path) -> CheckpointHeader:
+        """Parse and validate a header read from ``source``.
+
+        Raises:
+            CheckpointError: an unknown format or newer format_version, an unknown or missing key,
+                or a value of the wrong type.
+        """
+        _check_format(data, source)
+        unknown = sorted(set(data) - set(_HEADER_KEYS))
+        missing = sorted(set(_HEADER_KEYS) - set(data))
+        if unknown or missing:
+            raise CheckpointError(
+                f"{source}: unknown key(s) {unknown}, missing key(s) {missing}; expected {list(_HEADER_KEYS)}. "
+                "The file is corrupt or was edited by hand: re-save the checkpoint."
+            )
+        if data["task"] not in TASKS:
+            raise CheckpointError(f"{source}: task={data['task']!r}; allowed: {', '.join(TASKS)}.")
+        try:
+            shadow = ShadowConfig.from_dict(_mapping(data["shadow"], "shadow", source))
+        except ShadowConfigError as err:
+            raise CheckpointError(f"{source}: invalid 'shadow' config: {err}") from err
+        base = _mapping(data["base"], "base", source)
+        _expect_keys(base, ("name_or_path", "architecture", "fingerprint"), "base", source)
+        base_ref = BaseRef(
+            name_or_path=_string(base["name_or_path"], "base.name_or_path", source),
+            architecture=_mapping(base["architecture"], "base.architecture", source),
+            fingerprint=_fingerprint(base["fingerprint"], source),
+        )
+        explicit = data["explicit_shadow"]
+        explicit_ref = None
+        if explicit is not None:
+            explicit = _mapping(explicit, "explicit_shadow", source)
+            _expect_keys(
+                explicit, ("name_or_path", "architecture", "config", "config_sha256"), "explicit_shadow", source
+            )
+            explicit_ref = ExplicitShadowRef(
+                name_or_path=_string(explicit["name_or_path"], "explicit_shadow.name_or_path", source),
+                architecture=_mapping(explicit["architecture"], "explicit_shadow.architecture", source),
+                config=_mapping(explicit["config"], "explicit_shadow.config", source),
+                config_sha256=_string(explicit["config_sha256"], "explicit_shadow.config_sha256", source),
+            )
+        version = _string(data["shadowpeft_version"], "shadowpeft_version", source)
+        return cls(data["task"], shadow, base_ref, explicit_ref, data["format_version"], version)
+
+
+# ----- save ------------------------------------------------------------------------------------------
+def save_shadow(
+    model: ShadowModel, directory: str | Path, *, base_ref: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write ``model``'s adapter, trained heads and base fingerprint to ``directory``, atomically.
+
+    Args:
+        model: A :class:`ShadowForCausalLM` or :class:`ShadowForSequenceClassification`.
+        directory: Target directory; created, or replaced when ``overwrite``.
+        base_ref: How users should reload the base (hub name or path); defaults to the base
+            config's ``_name_or_path``.
+        overwrite: Replace an existing non-empty checkpoint directory (atomically: the old
+            contents stay intact if the save fails).
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        CheckpointError: ``directory`` exists and is not empty (without ``overwrite``), is a file,
+            or is not a checkpoint directory (with ``overwrite``).
+    """
+    if not isinstance(model, ShadowForCausalLM | ShadowForSequenceClassification):
+        raise TypeError(
+            f"save_shadow needs a ShadowForCausalLM or ShadowForSequenceClassification, got {type(model)}."
+        )
+    target = Path(directory)
+    _check_target(target, overwrite=overwrite)
+    header = checkpoint_header(model, base_ref=base_ref)
+    adapter = model.adapter_state_dict()
+    heads = head_state_dict(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_json(tmp / CONFIG_NAME, header.to_dict())
+        _write_safetensors(tmp / WEIGHTS_NAME, adapter)
+        if heads:
+            _write_safetensors(tmp / MODULES_NAME, heads)
+        _fsync(tmp)
+        _commit(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(
+        "Saved ShadowPEFT checkpoint (%d adapter tensors, %d head tensors) to %s", len(adapter), len(heads), target
+    )
+    return target
+
+
+def checkpoint_header(model: ShadowModel, *, base_ref: str | None = None) -> CheckpointHeader:
+    """The :class:`CheckpointHeader` describing ``model`` (its config, explicit shadow and base)."""
+    base = model.base
+    explicit = None
+    if model.explicit:
+        shadow_config = model.shadow_model.config
+        explicit = ExplicitShadowRef(
+            name_or_path=str(getattr(shadow_config, "_name_or_path", "") or ""),
+            architecture=architecture_config(shadow_config),
+            config=json.loads(shadow_config.to_json_string(use_diff=False)),
+            config_sha256=config_sha256(shadow_config),
+        )
+    name = base_ref if base_ref is not None else str(getattr(base.config, "_name_or_path", "") or "")
+    return CheckpointHeader(
+        task=task_of(model),
+        shadow=model.shadow_config,
+        base=BaseRef(name, architecture_config(base.config), fingerprint(base)),
+        explicit_shadow=explicit,
+    )
+
+
+def task_of(model: ShadowModel) -> Task:
+    """``sequence-classification`` or ``causal-lm``."""
+    return "sequence-classification" if isinstance(model, ShadowForSequenceClassification) else "causal-lm"
+
+
+def head_modules(model: ShadowModel) -> dict[str, nn.Module]:
+    """The trained heads saved beside the adapter, by checkpoint prefix (empty for an aliased LM head)."""
+    if isinstance(model, ShadowForSequenceClassification):
+        return {"classifier_head": model.classifier_head, "shadow_classifier_head": model.shadow_classifier_head}
+    head = getattr(model, "shadow_lm_head", None)
+    return {} if head is None else {"shadow_lm_head": head}
+
+
+def head_state_dict(model: ShadowModel) -> dict[str, Tensor]:
+    """Trained head weights keyed ``{prefix}.{param}``, as CPU copies."""
+    return {
+        f"{prefix}.{key}": value.detach().to("cpu").contiguous().clone()
+        for prefix, module in head_modules(model).items()
+        for key, value in module.state_dict().items()
+    }
+
+
+# ----- load ------------------------------------------------------------------------------------------
+def load_shadow(
+    base: nn.Module, directory: str | Path, *, shadow_model: nn.Module | None = None, is_trainable: bool = False
+) -> ShadowModel:
+    """Wrap ``base`` with the adapter saved in ``directory`` (this project's or the published format).
+
+    For this project's format the base fingerprint is recomputed and must match. Published
+    ``shadow-peft`` checkpoints have none; their layer count, hidden size and keys are checked.
+
+    Args:
+        base: A fresh HF ``XForCausalLM`` / ``XForSequenceClassification`` (it is frozen in place).
+        directory: A checkpoint directory.
+        shadow_model: For a checkpoint trained with an *explicit* shadow model, the same model
+            (architecture) again, e.g. ``AutoModelForCausalLM.from_pretrained(name)``; its weights
+            are overwritten in place by the checkpoint's. Leave ``None`` for an implicit shadow.
+        is_trainable: Return in train mode with the shadow modules (and classifier heads)
+            trainable, as at construction; otherwise eval mode with every parameter frozen.
+
+    Returns:
+        A :class:`ShadowForCausalLM` or :class:`ShadowForSequenceClassification`.
+
+    Raises:
+        CheckpointError: missing or corrupt files, an unknown format version, a base that differs
+            from the one the adapter was trained on, or a missing/mismatching explicit shadow.
+    """
+    if isinstance(base, ShadowModel):
+        raise CheckpointError("load_shadow needs the plain base model, not a ShadowModel; pass `model.base`.")
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"Checkpoint directory {str(path)!r} does not exist or is not a directory; pass the directory "
+            "that save_shadow (or shadow-peft's save_pretrained) wrote."
+        )
+    raw = _read_json(path / CONFIG_NAME)
+    model = (
+        _load_ours(base, path, raw, shadow_model)
+        if "format" in raw
+        else _load_published(base, path, raw, shadow_model)
+    )
+    _set_mode(model, is_trainable=is_trainable)
+    logger.info("Loaded ShadowPEFT checkpoint from %s", path)
+    return model
+
+
+def _load_ours(base: nn.Module, path: Path, raw: dict[str, Any], shadow_model: nn.Module | None) -> ShadowModel:
+    header = CheckpointHeader.from_dict(raw, path / CONFIG_NAME)
+    base_task = _base_task(base)
+    if header.task != base_task:
+        raise CheckpointError(
+            f"{path} holds a {header.task} adapter but the base you passed is a {base_task} model; "
+            f"load base {header.base.name_or_path!r} with the matching AutoModelFor* class."
+        )
+    _check_fingerprint(header.base, base, path)
+    _check_explicit(header.explicit_shadow, shadow_model, path)
+    model = _build(base, header.shadow, shadow_model, path)
+    weights = path / WEIGHTS_NAME
+    state = _read_safetensors(weights)
+    _raise_problems(_key_problems(_adapter_shapes(model), state), weights, "adapter weights do not match the model")
+    model.load_adapter_state_dict(state)
+    modules = path / MODULES_NAME
+    expected_heads = _head_shapes(model)
+    if expected_heads or modules.exists():
+        heads = _read_safetensors(modules)
+        _raise_problems(_key_problems(expected_heads, heads), modules, "head weights do not match the model")
+        _load_heads(model, heads)
+    return model
+
+
+def _load_published(base: nn.Module, path: Path, raw: dict[str, Any], shadow_model: nn.Module | None) -> ShadowModel:
+    weights = path / PUBLISHED_WEIGHTS_NAME
+    if not weights.is_file() and (path / PUBLISHED_PICKLE_NAME).is_file():
+        raise CheckpointError(
+            f"{path} holds only {PUBLISHED_PICKLE_NAME}, a pickle file; shadowpeft never unpickles (it can run "
+            "code). Re-save it with shadow-peft's save_pretrained, which writes shadow_adapter.safetensors."
+        )
+    config = _published_config(raw, path / CONFIG_NAME)
+    state = _read_safetensors(weights)
+    modules = path / MODULES_NAME
+    heads = _read_safetensors(modules) if modules.exists() else {}
+    if any(key.startswith("shadow_lm_head.") for key in heads) and not config.train_shadow_head:
+        config = replace(config, train_shadow_head=True)
+    model = _build(base, config, shadow_model, path)
+    state = _drop_unused_shadow_embedding(model, state, weights)
+    problems = _published_shape_problems(model, state) or _key_problems(_adapter_shapes(model), state)
+    _raise_problems(problems, weights, "this published checkpoint does not fit the base model you passed")
+    model.load_adapter_state_dict(state)
+    expected = _head_shapes(model)
+    present = {key.split(".", 1)[0] for key in heads}
+    # The published package saves only the heads it trained: each one present must be complete.
+    expected = {key: shape for key, shape in expected.items() if key.split(".", 1)[0] in present}
+    _raise_problems(_key_problems(expected, heads), modules, "head weights do not match the model")
+    _load_heads(model, heads)
+    return model
+
+
+def _published_config(raw: dict[str, Any], source: Path) -> ShadowConfig:
+    """Map a published flat config; refuse keys this reader does not know and a trained base LM head."""
+    unknown = sorted(set(raw) - set(_PUBLISHED_KEYS))
+    if unknown:
+        raise CheckpointError(
+            f"{source} has no 'format' key, so it is read as a shadow-peft 0.1.1 config, but it has unknown "
+            f"key(s) {unknown}; known: {list(_PUBLISHED_KEYS)}. It is not a ShadowPEFT checkpoint, or comes from "
+            "a newer shadow-peft: re-save it with shadow-peft 0.1.1 or shadowpeft's save_shadow."
+        )
+    modules_to_save = raw.get("modules_to_save") or []
+    if not isinstance(modules_to_save, list):
+        raise CheckpointError(f"{source}: modules_to_save={modules_to_save!r} must be a list of module names.")
+    if "lm_head" in modules_to_save:
+        raise CheckpointError(
+            f"{source}: modules_to_save includes 'lm_head' (the base LM head was trained); shadowpeft keeps the "
+            "base frozen and cannot load it. Retrain without lm_head in modules_to_save."
+        )
+    try:
+        return ShadowConfig.from_published(raw)
+    except ShadowConfigError as err:
+        raise CheckpointError(f"{source}: invalid shadow-peft config: {err}") from err
+
+
+def _drop_unused_shadow_embedding(model: ShadowModel, state: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
+    """Drop the published implicit shadow's token table where it kept one (GPT-2 ``wte``).
+
+    The published package removes only attributes named ``embed_tokens`` and feeds the shadow the
+    base embeddings, so a GPT-2 shadow saves a ``wte`` that its forward never reads.
+    """
+    if model.explicit:
+        return state
+    prefix = f"shadow_model.{model.shadow_spec.embed_attr}."
+    unused = [key for key in state if key.startswith(prefix)]
+    if unused:
+        logger.info("%s: ignoring %s (the implicit shadow reads the base embeddings; never used)", source, unused)
+    return {key: value for key, value in state.items() if key not in unused}
+
+
+def _published_shape_problems(model: ShadowModel, state: dict[str, Tensor]) -> list[str]:
+    """Layer count and hidden size of a published adapter versus the base, before any key listing."""
+    downs = state.get("shadow_injection_model.injection_downs")
+    if downs is None:
+        return ["no 'shadow_injection_model.injection_downs' tensor: this is not a ShadowPEFT adapter file"]
+    if downs.dim() != 3:
+        return [f"shadow_injection_model.injection_downs has shape {list(downs.shape)}; expected [L-1, d, r]"]
+    problems = []
+    if downs.shape[0] != model.num_layers - 1:
+        problems.append(
+            f"the adapter injects into {downs.shape[0]} layers (a base with {downs.shape[0] + 1} layers); "
+            f"the base you passed has {model.num_layers} layers. Load the base it was trained on"
+        )
+    if downs.shape[1] != model.hidden_size:
+        problems.append(
+            f"the adapter has hidden size {downs.shape[1]}; the base you passed has {model.hidden_size}. "
+            "Load the base it was trained on"
+        )
+    return problems
+
+
+# ----- checks ----------------------------------------------------------------------------------------
+def _check_format(data: dict[str, Any], source: Path) -> None:
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: format={data.get('format')!r}; this reader knows {FORMAT!r}.")
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{source}: format_version={version!r} must be an integer >= 1; the file is corrupt.")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} has format_version {version}; this shadowpeft ({__version__}) reads up to {FORMAT_VERSION}. "
+            "Upgrade shadowpeft to load it."
+        )
+
+
+def _check_fingerprint(ref: BaseRef, base: nn.Module, path: Path) -> None:
+    """Raise naming every part of ``base`` that differs from the base the adapter was trained on."""
+    parts = compare(ref.fingerprint, fingerprint(base))
+    if not parts:
+        return
+    here = architecture_config(base.config)
+    details = []
+    for part in parts:
+        if part == PART_NAMES["config_sha256"]:
+            diffs = config_differences(ref.architecture, here)
+            part = f"{part} ({'; '.join(diffs)})" if diffs else part
+        details.append(part)
+    raise CheckpointError(
+        f"{path}: this adapter was trained on base {ref.name_or_path!r} ({describe(ref.architecture)}); "
+        f"the model you passed ({describe(here)}) differs in: {', '.join(details)}. "
+        "Load the base it names or retrain."
+    )
+
+
+def _check_explicit(ref: ExplicitShadowRef | None, shadow_model: nn.Module | None, path: Path) -> None:
+    if ref is None and shadow_model is not None:
+        raise CheckpointError(f"{path} holds an implicit shadow (built from the base); drop shadow_model= to load it.")
+    if ref is None:
+        return
+    if shadow_model is None:
+        raise CheckpointError(
+            f"{path} was trained with an explicit shadow model ({describe(ref.architecture)}, from "
+            f"{ref.name_or_path!r}); pass it again: load_shadow(base, {str(path)!r}, shadow_model=...). "
+            "Its weights are replaced by the checkpoint's."
+        )
+    if config_sha256(shadow_model.config) != ref.config_sha256:
+        diffs = config_differences(ref.architecture, architecture_config(shadow_model.config))
+        raise CheckpointError(
+            f"{path}: the shadow_model you passed does not have the architecture the adapter was trained with "
+            f"({describe(ref.architecture)}); it differs in: {'; '.join(diffs) or 'architecture config'}. "
+            f"Pass the model {ref.name_or_path!r} names."
+        )
+
+
+def _build(base: nn.Module, config: ShadowConfig, shadow_model: nn.Module | None, path: Path) -> ShadowModel:
+    try:
+        return get_shadow_model(base, config, shadow_model)
+    except UnsupportedArchitectureError:
+        raise
+    except ShadowConfigError as err:
+        raise CheckpointError(f"{path}: the checkpoint's shadow config does not fit the base model: {err}") from err
+
+
+def _base_task(base: nn.Module) -> Task:
+    """The task get_shadow_model would pick for ``base``."""
+    return "sequence-classification" if isinstance(getattr(base, "score", None), nn.Module) else "causal-lm"
+
+
+def _adapter_shapes(model: ShadowModel) -> dict[str, Size]:
+    return {
+        f"{prefix}.{key}": value.shape
+        for prefix in ADAPTER_PREFIXES
+        for key, value in getattr(model, prefix).state_dict().items()
+    }
+
+
+def _head_shapes(model: ShadowModel) -> dict[str, Size]:
+    return {
+        f"{prefix}.{key}": value.shape
+        for prefix, module in head_modules(model).items()
+        for key, value in module.state_dict().items()
+    }
+
+
+def _key_problems(expected: dict[str, Size], state: dict[str, Tensor]) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches, each kind listed once."""
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{key} {list(state[key].shape)} (model: {list(expected[key])})"
+        for key in sorted(set(expected) & set(state))
+        if state[key].shape != expected[key]
+    ]
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            shown = ", ".join(keys[:_MAX_LISTED]) + (
+                f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+            )
+            problems.append(f"{label}: {shown}")
+    return problems
+
+
+def _raise_problems(problems: list[str], source: Path, title: str) -> None:
+    if problems:
+        raise CheckpointError(
+            f"{source}: {title}:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nCheck that you passed the base (and shadow_model) the checkpoint was trained with."
+        )
+
+
+def _load_heads(model: ShadowModel, state: dict[str, Tensor]) -> None:
+    for prefix, module in head_modules(model).items():
+        sub = {key[len(prefix) + 1 :]: value for key, value in state.items() if key.startswith(prefix + ".")}
+        if sub:
+            module.load_state_dict(sub, strict=True)
+
+
+def _set_mode(model: ShadowModel, *, is_trainable: bool) -> None:
+    if not is_trainable:
+        model.eval()
+        model.requires_grad_(False)
+        return
+    model.train()
+    extra = ("base.score.",) if isinstance(model, ShadowForSequenceClassification) else ()
+    mark_only_shadow_trainable(model, extra=extra)
+
+
+# ----- files -----------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found: {str(path.parent)!r} is not a ShadowPEFT checkpoint (it needs {CONFIG_NAME}); "
+            "pass the directory that save_shadow wrote."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt: re-save it.") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}; re-save the checkpoint.")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: re-save or re-download it.")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt: re-save or "
+            "re-download the checkpoint."
+        ) from err
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or, on POSIX, a directory entry list) to disk before the rename publishes it."""
+    if path.is_dir() and os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_target(target: Path, *, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a directory; choose another checkpoint path.")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(
+            f"{target} already exists and is not empty; pass overwrite=True to replace it or choose another directory."
+        )
+    if not (target / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"{target} is not a ShadowPEFT checkpoint (no {CONFIG_NAME}); refusing to replace it even with "
+            "overwrite=True. Choose another directory."
+        )
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing target is moved aside first and restored on failure."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    # rename(2) cannot replace a non-empty directory: move the old one aside, swap, then delete it.
+    backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, backup)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _mapping(value: Any, name: str, source: Path) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{source}: {name} must be a JSON object, got {value!r}; re-save the checkpoint.")
+    return value
+
+
+def _fingerprint(value: Any, source: Path) -> BaseFingerprint:
+    try:
+        return BaseFingerprint.from_dict(value)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err} Re-save the checkpoint.") from err
+
+
+def _string(value: Any, name: str, source: Path) -> str:
+    if not isinstance(value, str):
+        raise CheckpointError(f"{source}: {name} must be a string, got {value!r}; re-save the checkpoint.")
+    return value
+
+
+def _expect_keys(data: dict[str, Any], keys: tuple[str, ...], name: str, source: Path) -> None:
+    if set(data) != set(keys):
+        raise CheckpointError(
+            f"{source}: {name} has keys {sorted(data)}; expected {sorted(keys)}. Re-save the checkpoint."
+        )
