@@ -1,0 +1,239 @@
+"""Graph input/output names and symbolic dimensions: the only place they are built.
+
+Names follow the ONNX conventions of Hugging Face Optimum (``input_ids``, ``attention_mask``,
+``position_ids``, ``past_key_values.{i}.key|value`` -> ``present.{i}.key|value``, KV layout
+``[batch, kv_heads, seq, head_dim]``) plus ours (``shadow_states`` for ``s0``). The exporter
+declares graphs with these :class:`~shadowpeft.runtime.manifest.TensorSpec` tuples and writes them
+into the manifest; the runtime reads names back from the manifest and never builds them itself.
+
+Per decode step (T new tokens, P cached, T + P = total)::
+
+    device/shadow:   input_ids (B,T) + mask (B,P+T) + position_ids (B,T) + shadow KV (B,h,P,dh)
+                       -> logits (B,T,V), shadow_states (B,T,d), present shadow KV (B,h,P+T,dh)
+    cloud/backbone:  input_ids (B,T) + shadow_states (B,T,d) + mask + position_ids + base KV
+                       -> hidden_states (B,T,d) (final-normed) [+ logits (B,T,V)], present base KV
+    device/head:     hidden_states (B,T,d) -> logits (B,T,V)
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+from shadowpeft.runtime.manifest import TensorSpec
+
+__all__ = [
+    "ATTENTION_MASK",
+    "BATCH",
+    "HIDDEN_STATES",
+    "INPUT_IDS",
+    "LOGITS",
+    "PAST_SEQUENCE",
+    "POSITION_IDS",
+    "SEQUENCE",
+    "SHADOW_LOGITS",
+    "SHADOW_STATES",
+    "TOTAL_SEQUENCE",
+    "GraphIO",
+    "KVKind",
+    "cloud_backbone_io",
+    "detached_shadow_io",
+    "head_io",
+    "past_key_name",
+    "present_key_name",
+]
+
+# Symbolic dimensions.
+BATCH = "batch_size"
+SEQUENCE = "sequence_length"  # new tokens this call (T)
+PAST_SEQUENCE = "past_sequence_length"  # tokens already in the KV cache (P)
+TOTAL_SEQUENCE = "total_sequence_length"  # P + T
+
+# Tensor names.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+HIDDEN_STATES = "hidden_states"
+SHADOW_STATES = "shadow_states"
+SHADOW_LOGITS = "shadow_logits"  # the shadow head's logits in a graph that also has the base head's
+
+KVKind = Literal["key", "value"]
+_KV_KINDS: tuple[str, ...] = ("key", "value")
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class GraphIO(NamedTuple):
+    """Inputs and outputs of one graph, in order (unpacks as ``inputs, outputs = ...``)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def past_key_name(layer: int, kind: KVKind) -> str:
+    """Name of a KV-cache input, e.g. ``past_key_values.0.key``.
+
+    Args:
+        layer: Layer index within the graph's own stack (shadow layers or base layers), from 0.
+        kind: ``"key"`` or ``"value"``.
+
+    Raises:
+        ValueError: For a negative layer or an unknown kind.
+    """
+    _check_kv(layer, kind)
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_key_name(layer: int, kind: KVKind) -> str:
+    """Name of a KV-cache output, e.g. ``present.0.key``; it feeds :func:`past_key_name` next step.
+
+    Args:
+        layer: Layer index within the graph's own stack, from 0.
+        kind: ``"key"`` or ``"value"``.
+
+    Raises:
+        ValueError: For a negative layer or an unknown kind.
+    """
+    _check_kv(layer, kind)
+    return f"present.{layer}.{kind}"
+
+
+def detached_shadow_io(
+    *, num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, dtype: str = "float32"
+) -> GraphIO:
+    """I/O of the detached shadow graph (``role="detached-shadow"``): the model that runs alone.
+
+    Args:
+        num_layers: Shadow decoder layers (one KV pair each).
+        kv_heads: KV heads of a shadow layer.
+        head_dim: Head size of a shadow layer.
+        hidden: Width ``d`` of ``shadow_states`` (the base model's hidden size).
+        vocab: Vocabulary size of the shadow head's ``logits``.
+        dtype: Float type of KV caches, ``logits`` and ``shadow_states``.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.*`` ->
+        ``logits``, ``shadow_states``, ``present.*``.
+
+    Raises:
+        ValueError: For a size < 1 or a non-float dtype.
+    """
+    _check_sizes(num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, vocab=vocab)
+    _check_dtype(dtype)
+    inputs = (*_token_inputs(), *_kv_specs(num_layers, kv_heads, head_dim, dtype, present=False))
+    outputs = (
+        TensorSpec(LOGITS, dtype, (BATCH, SEQUENCE, vocab)),
+        TensorSpec(SHADOW_STATES, dtype, (BATCH, SEQUENCE, hidden)),
+        *_kv_specs(num_layers, kv_heads, head_dim, dtype, present=True),
+    )
+    return GraphIO(inputs, outputs)
+
+
+def head_io(*, hidden: int, vocab: int, dtype: str = "float32") -> GraphIO:
+    """I/O of the base head graph (``role="head"``): final-normed hidden states -> logits.
+
+    Coupled mode runs it on the device so that the cloud returns ``d`` numbers per token, not ``V``.
+
+    Args:
+        hidden: Hidden size ``d`` of the base model.
+        vocab: Vocabulary size.
+        dtype: Float type of both tensors.
+
+    Raises:
+        ValueError: For a size < 1 or a non-float dtype.
+    """
+    _check_sizes(hidden=hidden, vocab=vocab)
+    _check_dtype(dtype)
+    return GraphIO(
+        (TensorSpec(HIDDEN_STATES, dtype, (BATCH, SEQUENCE, hidden)),),
+        (TensorSpec(LOGITS, dtype, (BATCH, SEQUENCE, vocab)),),
+    )
+
+
+def cloud_backbone_io(
+    *,
+    num_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    hidden: int,
+    vocab: int | None = None,
+    dtype: str = "float32",
+) -> GraphIO:
+    """I/O of the cloud backbone graph (``role="cloud-backbone"``): base layers with injection/update.
+
+    Args:
+        num_layers: Base decoder layers (one KV pair each).
+        kv_heads: KV heads of a base layer.
+        head_dim: Head size of a base layer.
+        hidden: Hidden size ``d`` of the base model (width of ``shadow_states`` and ``hidden_states``).
+        vocab: If given, the graph also returns the base head's ``logits`` of this size.
+        dtype: Float type of ``shadow_states``, KV caches and outputs.
+
+    Returns:
+        ``input_ids``, ``shadow_states``, ``attention_mask``, ``position_ids``, ``past_key_values.*``
+        -> ``hidden_states`` (final-normed), [``logits``], ``present.*``.
+
+    Raises:
+        ValueError: For a size < 1 or a non-float dtype.
+    """
+    sizes = {"num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": hidden}
+    _check_sizes(**sizes, **({} if vocab is None else {"vocab": vocab}))
+    _check_dtype(dtype)
+    input_ids, attention_mask, position_ids = _token_inputs()
+    inputs = (
+        input_ids,
+        TensorSpec(SHADOW_STATES, dtype, (BATCH, SEQUENCE, hidden)),
+        attention_mask,
+        position_ids,
+        *_kv_specs(num_layers, kv_heads, head_dim, dtype, present=False),
+    )
+    logits = () if vocab is None else (TensorSpec(LOGITS, dtype, (BATCH, SEQUENCE, vocab)),)
+    outputs = (
+        TensorSpec(HIDDEN_STATES, dtype, (BATCH, SEQUENCE, hidden)),
+        *logits,
+        *_kv_specs(num_layers, kv_heads, head_dim, dtype, present=True),
+    )
+    return GraphIO(inputs, outputs)
+
+
+def _token_inputs() -> tuple[TensorSpec, TensorSpec, TensorSpec]:
+    return (
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
+        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_SEQUENCE)),
+        TensorSpec(POSITION_IDS, "int64", (BATCH, SEQUENCE)),
+    )
+
+
+def _kv_specs(num_layers: int, kv_heads: int, head_dim: int, dtype: str, *, present: bool) -> tuple[TensorSpec, ...]:
+    """KV tensors in layer order, key before value: (B, kv_heads, P or P+T, head_dim)."""
+    name = present_key_name if present else past_key_name
+    length = TOTAL_SEQUENCE if present else PAST_SEQUENCE
+    return tuple(
+        TensorSpec(name(layer, kind), dtype, (BATCH, kv_heads, length, head_dim))
+        for layer in range(num_layers)
+        for kind in _KV_KINDS
+    )
+
+
+def _check_kv(layer: int, kind: str) -> None:
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise ValueError(f"layer must be an integer >= 0; got {layer!r}.")
+    if kind not in _KV_KINDS:
+        raise ValueError(f"kind must be 'key' or 'value'; got {kind!r}.")
+
+
+def _check_sizes(**sizes: int) -> None:
+    bad = [
+        f"{name}={value!r}"
+        for name, value in sizes.items()
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1
+    ]
+    if bad:
+        raise ValueError(f"Graph sizes must be integers >= 1; got {', '.join(bad)}. Read them from the model config.")
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"dtype must be a float type ({', '.join(_FLOAT_DTYPES)}); got {dtype!r}. It sets the type of "
+            "KV caches, states and logits; ids, masks and positions are always int64."
+        )

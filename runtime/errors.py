@@ -1,0 +1,54 @@
+"""Exceptions raised by ``shadowpeft.runtime``.
+
+Each subclasses a builtin so that callers who do not know this package can still catch them
+(``except ValueError``). Validators collect every problem first and raise once; the individual
+problems stay available as ``error.problems`` for CLIs and tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["DeviceProfileError", "ManifestError", "format_problems"]
+
+
+def format_problems(header: str, problems: Sequence[str]) -> str:
+    """Builds the one message that lists every problem found by a validator.
+
+    Args:
+        header: First line: what was checked and how to fix it in general.
+        problems: One line per problem, each naming the key, the value received and what is allowed.
+
+    Returns:
+        ``header`` followed by one ``  - problem`` line per problem (``header`` alone if there
+        are none).
+    """
+    if not problems:
+        return header
+    return "\n".join([header, *(f"  - {problem}" for problem in problems)])
+
+
+class ManifestError(ValueError):
+    """An export directory's ``manifest.json`` is missing, unreadable, invalid or does not match its files.
+
+    Attributes:
+        problems: Every individual problem found, in the order found (empty for single-cause errors
+            such as a missing file).
+    """
+
+    def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems)
+
+
+class DeviceProfileError(ValueError):
+    """A device profile (``devices/<name>.toml``) is unknown, unreadable or invalid.
+
+    Attributes:
+        problems: Every individual problem found, in the order found (empty for single-cause errors
+            such as an unknown profile name).
+    """
+
+    def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems)

@@ -1,0 +1,429 @@
+"""Tests for shadowpeft.runtime.manifest: the export-runtime contract (manifest.json)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shadowpeft.runtime import manifest as manifest_module
+from shadowpeft.runtime.errors import ManifestError
+from shadowpeft.runtime.manifest import (
+    DTYPES,
+    MANIFEST_NAME,
+    ROLES,
+    SCHEMA_VERSION,
+    GraphSpec,
+    Manifest,
+    TensorSpec,
+    file_sha256,
+    verify_files,
+)
+
+SHA_A = "a" * 64
+
+
+def _tensor(name: str, dtype: str = "float32", shape: list[Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "dtype": dtype, "shape": shape if shape is not None else ["batch_size", "sequence_length"]}
+
+
+def _graph(file: str, role: str, sha256: str = SHA_A) -> dict[str, Any]:
+    return {
+        "file": file,
+        "role": role,
+        "opset": 17,
+        "inputs": [_tensor("input_ids", "int64"), _tensor("past_key_values.0.key", shape=["batch_size", 2, "p", 16])],
+        "outputs": [_tensor("logits", shape=["batch_size", "sequence_length", 128]), _tensor("present.0.key")],
+        "weights": "fp32",
+        "sha256": sha256,
+        "external_data": {},
+    }
+
+
+@pytest.fixture
+def data() -> dict[str, Any]:
+    """A valid manifest in its JSON form, with two graphs."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "shadowpeft_version": "0.1.0",
+        "base_model": "HuggingFaceTB/SmolLM2-135M",
+        "base_revision": None,
+        "base_fingerprint": "sha256:" + "b" * 64,
+        "graphs": {
+            "device/shadow": _graph("device/shadow.onnx", "detached-shadow"),
+            "device/head": _graph("device/head.onnx", "head"),
+        },
+        "num_layers": 30,
+        "hidden_size": 576,
+        "tokenizer_files": ["tokenizer.json"],
+        "device_profile": "arm64-phone",
+        "quantization": "int4-block32-acc4",
+        "validation": {"logits_max_abs_diff": 1.5e-5, "greedy_token_agreement": 1},
+    }
+
+
+def _problems(data: dict[str, Any]) -> tuple[str, ...]:
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_dict(data)
+    assert info.value.problems, "a validation error must list its problems"
+    for problem in info.value.problems:
+        assert problem in str(info.value)
+    return info.value.problems
+
+
+def _one_problem(data: dict[str, Any]) -> str:
+    problems = _problems(data)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def _export_dir(tmp_path: Path, data: dict[str, Any]) -> Path:
+    """Writes every file the manifest lists, with matching sha256, and the manifest itself."""
+    for graph in data["graphs"].values():
+        path = tmp_path / graph["file"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(graph["file"].encode())
+        graph["sha256"] = hashlib.sha256(graph["file"].encode()).hexdigest()
+    for name in data["tokenizer_files"]:
+        (tmp_path / name).write_text("{}")
+    Manifest.from_dict(data).write(tmp_path)
+    return tmp_path
+
+
+# --- records ---------------------------------------------------------------------------------------
+
+
+def test_round_trip_dict(data: dict[str, Any]) -> None:
+    manifest = Manifest.from_dict(data)
+    assert manifest.to_dict() == data
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+
+
+def test_records_are_frozen_with_tuples(data: dict[str, Any]) -> None:
+    manifest = Manifest.from_dict(data)
+    graph = manifest.graph("device/shadow")
+    assert isinstance(graph.inputs, tuple) and isinstance(graph.inputs[0], TensorSpec)
+    assert graph.inputs[1].shape == ("batch_size", 2, "p", 16)
+    assert manifest.tokenizer_files == ("tokenizer.json",)
+    assert graph.input_names == ("input_ids", "past_key_values.0.key")
+    assert graph.output_names == ("logits", "present.0.key")
+    with pytest.raises(AttributeError):
+        manifest.num_layers = 2  # type: ignore[misc]
+
+
+def test_external_data_is_optional(data: dict[str, Any]) -> None:
+    del data["graphs"]["device/head"]["external_data"]
+    assert Manifest.from_dict(data).graph("device/head").external_data == {}
+
+
+def test_graph_lookup_names_available_graphs(data: dict[str, Any]) -> None:
+    with pytest.raises(ManifestError, match=r"no graph 'cloud/backbone'\. It has: device/head, device/shadow"):
+        Manifest.from_dict(data).graph("cloud/backbone")
+
+
+def test_constants() -> None:
+    assert MANIFEST_NAME == "manifest.json"
+    assert SCHEMA_VERSION == 1
+    assert DTYPES == ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+    assert ROLES == ("detached-shadow", "head", "cloud-backbone", "coupled")
+
+
+def test_construction_in_code_is_validated() -> None:
+    with pytest.raises(ManifestError, match=r"dtype 'float64' is not a supported dtype"):
+        TensorSpec("x", "float64", ("batch_size",))
+    spec = TensorSpec("x", "float32", ["batch_size", 4])  # type: ignore[arg-type]
+    assert spec.shape == ("batch_size", 4)
+    with pytest.raises(ManifestError, match=r"inputs\[0\] must be a TensorSpec; got \{"):
+        GraphSpec("g.onnx", "head", 17, ({"name": "x"},), (spec,), "fp32", SHA_A)  # type: ignore[arg-type]
+    with pytest.raises(ManifestError, match=r"role 'shadow' is not a graph role"):
+        GraphSpec("g.onnx", "shadow", 17, (spec,), (TensorSpec("y", "float32", ()),), "fp32", SHA_A)  # type: ignore[arg-type]
+
+
+def test_manifest_in_code_requires_graph_specs(data: dict[str, Any]) -> None:
+    values = {**Manifest.from_dict(data).__dict__, "graphs": {"g": data["graphs"]["device/head"]}}
+    with pytest.raises(ManifestError, match=r"graphs\[0\] must be a GraphSpec"):
+        Manifest(**values)
+
+
+def test_tensor_and_graph_from_dict(data: dict[str, Any]) -> None:
+    raw = data["graphs"]["device/shadow"]
+    assert GraphSpec.from_dict(raw).to_dict() == raw
+    assert TensorSpec.from_dict(raw["inputs"][0]) == TensorSpec(
+        "input_ids", "int64", ("batch_size", "sequence_length")
+    )
+    with pytest.raises(ManifestError, match=r"unknown key 'axes'"):
+        TensorSpec.from_dict({**raw["inputs"][0], "axes": []})
+
+
+# --- validation: every problem, collected --------------------------------------------------------
+
+
+def test_unknown_top_level_key_is_named_with_allowed_keys(data: dict[str, Any]) -> None:
+    data["adapter"] = "x"
+    problem = _one_problem(data)
+    assert "unknown key 'adapter'" in problem
+    assert "Allowed keys: schema_version, shadowpeft_version, base_model" in problem
+
+
+def test_unknown_nested_key(data: dict[str, Any]) -> None:
+    data["graphs"]["device/head"]["inputs"][0]["layout"] = "NCHW"
+    problem = _one_problem(data)
+    assert problem.startswith(
+        "graphs['device/head'].inputs[0]: unknown key 'layout'. Allowed keys: name, dtype, shape"
+    )
+
+
+@pytest.mark.parametrize("key", ["base_fingerprint", "graphs", "device_profile", "validation"])
+def test_missing_key(data: dict[str, Any], key: str) -> None:
+    del data[key]
+    assert f"missing key {key!r}" in _one_problem(data)
+
+
+def test_missing_graph_key(data: dict[str, Any]) -> None:
+    del data["graphs"]["device/shadow"]["sha256"]
+    assert _one_problem(data).startswith("graphs['device/shadow']: missing key 'sha256'")
+
+
+def test_newer_schema_version_is_reported_alone(data: dict[str, Any]) -> None:
+    data["schema_version"] = 3
+    data["something_new"] = {"a": 1}  # a newer writer may add keys: they must not drown the real cause
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_dict(data)
+    assert str(info.value) == (
+        "manifest.json has schema_version 3; this runtime reads up to 1. Upgrade shadowpeft or re-export."
+    )
+
+
+@pytest.mark.parametrize("version", [0, -1, "1", True, 1.0])
+def test_bad_schema_version(data: dict[str, Any], version: Any) -> None:
+    data["schema_version"] = version
+    assert _one_problem(data).startswith(f"schema_version must be an integer >= 1; got {version!r}")
+
+
+def test_bad_dtype_lists_allowed(data: dict[str, Any]) -> None:
+    data["graphs"]["device/shadow"]["outputs"][0]["dtype"] = "float64"
+    problem = _one_problem(data)
+    assert problem.startswith("graphs['device/shadow'].outputs[0].dtype 'float64' is not a supported dtype")
+    assert "Allowed: float32, float16, bfloat16, int64, int32, int8, uint8, bool" in problem
+
+
+def test_bad_role_lists_allowed(data: dict[str, Any]) -> None:
+    data["graphs"]["device/head"]["role"] = "shadow"
+    problem = _one_problem(data)
+    assert "graphs['device/head'].role 'shadow' is not a graph role" in problem
+    assert "Allowed: detached-shadow, head, cloud-backbone, coupled" in problem
+
+
+def test_bad_weights(data: dict[str, Any]) -> None:
+    data["graphs"]["device/head"]["weights"] = "q4_0"
+    assert "weights 'q4_0' is not a weight format. Allowed: fp32, fp16, int8, int4" in _one_problem(data)
+
+
+def test_duplicate_tensor_names_within_a_graph(data: dict[str, Any]) -> None:
+    graph = data["graphs"]["device/shadow"]
+    graph["outputs"][1]["name"] = "input_ids"
+    problem = _one_problem(data)
+    assert "tensor name 'input_ids' is used 2 times (inputs[0], outputs[1])" in problem
+    assert "unique within a graph" in problem
+
+
+def test_same_tensor_name_in_different_graphs_is_fine(data: dict[str, Any]) -> None:
+    assert Manifest.from_dict(data).graph("device/head").inputs[0].name == "input_ids"
+
+
+@pytest.mark.parametrize(
+    ("dim", "ok"), [(0, True), (16, True), ("batch_size", True), (-1, False), ("", False), (1.5, False), (None, False)]
+)
+def test_shape_dims(data: dict[str, Any], dim: Any, ok: bool) -> None:
+    data["graphs"]["device/head"]["inputs"][0]["shape"] = ["batch_size", dim]
+    if ok:
+        Manifest.from_dict(data)
+    else:
+        assert _one_problem(data).startswith("graphs['device/head'].inputs[0].shape[1] must be a size >= 0")
+
+
+@pytest.mark.parametrize(
+    "file", ["/abs/shadow.onnx", "../shadow.onnx", "device/../../x.onnx", "C:/x.onnx", "a\\b.onnx"]
+)
+def test_graph_file_must_stay_inside_the_export(data: dict[str, Any], file: str) -> None:
+    data["graphs"]["device/head"]["file"] = file
+    assert "must be a relative path inside the export directory" in _one_problem(data)
+
+
+@pytest.mark.parametrize("digest", ["A" * 64, "a" * 63, "", 5])
+def test_bad_sha256(data: dict[str, Any], digest: Any) -> None:
+    data["graphs"]["device/head"]["sha256"] = digest
+    assert "sha256 must be a sha256 digest (64 lower-case hex digits)" in _one_problem(data)
+
+
+def test_bad_external_data(data: dict[str, Any]) -> None:
+    data["graphs"]["device/head"]["external_data"] = {"../weights.data": "nope"}
+    problems = _problems(data)
+    assert len(problems) == 2
+    assert "relative path" in problems[0] and "sha256 digest" in problems[1]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.1", None, True])
+def test_validation_metrics_must_be_finite_numbers(data: dict[str, Any], value: Any) -> None:
+    data["validation"]["cosine"] = value
+    assert _one_problem(data).startswith("validation['cosine'] must be a finite number")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("num_layers", 0, "num_layers must be an integer >= 1; got 0 (int)"),
+        ("hidden_size", "576", "hidden_size must be an integer >= 1; got '576' (str)"),
+        ("base_model", "", "base_model must be a non-empty string; got ''"),
+        ("base_revision", 3, "base_revision must be a non-empty string or null; got 3"),
+        ("device_profile", ["x"], "device_profile must be a non-empty string or null"),
+        ("graphs", {}, "graphs is empty; an export has at least one graph"),
+        ("graphs", [], "graphs must be an object; got []"),
+        ("tokenizer_files", "tokenizer.json", "tokenizer_files must be an array"),
+        ("validation", [], "validation must be an object"),
+    ],
+)
+def test_bad_values(data: dict[str, Any], key: str, value: Any, expected: str) -> None:
+    data[key] = value
+    assert _one_problem(data).startswith(expected)
+
+
+def test_graph_needs_inputs_and_outputs(data: dict[str, Any]) -> None:
+    data["graphs"]["device/head"]["outputs"] = []
+    assert _one_problem(data).startswith("graphs['device/head'].outputs is empty")
+
+
+def test_not_an_object() -> None:
+    assert _one_problem([1, 2]).startswith("manifest must be a JSON object; got [1, 2] (list)")  # type: ignore[arg-type]
+
+
+def test_every_problem_is_reported_at_once(data: dict[str, Any]) -> None:
+    data["extra"] = 1
+    del data["hidden_size"]
+    data["graphs"]["device/shadow"]["inputs"][0]["dtype"] = "int4"
+    data["graphs"]["device/shadow"]["role"] = "draft"
+    data["graphs"]["device/head"]["outputs"][0]["name"] = "input_ids"
+    data["validation"]["x"] = "high"
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_dict(data, source="/exports/a/manifest.json")
+    message = str(info.value)
+    assert message.startswith("Invalid /exports/a/manifest.json (6 problems); re-export with shadow-export")
+    assert len(info.value.problems) == 6
+    assert message.count("\n  - ") == 6
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+def test_write_and_read_back(tmp_path: Path, data: dict[str, Any]) -> None:
+    manifest = Manifest.from_dict(data)
+    written = manifest.write(tmp_path)
+    assert written == tmp_path / MANIFEST_NAME
+    assert written.read_text().endswith("}\n")
+    assert json.loads(written.read_text()) == data
+    assert Manifest.from_file(tmp_path) == manifest
+    assert Manifest.from_file(written) == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_NAME]  # no temp file left behind
+    assert (written.stat().st_mode & 0o777) == 0o644
+
+
+def test_write_to_explicit_file_path(tmp_path: Path, data: dict[str, Any]) -> None:
+    target = tmp_path / "other.json"
+    assert Manifest.from_dict(data).write(target) == target
+    assert Manifest.from_file(target) == Manifest.from_dict(data)
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path: Path, data: dict[str, Any], monkeypatch) -> None:
+    old = Manifest.from_dict(data)
+    old.write(tmp_path)
+    data["num_layers"] = 31
+    new = Manifest.from_dict(data)
+
+    def fail_replace(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(manifest_module.os, "replace", fail_replace)
+    with pytest.raises(OSError, match="disk full"):
+        new.write(tmp_path)
+    monkeypatch.undo()
+    assert Manifest.from_file(tmp_path) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_NAME]
+
+
+def test_missing_manifest_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_file(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"No manifest.json at {str(tmp_path / MANIFEST_NAME)!r}")
+    assert f"{str(tmp_path)!r} is not a shadowpeft export directory" in message
+    with pytest.raises(ManifestError, match="is not a shadowpeft export directory"):
+        Manifest.from_file(tmp_path / "no-such-export")
+
+
+def test_invalid_json(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST_NAME).write_text('{"schema_version": 1,,}')
+    with pytest.raises(ManifestError, match=r"is not valid JSON: Expecting .* at line 1 column 22\..*re-export"):
+        Manifest.from_file(tmp_path)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST_NAME).write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ManifestError, match="Cannot read"):
+        Manifest.from_file(tmp_path)
+
+
+def test_from_file_names_the_file_in_validation_errors(tmp_path: Path, data: dict[str, Any]) -> None:
+    data["graphs"]["device/head"]["role"] = "bad"
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=rf"^Invalid {tmp_path / MANIFEST_NAME} \(1 problem\)"):
+        Manifest.from_file(tmp_path)
+
+
+def test_newer_schema_version_from_file(tmp_path: Path, data: dict[str, Any]) -> None:
+    data["schema_version"] = 3
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"^manifest.json has schema_version 3; this runtime reads up to 1\."):
+        Manifest.from_file(tmp_path)
+
+
+def test_file_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    payload = os.urandom(3 * (1 << 20) + 7)  # spans several read chunks
+    path.write_bytes(payload)
+    assert file_sha256(path) == hashlib.sha256(payload).hexdigest()
+
+
+def test_verify_files_passes(tmp_path: Path, data: dict[str, Any]) -> None:
+    export = _export_dir(tmp_path, data)
+    assert verify_files(export) == Manifest.from_file(export)
+
+
+def test_verify_files_reports_every_mismatch_and_missing_file(tmp_path: Path, data: dict[str, Any]) -> None:
+    data = copy.deepcopy(data)
+    data["graphs"]["device/head"]["external_data"] = {"device/head.onnx.data": SHA_A}
+    export = _export_dir(tmp_path, data)
+    (export / "device" / "shadow.onnx").write_bytes(b"tampered")
+    (export / "device" / "head.onnx").unlink()
+    (export / "tokenizer.json").unlink()
+    with pytest.raises(ManifestError) as info:
+        verify_files(export)
+    problems = info.value.problems
+    assert len(problems) == 4, problems
+    assert problems[0].startswith("graphs['device/shadow']: file 'device/shadow.onnx' has sha256 ")
+    assert f"but the manifest records {data['graphs']['device/shadow']['sha256']}" in problems[0]
+    assert problems[1].startswith("graphs['device/head']: file 'device/head.onnx' is missing")
+    assert problems[2].startswith("graphs['device/head']: file 'device/head.onnx.data' is missing")
+    assert problems[3].startswith("tokenizer_files: 'tokenizer.json' is missing")
+    assert str(info.value).startswith(f"Files in {str(export)!r} do not match its manifest.json (4 problems)")
+
+
+def test_verify_files_with_loaded_manifest(tmp_path: Path, data: dict[str, Any]) -> None:
+    export = _export_dir(tmp_path, data)
+    manifest = Manifest.from_file(export)
+    (export / MANIFEST_NAME).unlink()  # not read again when given
+    assert verify_files(export, manifest) is manifest

@@ -1,0 +1,103 @@
+"""The runtime imports and works with torch and transformers unavailable (DESIGN.md: no torch on devices).
+
+Each check runs in a fresh interpreter whose ``sys.meta_path`` starts with a finder that refuses
+``torch`` and ``transformers`` (and their submodules), as on a phone where they are not installed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+    class _Blocker(importlib.abc.MetaPathFinder):
+        BLOCKED = {"torch", "transformers"}
+
+        def find_spec(self, fullname, path, target=None):
+            if fullname.split(".")[0] in self.BLOCKED:
+                raise ImportError(f"{fullname} is blocked: the runtime must not import it")
+            return None
+
+    sys.meta_path.insert(0, _Blocker())
+    """
+)
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_blocker_blocks_torch() -> None:
+    result = _run(
+        """
+        try:
+            import torch
+        except ImportError as exc:
+            print("blocked:", exc)
+        else:
+            raise SystemExit("torch was importable")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "blocked: torch is blocked" in result.stdout
+
+
+def test_runtime_imports_and_loads_a_profile_without_torch() -> None:
+    result = _run(
+        """
+        import sys
+        import tempfile
+
+        import shadowpeft.runtime.devices
+        import shadowpeft.runtime.manifest
+        from shadowpeft.runtime.devices import list_device_profiles, load_device_profile
+        from shadowpeft.runtime.manifest import GraphSpec, Manifest, TensorSpec
+
+        names = list_device_profiles()
+        assert names, "no device profiles found"
+        for name in names:
+            load_device_profile(name)
+        profile = load_device_profile("arm64-phone")
+
+        spec = TensorSpec("input_ids", "int64", ("batch_size", "sequence_length"))
+        out = TensorSpec("logits", "float32", ("batch_size", "sequence_length", 8))
+        graph = GraphSpec("device/shadow.onnx", "detached-shadow", 17, (spec,), (out,), profile.weights, "0" * 64)
+        graphs = {"device/shadow": graph}
+        manifest = Manifest(1, "0.1.0", "base", None, "fp", graphs, 2, 8, (), profile.name, "none", {})
+        with tempfile.TemporaryDirectory() as folder:
+            assert Manifest.from_file(manifest.write(folder)) == manifest
+
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "transformers"})
+        assert not loaded, loaded
+        print("ok", profile.name, len(names))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok arm64-phone ")
+
+
+def test_runtime_package_does_not_pull_in_shadowpeft_torch_parts() -> None:
+    result = _run(
+        """
+        import sys
+
+        import shadowpeft.runtime
+        import shadowpeft.runtime.errors
+
+        assert "shadowpeft.model" not in sys.modules
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
