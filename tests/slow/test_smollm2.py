@@ -1,0 +1,67 @@
+"""The method on the real SmolLM2-135M-Instruct: identity, exact cached decode, the demo job."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shadowpeft import ShadowConfig, count_parameters, expected_parameter_counts, get_shadow_model, greedy_decode
+from tests.conftest import no_dropout_config, perturb
+from tests.slow.conftest import requires_smollm2
+from tests.tolerances import CACHED_VS_FULL_FP32
+
+pytestmark = [pytest.mark.slow, requires_smollm2]
+
+
+def _chat(tokenizer, texts):
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                             add_generation_prompt=True) for t in texts]
+    tokenizer.padding_side = "left"
+    return tokenizer(prompts, return_tensors="pt", padding=True)
+
+
+@torch.inference_mode()
+def test_identity_at_init_on_real_model(smollm2_fresh):
+    base, tokenizer = smollm2_fresh
+    enc = _chat(tokenizer, ["Name a color.", "What is two plus two? Answer briefly."])
+    expected = base(**enc).logits
+    model = get_shadow_model(base, no_dropout_config()).eval()
+    assert torch.equal(model(enc.input_ids, attention_mask=enc.attention_mask).logits, expected)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("mode", ["attached", "detached"])
+def test_cached_decode_equals_full_recompute_on_real_model(smollm2_fresh, mode):
+    base, tokenizer = smollm2_fresh
+    model = perturb(get_shadow_model(base, no_dropout_config()), scale=0.02).eval()
+    enc = _chat(tokenizer, ["Name a color.", "What is two plus two? Answer briefly."])
+    out = greedy_decode(model, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=32, mode=mode)
+    seq = torch.cat([enc.input_ids, out.tokens], dim=1)
+    mask = torch.cat([enc.attention_mask, torch.ones_like(out.tokens)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = model(seq, attention_mask=mask, position_ids=positions, mode=mode).logits
+    p = enc.input_ids.shape[1]
+    assert (full[:, p - 1 : p + 31] - out.logits).abs().max().item() <= CACHED_VS_FULL_FP32
+
+
+def test_parameter_counts_on_real_model(smollm2_fresh):
+    base, _ = smollm2_fresh
+    config = ShadowConfig()
+    model = get_shadow_model(base, config)
+    assert count_parameters(model)[0] == expected_parameter_counts(base.config, config).total
+
+
+def test_demo_job_runs_end_to_end(smollm2_fresh):
+    from shadowpeft.demo import DEFAULT_PROMPT, build_chat_prompt, run_demo
+
+    base, tokenizer = smollm2_fresh
+    report = run_demo(base, tokenizer, max_new_tokens=6)
+    assert [r.mode for r in report.runs] == ["attached", "detached"]
+    assert report.trainable_params == expected_parameter_counts(base.config, ShadowConfig()).total
+    attached = report.runs[0]
+    assert attached.new_tokens >= 2 and attached.ms_per_token > 0 and attached.text
+    # The untrained adapter is the identity: attached text is the base model's own greedy answer.
+    # Wrapping does not modify the base's own modules, so base.generate is still the plain model.
+    enc = tokenizer(build_chat_prompt(tokenizer, DEFAULT_PROMPT), return_tensors="pt")
+    plain = base.generate(**enc, max_new_tokens=6, do_sample=False)
+    assert tokenizer.decode(plain[0, enc.input_ids.shape[1]:], skip_special_tokens=False) == attached.text
