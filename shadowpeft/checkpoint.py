@@ -1,22 +1,14 @@
 """Save and load ShadowPEFT checkpoints (DESIGN.md, "Artifacts"). safetensors only, never pickle.
 
-A directory written by :func:`save_shadow`::
-
     checkpoint/
-      shadow_config.json          format + version, task, ShadowConfig, explicit-shadow reference,
-                                  base reference (name or path, architecture, fingerprint)
-      shadow_model.safetensors    adapter weights: shadow_model.* shadow_hidden_projection.*
-                                  shadow_injection_model.* shadow_update_model.*
-      shadow_modules.safetensors  trained heads, when there are any: shadow_lm_head.* (causal LM with
-                                  train_shadow_head), classifier_head.* + shadow_classifier_head.*
+      shadow_config.json          format, task, ShadowConfig, explicit shadow, base name + fingerprint
+      shadow_model.safetensors    adapter: shadow_model.* shadow_hidden_projection.* shadow_injection_model.*
+                                  shadow_update_model.* (the published shadow-peft 0.1.1 key layout)
+      shadow_modules.safetensors  trained heads, if any: shadow_lm_head.*, classifier_head.* shadow_classifier_head.*
 
-The adapter keys are those of the published ``shadow-peft`` 0.1.1 package, whose checkpoints
-:func:`load_shadow` also reads (flat ``shadow_config.json`` without a ``format`` key,
-``shadow_adapter.safetensors``, optional ``shadow_modules.safetensors``). Those carry no base
-fingerprint, so only their shapes are checked against the base.
-
-Writes are atomic: everything goes to a hidden temp directory beside the target, which is then
-renamed into place, so an interrupted save never leaves a directory that looks complete.
+:func:`load_shadow` also reads published checkpoints (flat ``shadow_config.json`` with no
+``format`` key, ``shadow_adapter.safetensors``); they carry no fingerprint, so only shapes are
+checked. Saves write a hidden temp directory beside the target and rename it into place.
 """
 
 from __future__ import annotations
@@ -36,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import Size, Tensor, nn
 
 from shadowpeft import __version__
+from shadowpeft.arch import spec_for
 from shadowpeft.config import ShadowConfig
 from shadowpeft.errors import CheckpointError, ShadowConfigError, UnsupportedArchitectureError
 from shadowpeft.fingerprint import (
-    PART_NAMES,
     BaseFingerprint,
     architecture_config,
-    compare,
+    base_differences,
     config_differences,
     config_sha256,
     describe,
@@ -66,19 +58,12 @@ Task = Literal["causal-lm", "sequence-classification"]
 TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification")
 
 ADAPTER_PREFIXES = ("shadow_model", "shadow_hidden_projection", "shadow_injection_model", "shadow_update_model")
-_HEADER_KEYS = ("format", "format_version", "shadowpeft_version", "task", "shadow", "explicit_shadow", "base")
+_HEADER_TYPES: dict[str, Any] = dict(format=str, format_version=int, shadowpeft_version=str, task=str, shadow=dict)
+_HEADER_TYPES.update(explicit_shadow=(dict, type(None)), base=dict)
 # Every key the published package's ShadowConfig (0.1.1) writes.
-_PUBLISHED_KEYS = (
-    "num_shadow_layers",
-    "injection_hidden_size",
-    "gate_hidden_size",
-    "alpha",
-    "dropout",
-    "shadow_intermediate_size",
-    "shadow_num_attention_heads",
-    "shadow_num_key_value_heads",
-    "shadow_head_dim",
-    "modules_to_save",
+_PUBLISHED_KEYS = tuple(
+    "num_shadow_layers injection_hidden_size gate_hidden_size alpha dropout shadow_intermediate_size "
+    "shadow_num_attention_heads shadow_num_key_value_heads shadow_head_dim modules_to_save".split()
 )
 _MAX_LISTED = 8  # keys named per kind of mismatch before "... and N more"
 
@@ -86,13 +71,7 @@ _MAX_LISTED = 8  # keys named per kind of mismatch before "... and N more"
 # ----- records ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BaseRef:
-    """The base model an adapter was trained on.
-
-    Attributes:
-        name_or_path: Hub name or local path, for the user to reload it.
-        architecture: Its architecture-defining config keys (:func:`architecture_config`).
-        fingerprint: Hashes of its config, embeddings and LM head.
-    """
+    """The base an adapter was trained on: how to reload it, its architecture keys and fingerprint."""
 
     name_or_path: str
     architecture: dict[str, Any]
@@ -152,41 +131,20 @@ class CheckpointHeader:
                 or a value of the wrong type.
         """
         _check_format(data, source)
-        unknown = sorted(set(data) - set(_HEADER_KEYS))
-        missing = sorted(set(_HEADER_KEYS) - set(data))
-        if unknown or missing:
-            raise CheckpointError(
-                f"{source}: unknown key(s) {unknown}, missing key(s) {missing}; expected {list(_HEADER_KEYS)}. "
-                "The file is corrupt or was edited by hand: re-save the checkpoint."
-            )
+        _fields(data, _HEADER_TYPES, "the checkpoint header", source)
         if data["task"] not in TASKS:
             raise CheckpointError(f"{source}: task={data['task']!r}; allowed: {', '.join(TASKS)}.")
         try:
-            shadow = ShadowConfig.from_dict(_mapping(data["shadow"], "shadow", source))
+            shadow = ShadowConfig.from_dict(data["shadow"])
         except ShadowConfigError as err:
             raise CheckpointError(f"{source}: invalid 'shadow' config: {err}") from err
-        base = _mapping(data["base"], "base", source)
-        _expect_keys(base, ("name_or_path", "architecture", "fingerprint"), "base", source)
-        base_ref = BaseRef(
-            name_or_path=_string(base["name_or_path"], "base.name_or_path", source),
-            architecture=_mapping(base["architecture"], "base.architecture", source),
-            fingerprint=_fingerprint(base["fingerprint"], source),
-        )
-        explicit = data["explicit_shadow"]
+        base = _fields(data["base"], {"name_or_path": str, "architecture": dict, "fingerprint": dict}, "base", source)
+        base_ref = BaseRef(**{**base, "fingerprint": _fingerprint(base["fingerprint"], source)})
         explicit_ref = None
-        if explicit is not None:
-            explicit = _mapping(explicit, "explicit_shadow", source)
-            _expect_keys(
-                explicit, ("name_or_path", "architecture", "config", "config_sha256"), "explicit_shadow", source
-            )
-            explicit_ref = ExplicitShadowRef(
-                name_or_path=_string(explicit["name_or_path"], "explicit_shadow.name_or_path", source),
-                architecture=_mapping(explicit["architecture"], "explicit_shadow.architecture", source),
-                config=_mapping(explicit["config"], "explicit_shadow.config", source),
-                config_sha256=_string(explicit["config_sha256"], "explicit_shadow.config_sha256", source),
-            )
-        version = _string(data["shadowpeft_version"], "shadowpeft_version", source)
-        return cls(data["task"], shadow, base_ref, explicit_ref, data["format_version"], version)
+        if data["explicit_shadow"] is not None:
+            types = {"name_or_path": str, "architecture": dict, "config": dict, "config_sha256": str}
+            explicit_ref = ExplicitShadowRef(**_fields(data["explicit_shadow"], types, "explicit_shadow", source))
+        return cls(data["task"], shadow, base_ref, explicit_ref, data["format_version"], data["shadowpeft_version"])
 
 
 # ----- save ------------------------------------------------------------------------------------------
@@ -226,7 +184,6 @@ def save_shadow(
         _write_safetensors(tmp / WEIGHTS_NAME, adapter)
         if heads:
             _write_safetensors(tmp / MODULES_NAME, heads)
-        _fsync(tmp)
         _commit(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -258,9 +215,10 @@ def checkpoint_header(model: ShadowModel, *, base_ref: str | None = None) -> Che
     )
 
 
-def task_of(model: ShadowModel) -> Task:
-    """``sequence-classification`` or ``causal-lm``."""
-    return "sequence-classification" if isinstance(model, ShadowForSequenceClassification) else "causal-lm"
+def task_of(model: nn.Module) -> Task:
+    """``sequence-classification`` or ``causal-lm`` for a ShadowModel, or for a base as get_shadow_model picks."""
+    base = model.base if isinstance(model, ShadowModel) else model
+    return "sequence-classification" if isinstance(getattr(base, "score", None), nn.Module) else "causal-lm"
 
 
 def head_modules(model: ShadowModel) -> dict[str, nn.Module]:
@@ -314,11 +272,8 @@ def load_shadow(
             "that save_shadow (or shadow-peft's save_pretrained) wrote."
         )
     raw = _read_json(path / CONFIG_NAME)
-    model = (
-        _load_ours(base, path, raw, shadow_model)
-        if "format" in raw
-        else _load_published(base, path, raw, shadow_model)
-    )
+    loader = _load_ours if "format" in raw else _load_published
+    model = loader(base, path, raw, shadow_model)
     _set_mode(model, is_trainable=is_trainable)
     logger.info("Loaded ShadowPEFT checkpoint from %s", path)
     return model
@@ -326,7 +281,7 @@ def load_shadow(
 
 def _load_ours(base: nn.Module, path: Path, raw: dict[str, Any], shadow_model: nn.Module | None) -> ShadowModel:
     header = CheckpointHeader.from_dict(raw, path / CONFIG_NAME)
-    base_task = _base_task(base)
+    base_task = task_of(base)
     if header.task != base_task:
         raise CheckpointError(
             f"{path} holds a {header.task} adapter but the base you passed is a {base_task} model; "
@@ -337,10 +292,12 @@ def _load_ours(base: nn.Module, path: Path, raw: dict[str, Any], shadow_model: n
     model = _build(base, header.shadow, shadow_model, path)
     weights = path / WEIGHTS_NAME
     state = _read_safetensors(weights)
-    _raise_problems(_key_problems(_adapter_shapes(model), state), weights, "adapter weights do not match the model")
+    _raise_problems(
+        _key_problems(_shapes(_adapter_modules(model)), state), weights, "adapter weights do not match the model"
+    )
     model.load_adapter_state_dict(state)
     modules = path / MODULES_NAME
-    expected_heads = _head_shapes(model)
+    expected_heads = _shapes(head_modules(model))
     if expected_heads or modules.exists():
         heads = _read_safetensors(modules)
         _raise_problems(_key_problems(expected_heads, heads), modules, "head weights do not match the model")
@@ -359,14 +316,17 @@ def _load_published(base: nn.Module, path: Path, raw: dict[str, Any], shadow_mod
     state = _read_safetensors(weights)
     modules = path / MODULES_NAME
     heads = _read_safetensors(modules) if modules.exists() else {}
-    if any(key.startswith("shadow_lm_head.") for key in heads) and not config.train_shadow_head:
+    if any(key.startswith("shadow_lm_head.") for key in heads):
         config = replace(config, train_shadow_head=True)
+    embed = f"shadow_model.{spec_for(shadow_model.config).embed_attr}." if shadow_model is not None else None
+    if embed and not any(key.startswith(embed) for key in state):  # prepare_shadow_model(remove_embed_tokens=True)
+        config = replace(config, share_embeddings=True)
     model = _build(base, config, shadow_model, path)
     state = _drop_unused_shadow_embedding(model, state, weights)
-    problems = _published_shape_problems(model, state) or _key_problems(_adapter_shapes(model), state)
+    problems = _published_shape_problems(model, state) or _key_problems(_shapes(_adapter_modules(model)), state)
     _raise_problems(problems, weights, "this published checkpoint does not fit the base model you passed")
     model.load_adapter_state_dict(state)
-    expected = _head_shapes(model)
+    expected = _shapes(head_modules(model))
     present = {key.split(".", 1)[0] for key in heads}
     # The published package saves only the heads it trained: each one present must be complete.
     expected = {key: shape for key, shape in expected.items() if key.split(".", 1)[0] in present}
@@ -406,8 +366,7 @@ def _drop_unused_shadow_embedding(model: ShadowModel, state: dict[str, Tensor], 
     """
     if model.explicit:
         return state
-    prefix = f"shadow_model.{model.shadow_spec.embed_attr}."
-    unused = [key for key in state if key.startswith(prefix)]
+    unused = [key for key in state if key.startswith(f"shadow_model.{model.shadow_spec.embed_attr}.")]
     if unused:
         logger.info("%s: ignoring %s (the implicit shadow reads the base embeddings; never used)", source, unused)
     return {key: value for key, value in state.items() if key not in unused}
@@ -420,17 +379,14 @@ def _published_shape_problems(model: ShadowModel, state: dict[str, Tensor]) -> l
         return ["no 'shadow_injection_model.injection_downs' tensor: this is not a ShadowPEFT adapter file"]
     if downs.dim() != 3:
         return [f"shadow_injection_model.injection_downs has shape {list(downs.shape)}; expected [L-1, d, r]"]
+    n, d = downs.shape[0], downs.shape[1]
     problems = []
-    if downs.shape[0] != model.num_layers - 1:
+    if n != model.num_layers - 1:
         problems.append(
-            f"the adapter injects into {downs.shape[0]} layers (a base with {downs.shape[0] + 1} layers); "
-            f"the base you passed has {model.num_layers} layers. Load the base it was trained on"
+            f"the adapter injects into {n} layers (a {n + 1}-layer base); the base you passed has {model.num_layers}"
         )
-    if downs.shape[1] != model.hidden_size:
-        problems.append(
-            f"the adapter has hidden size {downs.shape[1]}; the base you passed has {model.hidden_size}. "
-            "Load the base it was trained on"
-        )
+    if d != model.hidden_size:
+        problems.append(f"the adapter has hidden size {d}; the base you passed has {model.hidden_size}")
     return problems
 
 
@@ -450,21 +406,13 @@ def _check_format(data: dict[str, Any], source: Path) -> None:
 
 def _check_fingerprint(ref: BaseRef, base: nn.Module, path: Path) -> None:
     """Raise naming every part of ``base`` that differs from the base the adapter was trained on."""
-    parts = compare(ref.fingerprint, fingerprint(base))
-    if not parts:
-        return
-    here = architecture_config(base.config)
-    details = []
-    for part in parts:
-        if part == PART_NAMES["config_sha256"]:
-            diffs = config_differences(ref.architecture, here)
-            part = f"{part} ({'; '.join(diffs)})" if diffs else part
-        details.append(part)
-    raise CheckpointError(
-        f"{path}: this adapter was trained on base {ref.name_or_path!r} ({describe(ref.architecture)}); "
-        f"the model you passed ({describe(here)}) differs in: {', '.join(details)}. "
-        "Load the base it names or retrain."
-    )
+    details = base_differences(ref.fingerprint, ref.architecture, base)
+    if details:
+        raise CheckpointError(
+            f"{path}: this adapter was trained on base {ref.name_or_path!r} ({describe(ref.architecture)}); "
+            f"the model you passed ({describe(architecture_config(base.config))}) differs in: {', '.join(details)}. "
+            "Load the base it names or retrain."
+        )
 
 
 def _check_explicit(ref: ExplicitShadowRef | None, shadow_model: nn.Module | None, path: Path) -> None:
@@ -496,25 +444,13 @@ def _build(base: nn.Module, config: ShadowConfig, shadow_model: nn.Module | None
         raise CheckpointError(f"{path}: the checkpoint's shadow config does not fit the base model: {err}") from err
 
 
-def _base_task(base: nn.Module) -> Task:
-    """The task get_shadow_model would pick for ``base``."""
-    return "sequence-classification" if isinstance(getattr(base, "score", None), nn.Module) else "causal-lm"
+def _adapter_modules(model: ShadowModel) -> dict[str, nn.Module]:
+    return {prefix: getattr(model, prefix) for prefix in ADAPTER_PREFIXES}
 
 
-def _adapter_shapes(model: ShadowModel) -> dict[str, Size]:
-    return {
-        f"{prefix}.{key}": value.shape
-        for prefix in ADAPTER_PREFIXES
-        for key, value in getattr(model, prefix).state_dict().items()
-    }
-
-
-def _head_shapes(model: ShadowModel) -> dict[str, Size]:
-    return {
-        f"{prefix}.{key}": value.shape
-        for prefix, module in head_modules(model).items()
-        for key, value in module.state_dict().items()
-    }
+def _shapes(modules: dict[str, nn.Module]) -> dict[str, Size]:
+    """``{prefix}.{key}`` -> shape for every state-dict entry of ``modules``."""
+    return {f"{p}.{k}": v.shape for p, module in modules.items() for k, v in module.state_dict().items()}
 
 
 def _key_problems(expected: dict[str, Size], state: dict[str, Tensor]) -> list[str]:
@@ -599,18 +535,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or, on POSIX, a directory entry list) to disk before the rename publishes it."""
-    if path.is_dir() and os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())  # on disk before the rename publishes it
 
 
 def _check_target(target: Path, *, overwrite: bool) -> None:
@@ -645,9 +571,16 @@ def _commit(tmp: Path, target: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _mapping(value: Any, name: str, source: Path) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{source}: {name} must be a JSON object, got {value!r}; re-save the checkpoint.")
+def _fields(value: Any, types: dict[str, Any], name: str, source: Path) -> dict[str, Any]:
+    """Check that ``value`` is an object with exactly the keys of ``types``, each of its type."""
+    if not isinstance(value, dict) or set(value) != set(types):
+        keys = sorted(value) if isinstance(value, dict) else value
+        raise CheckpointError(f"{source}: {name} has keys {keys!r}; expected {sorted(types)}. Re-save the checkpoint.")
+    for key, kind in types.items():
+        if not isinstance(value[key], kind):
+            raise CheckpointError(
+                f"{source}: {name}: {key}={value[key]!r} has the wrong type; re-save the checkpoint."
+            )
     return value
 
 
@@ -656,16 +589,3 @@ def _fingerprint(value: Any, source: Path) -> BaseFingerprint:
         return BaseFingerprint.from_dict(value)
     except CheckpointError as err:
         raise CheckpointError(f"{source}: {err} Re-save the checkpoint.") from err
-
-
-def _string(value: Any, name: str, source: Path) -> str:
-    if not isinstance(value, str):
-        raise CheckpointError(f"{source}: {name} must be a string, got {value!r}; re-save the checkpoint.")
-    return value
-
-
-def _expect_keys(data: dict[str, Any], keys: tuple[str, ...], name: str, source: Path) -> None:
-    if set(data) != set(keys):
-        raise CheckpointError(
-            f"{source}: {name} has keys {sorted(data)}; expected {sorted(keys)}. Re-save the checkpoint."
-        )

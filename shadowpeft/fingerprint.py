@@ -173,6 +173,23 @@ def compare(expected: BaseFingerprint, actual: BaseFingerprint) -> list[str]:
     return [label for name, label in PART_NAMES.items() if getattr(expected, name) != getattr(actual, name)]
 
 
+def base_differences(expected: BaseFingerprint, expected_arch: dict[str, Any], base_model: nn.Module) -> list[str]:
+    """What differs between ``base_model`` and a recorded base, each part named (empty if none).
+
+    Args:
+        expected: The recorded fingerprint.
+        expected_arch: The recorded :func:`architecture_config`, to name the differing config keys.
+        base_model: The model at hand.
+    """
+    details = []
+    for part in compare(expected, fingerprint(base_model)):
+        if part == PART_NAMES["config_sha256"]:
+            diffs = config_differences(expected_arch, architecture_config(base_model.config))
+            part = f"{part} ({'; '.join(diffs)})" if diffs else part
+        details.append(part)
+    return details
+
+
 def config_differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     """``key: expected -> actual`` for each architecture key that differs between two configs."""
     out = []
