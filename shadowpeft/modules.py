@@ -65,7 +65,10 @@ class ShadowUpdate(nn.Module):
 
     def forward(self, h: Tensor, s: Tensor, j: int) -> Tensor:
         """h (post-layer), s: (B, T, d) -> new s (B, T, d)."""
-        u = self.hidden_norm(h)
-        gamma = torch.sigmoid(self.update_gates[j](u))
-        t = self.update_transforms[j](u)
-        return torch.lerp(s, t, gamma)  # s + gamma * (t - s), in one kernel
+        # Functional calls on the Sequential's weights: the same math, without four module
+        # dispatches per MLP on the per-token decode path.
+        norm, gate, transform = self.hidden_norm, self.update_gates[j], self.update_transforms[j]
+        u = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)  # (B, T, d)
+        gamma = torch.sigmoid(F.linear(F.silu(F.linear(u, gate[0].weight)), gate[2].weight))  # (B, T, d)
+        z = F.dropout(F.silu(F.linear(u, transform[0].weight)), transform[2].p, self.training)  # (B, T, g)
+        return torch.lerp(s, F.linear(z, transform[3].weight), gamma)  # s + gamma * (t - s), one kernel
