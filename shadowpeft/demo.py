@@ -51,8 +51,9 @@ def build_chat_prompt(tokenizer: object, prompt: str) -> str:
 
 
 @torch.inference_mode()
-def timed_generation(model: ShadowForCausalLM, tokenizer: object, prompt: str, *, mode: Mode,
-                     max_new_tokens: int) -> ModeRun:
+def timed_generation(
+    model: ShadowForCausalLM, tokenizer: object, prompt: str, *, mode: Mode, max_new_tokens: int
+) -> ModeRun:
     """Greedy cached generation; per-token time = (total - prefill) / (tokens - 1).
 
     The prefill is timed as its own forward (prompt into an empty cache, logits of the last
@@ -62,21 +63,33 @@ def timed_generation(model: ShadowForCausalLM, tokenizer: object, prompt: str, *
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.generate(**enc, max_new_tokens=2, do_sample=False, mode=mode, pad_token_id=pad)  # warm-up, untimed
     start = time.perf_counter()
-    model(enc.input_ids, attention_mask=enc.attention_mask, past_key_values=model.new_cache(), use_cache=True,
-          logits_to_keep=1, mode=mode)
+    model(
+        enc.input_ids,
+        attention_mask=enc.attention_mask,
+        past_key_values=model.new_cache(),
+        use_cache=True,
+        logits_to_keep=1,
+        mode=mode,
+    )
     prefill = time.perf_counter() - start
     start = time.perf_counter()
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, mode=mode,
-                         pad_token_id=pad)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, mode=mode, pad_token_id=pad)
     total = time.perf_counter() - start
-    new = out[0, enc.input_ids.shape[1]:]
+    new = out[0, enc.input_ids.shape[1] :]
     per_token = (total - prefill) / max(len(new) - 1, 1)
     text = tokenizer.decode(new, skip_special_tokens=False)
     return ModeRun(mode, text, len(new), prefill * 1e3, per_token * 1e3)
 
 
-def run_demo(base: nn.Module, tokenizer: object, *, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 32,
-             config: ShadowConfig | None = None, seed: int = 0) -> DemoReport:
+def run_demo(
+    base: nn.Module,
+    tokenizer: object,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 32,
+    config: ShadowConfig | None = None,
+    seed: int = 0,
+) -> DemoReport:
     """Wrap ``base`` (frozen, in place) with a fresh shadow and generate attached and detached."""
     torch.manual_seed(seed)
     base_params = count_parameters(base)[1]

@@ -14,8 +14,10 @@ pytestmark = [pytest.mark.slow, requires_smollm2]
 
 
 def _chat(tokenizer, texts):
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                             add_generation_prompt=True) for t in texts]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
     tokenizer.padding_side = "left"
     return tokenizer(prompts, return_tensors="pt", padding=True)
 
@@ -64,4 +66,4 @@ def test_demo_job_runs_end_to_end(smollm2_fresh):
     # Wrapping does not modify the base's own modules, so base.generate is still the plain model.
     enc = tokenizer(build_chat_prompt(tokenizer, DEFAULT_PROMPT), return_tensors="pt")
     plain = base.generate(**enc, max_new_tokens=6, do_sample=False)
-    assert tokenizer.decode(plain[0, enc.input_ids.shape[1]:], skip_special_tokens=False) == attached.text
+    assert tokenizer.decode(plain[0, enc.input_ids.shape[1] :], skip_special_tokens=False) == attached.text
