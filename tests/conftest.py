@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -16,6 +18,11 @@ from transformers import (
 )
 
 from shadowpeft import ShadowConfig, get_shadow_model
+
+# One torch thread per xdist worker: two workers x two OpenMP threads on two cores spin against
+# each other and run up to 100x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 _COMMON = dict(
     vocab_size=128,

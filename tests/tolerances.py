@@ -9,3 +9,10 @@ CACHED_VS_FULL_FP32 = 1e-4
 # torch.lerp instead of s + g * (t - s) and the injection fuses the scale into the add: float
 # reassociation only, well under 1e-5 on tiny models.
 PUBLISHED_PARITY_FP32 = 1e-5
+
+# On the real 30-layer SmolLM2 (logits up to ~35) the plain HF model's own cached decode differs
+# from its full recompute by ~5e-5 in fp32, i.e. 1e-4 is at the noise floor, and thread
+# scheduling under load can push either side past it. The real-model test therefore bounds our
+# gap by max(CACHED_VS_FULL_FP32, this factor x the plain base's gap measured on the same inputs):
+# the adapter must not add error of its own beyond fp32 reassociation.
+REAL_MODEL_CACHED_FACTOR = 2.0

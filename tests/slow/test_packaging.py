@@ -15,7 +15,18 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_wheel_has_only_namespaced_packages(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -23,6 +34,10 @@ def test_wheel_has_only_namespaced_packages(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"shadowpeft"}
-    for expected in ("shadowpeft/export/io_names.py", "shadowpeft/runtime/manifest.py",
-                     "shadowpeft/devices/arm64-phone.toml", "shadowpeft/arch/llama.py"):
+    for expected in (
+        "shadowpeft/export/io_names.py",
+        "shadowpeft/runtime/manifest.py",
+        "shadowpeft/devices/arm64-phone.toml",
+        "shadowpeft/arch/llama.py",
+    ):
         assert expected in names

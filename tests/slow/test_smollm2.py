@@ -8,7 +8,7 @@ import torch
 from shadowpeft import ShadowConfig, count_parameters, expected_parameter_counts, get_shadow_model, greedy_decode
 from tests.conftest import no_dropout_config, perturb
 from tests.slow.conftest import requires_smollm2
-from tests.tolerances import CACHED_VS_FULL_FP32
+from tests.tolerances import CACHED_VS_FULL_FP32, REAL_MODEL_CACHED_FACTOR
 
 pytestmark = [pytest.mark.slow, requires_smollm2]
 
@@ -31,19 +31,39 @@ def test_identity_at_init_on_real_model(smollm2_fresh):
     assert torch.equal(model(enc.input_ids, attention_mask=enc.attention_mask).logits, expected)
 
 
+def _cached_vs_full_gap(model, enc, *, mode=None):
+    """Max |cached - full recompute| over 32 greedy tokens; ``mode=None`` runs the plain HF model."""
+    if mode is None:
+        g = model.generate(
+            **enc,
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        tokens, cached = g.sequences[:, enc.input_ids.shape[1] :], torch.stack(g.logits, dim=1)
+    else:
+        out = greedy_decode(model, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=32, mode=mode)
+        tokens, cached = out.tokens, out.logits
+    seq = torch.cat([enc.input_ids, tokens], dim=1)
+    mask = torch.cat([enc.attention_mask, torch.ones_like(tokens)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {} if mode is None else {"mode": mode}
+    full = model(seq, attention_mask=mask, position_ids=positions, **kwargs).logits
+    p = enc.input_ids.shape[1]
+    return (full[:, p - 1 : p + 31] - cached).abs().max().item()
+
+
 @torch.inference_mode()
 @pytest.mark.parametrize("mode", ["attached", "detached"])
 def test_cached_decode_equals_full_recompute_on_real_model(smollm2_fresh, mode):
     base, tokenizer = smollm2_fresh
-    model = perturb(get_shadow_model(base, no_dropout_config()), scale=0.02).eval()
     enc = _chat(tokenizer, ["Name a color.", "What is two plus two? Answer briefly."])
-    out = greedy_decode(model, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=32, mode=mode)
-    seq = torch.cat([enc.input_ids, out.tokens], dim=1)
-    mask = torch.cat([enc.attention_mask, torch.ones_like(out.tokens)], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    full = model(seq, attention_mask=mask, position_ids=positions, mode=mode).logits
-    p = enc.input_ids.shape[1]
-    assert (full[:, p - 1 : p + 31] - out.logits).abs().max().item() <= CACHED_VS_FULL_FP32
+    base_gap = _cached_vs_full_gap(base, enc)  # the plain model's own fp32 noise floor
+    model = perturb(get_shadow_model(base, no_dropout_config()), scale=0.02).eval()
+    gap = _cached_vs_full_gap(model, enc, mode=mode)
+    assert gap <= max(CACHED_VS_FULL_FP32, REAL_MODEL_CACHED_FACTOR * base_gap), (gap, base_gap)
 
 
 def test_parameter_counts_on_real_model(smollm2_fresh):
