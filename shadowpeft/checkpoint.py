@@ -290,6 +290,17 @@ def _load_ours(base: nn.Module, path: Path, raw: dict[str, Any], shadow_model: n
     _check_fingerprint(header.base, base, path)
     _check_explicit(header.explicit_shadow, shadow_model, path)
     model = _build(base, header.shadow, shadow_model, path)
+    load_weights_into(model, path)
+    return model
+
+
+def load_weights_into(model: ShadowModel, directory: str | Path) -> None:
+    """Copy the adapter and head weights saved in ``directory`` into an existing, matching ``model``.
+
+    Used to resume training; shapes and keys must match exactly (no fingerprint check: the caller
+    built ``model`` from the same run).
+    """
+    path = Path(directory)
     weights = path / WEIGHTS_NAME
     state = _read_safetensors(weights)
     _raise_problems(
@@ -302,7 +313,25 @@ def _load_ours(base: nn.Module, path: Path, raw: dict[str, Any], shadow_model: n
         heads = _read_safetensors(modules)
         _raise_problems(_key_problems(expected_heads, heads), modules, "head weights do not match the model")
         _load_heads(model, heads)
-    return model
+
+
+def load_pretrained_shadow_into(model: ShadowModel, directory: str | Path) -> None:
+    """Initialise ``model``'s shadow backbone (and projection) from a checkpoint, e.g. one written by
+    ``shadowpeft pretrain-shadow``; injection, update and heads keep their fresh initialisation.
+
+    Raises:
+        CheckpointError: the checkpoint's shadow backbone does not fit ``model``'s (name the shapes).
+    """
+    path = Path(directory)
+    weights = path / WEIGHTS_NAME
+    state = _read_safetensors(weights)
+    prefixes = ("shadow_model", "shadow_hidden_projection")
+    subset = {k: v for k, v in state.items() if k.startswith(tuple(p + "." for p in prefixes))}
+    expected = _shapes({p: getattr(model, p) for p in prefixes})
+    _raise_problems(_key_problems(expected, subset), weights, "the pretrained shadow does not fit this model's shadow")
+    for prefix in prefixes:
+        sub = {k[len(prefix) + 1 :]: v for k, v in subset.items() if k.startswith(prefix + ".")}
+        getattr(model, prefix).load_state_dict(sub, strict=True)
 
 
 def _load_published(base: nn.Module, path: Path, raw: dict[str, Any], shadow_model: nn.Module | None) -> ShadowModel:
