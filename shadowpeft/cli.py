@@ -5,11 +5,118 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-from shadowpeft.errors import CheckpointError, ShadowConfigError
+from shadowpeft.errors import CheckpointError, DataError, ShadowConfigError
+
+_SHADOW_OPTIONS = [
+    click.option("--shadow-layers", default=1, show_default=True, type=click.IntRange(1, 64)),
+    click.option("--shadow-mlp", default=None, type=click.IntRange(1), help="Shadow MLP width [base's]."),
+    click.option("--shadow-heads", default=None, type=click.IntRange(1), help="Shadow attention heads [base's]."),
+    click.option("--shadow-kv-heads", default=None, type=click.IntRange(1), help="Shadow KV heads [base's]."),
+    click.option("--rank", default=16, show_default=True, type=click.IntRange(1), help="Injection rank r."),
+    click.option("--gate-width", default=10, show_default=True, type=click.IntRange(2), help="Update width g."),
+    click.option("--alpha", default=0.1, show_default=True, type=click.FloatRange(0), help="Injection scale."),
+    click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
+    click.option("--aux-weight", default=0.05, show_default=True, type=click.FloatRange(0), help="lambda."),
+]
+_TRAIN_OPTIONS = [
+    click.option(
+        "--base",
+        default="smollm2-135m-instruct",
+        show_default=True,
+        help="HF model directory or the built-in smollm2-135m-instruct.",
+    ),
+    click.option("--data", required=True, help="JSONL file or built-in: sentiment, intent, shakespeare."),
+    click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write."),
+    click.option("--steps", default=100, show_default=True, type=click.IntRange(1)),
+    click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1)),
+    click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(1)),
+    click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True)),
+    click.option("--warmup", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="Warmup fraction."),
+    click.option(
+        "--scheduler",
+        default="cosine",
+        show_default=True,
+        type=click.Choice(["cosine", "linear", "constant_with_warmup"]),
+    ),
+    click.option("--max-length", default=128, show_default=True, type=click.IntRange(8)),
+    click.option("--eval-every", default=0, show_default=True, type=click.IntRange(0), help="0: only at the end."),
+    click.option("--save-every", default=0, show_default=True, type=click.IntRange(0), help="Resumable checkpoints."),
+    click.option("--eval-examples", default=200, show_default=True, type=click.IntRange(1)),
+    click.option(
+        "--max-examples",
+        default=None,
+        type=click.IntRange(1),
+        help="Keep a fixed random subset of N examples (each stays in its split).",
+    ),
+    click.option("--seed", default=0, show_default=True),
+    click.option("--bf16/--no-bf16", default=False, show_default=True, help="bf16 base, fp32 adapter weights."),
+    click.option("--resume/--no-resume", default=False, help="Continue the interrupted run in <out>.partial."),
+    click.option("--overwrite/--no-overwrite", default=False, help="Replace an existing --out."),
+]
+
+
+def _apply(options: list) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _shadow_config(o: dict[str, Any]) -> Any:
+    from shadowpeft.config import BackboneConfig, InjectionConfig, ShadowConfig, UpdateConfig
+
+    return ShadowConfig(
+        backbone=BackboneConfig(
+            num_layers=o["shadow_layers"],
+            intermediate_size=o["shadow_mlp"],
+            num_attention_heads=o["shadow_heads"],
+            num_key_value_heads=o["shadow_kv_heads"],
+        ),
+        injection=InjectionConfig(rank=o["rank"], alpha=o["alpha"], dropout=o["dropout"]),
+        update=UpdateConfig(gate_width=o["gate_width"], dropout=o["dropout"]),
+        aux_loss_weight=o["aux_weight"],
+    )
+
+
+def _settings(o: dict[str, Any]) -> Any:
+    from shadowpeft.trainer import TrainSettings
+
+    return TrainSettings(
+        max_steps=o["steps"],
+        batch_size=o["batch_size"],
+        grad_accum=o["grad_accum"],
+        learning_rate=o["lr"],
+        warmup_ratio=o["warmup"],
+        scheduler=o["scheduler"],
+        max_length=o["max_length"],
+        eval_every=o["eval_every"],
+        save_every=o["save_every"],
+        eval_examples=o["eval_examples"],
+        seed=o["seed"],
+        bf16=o["bf16"],
+    )
+
+
+def _echo_summary(summary: Any, out: Path) -> None:
+    from shadowpeft.jobs import is_main_process
+
+    if not is_main_process():
+        return
+    first = f"{summary.first_loss:.4f} -> " if summary.first_loss is not None else ""
+    click.echo(
+        f"\nsteps: {summary.steps}  loss: {first}{summary.final_loss:.4f}  time/step: {summary.seconds_per_step:.3f} s"
+    )
+    click.echo(f"trainable params: {summary.trainable_params:,d} || all params: {summary.total_params:,d}")
+    for metric in summary.metrics:
+        click.echo(metric.describe())
+    click.echo(f"saved: {out}")
 
 
 def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -19,7 +126,7 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ShadowConfigError, CheckpointError, FileNotFoundError, OSError) as err:
+        except (ShadowConfigError, CheckpointError, DataError, FileNotFoundError, OSError) as err:
             if os.environ.get("SHADOWPEFT_DEBUG") == "1":
                 raise
             raise click.ClickException(str(err)) from err
@@ -73,3 +180,96 @@ def demo(prompt: str | None, max_new_tokens: int, shadow_layers: int, threads: i
         )
         click.echo(f"  {run.text!r}")
     click.echo("\nAttached equals the base model until trained (W_up = 0 at init); detached is an untrained shadow.")
+
+
+@main.command()
+@_apply(_TRAIN_OPTIONS)
+@_apply(_SHADOW_OPTIONS)
+@click.option(
+    "--init-shadow",
+    default=None,
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="Start the shadow backbone from a `pretrain-shadow` checkpoint.",
+)
+@friendly_errors
+def train(**o: Any) -> None:
+    """Train a ShadowPEFT adapter: loss = CE(base) + lambda * CE(shadow); base frozen.
+
+    DATA schemas (JSONL): {"prompt","completion"} (prompt masked from the loss), {"text","label"}
+    (classification: base + shadow classifier heads), {"text"} (language modelling).
+    """
+    from shadowpeft.jobs import train_job
+
+    summary = train_job(
+        base=o["base"],
+        data=o["data"],
+        out=o["out"],
+        config=_shadow_config(o),
+        settings=_settings(o),
+        init_shadow=o["init_shadow"],
+        overwrite=o["overwrite"],
+        resume=o["resume"],
+        max_examples=o["max_examples"],
+    )
+    _echo_summary(summary, o["out"])
+
+
+@main.command("pretrain-shadow")
+@_apply(_TRAIN_OPTIONS)
+@_apply(_SHADOW_OPTIONS)
+@friendly_errors
+def pretrain_shadow(**o: Any) -> None:
+    """Train the shadow alone (detached, LM loss on its head) on plain text; use with `train --init-shadow`."""
+    from shadowpeft.jobs import train_job
+
+    summary = train_job(
+        base=o["base"],
+        data=o["data"],
+        out=o["out"],
+        config=_shadow_config(o),
+        settings=_settings(o),
+        overwrite=o["overwrite"],
+        resume=o["resume"],
+        detached_only=True,
+        max_examples=o["max_examples"],
+    )
+    _echo_summary(summary, o["out"])
+
+
+@main.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--data", default=None, help="JSONL or built-in name [the data the checkpoint was trained on].")
+@click.option(
+    "--mode",
+    "modes",
+    multiple=True,
+    type=click.Choice(["attached", "detached"]),
+    help="Repeat for both [attached and detached].",
+)
+@click.option("--limit", default=None, type=click.IntRange(1), help="Evaluate the first N test examples.")
+@click.option("--base", default=None, help="Override the base model the checkpoint names.")
+@friendly_errors
+def eval_command(
+    checkpoint: Path, data: str | None, modes: tuple[str, ...], limit: int | None, base: str | None
+) -> None:
+    """Accuracy (classification, label generation) or perplexity (LM) on the test split."""
+    from shadowpeft.jobs import eval_job
+
+    for result in eval_job(
+        checkpoint=checkpoint, data=data, modes=modes or ("attached", "detached"), limit=limit, base=base
+    ):
+        click.echo(result.describe())
+
+
+@main.command("fetch-data")
+@click.argument("name", type=click.Choice(["intent"]))
+@friendly_errors
+def fetch_data(name: str) -> None:
+    """Download a built-in dataset that no wheel ships (intent: BIG-bench, 358 MB sdist, once)."""
+    from shadowpeft.corpora import fetch_intent
+
+    click.echo(f"saved: {fetch_intent()}")
+
+
+if __name__ == "__main__":  # `python -m shadowpeft.cli` (e.g. under accelerate launch)
+    main()

@@ -71,4 +71,6 @@ class ShadowUpdate(nn.Module):
         u = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)  # (B, T, d)
         gamma = torch.sigmoid(F.linear(F.silu(F.linear(u, gate[0].weight)), gate[2].weight))  # (B, T, d)
         z = F.dropout(F.silu(F.linear(u, transform[0].weight)), transform[2].p, self.training)  # (B, T, g)
-        return torch.lerp(s, F.linear(z, transform[3].weight), gamma)  # s + gamma * (t - s), one kernel
+        t = F.linear(z, transform[3].weight)  # (B, T, d)
+        # lerp needs one dtype; under bf16 autocast the MLPs return bf16 while s stays fp32 (no-op otherwise).
+        return torch.lerp(s, t.to(s.dtype), gamma.to(s.dtype))  # s + gamma * (t - s), one kernel

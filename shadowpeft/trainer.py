@@ -1,0 +1,225 @@
+"""Training through Hugging Face Trainer: ShadowPEFT adapters and peft baselines in one harness.
+
+The Trainer supplies AdamW, the LR schedule with warmup, gradient accumulation, evaluation and
+checkpointing, mixed precision and multi-process runs (``accelerate launch``). ShadowTrainer only
+changes how a ShadowPEFT model is saved and restored: adapter weights and heads through
+:mod:`shadowpeft.checkpoint`, never the frozen base.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from shadowpeft.checkpoint import load_weights_into, save_shadow
+from shadowpeft.datasets import TaskData
+from shadowpeft.encoding import PadCollator, encode_task
+from shadowpeft.evaluation import EvalResult, evaluate
+from shadowpeft.model import ShadowModel
+from shadowpeft.params import count_parameters
+
+logger = logging.getLogger(__name__)
+
+Scheduler = Literal["cosine", "linear", "constant_with_warmup"]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings shared by ShadowPEFT and the baselines (same data, steps, schedule).
+
+    Attributes:
+        max_steps: Optimizer steps.
+        batch_size: Examples per device per micro-batch.
+        grad_accum: Micro-batches per optimizer step.
+        learning_rate: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Fraction of steps with linear warmup.
+        scheduler: LR schedule after warmup.
+        max_length: Token limit per example (prompts are truncated from the left).
+        eval_every: Evaluate the loss on the test split every N steps (0: only at the end).
+        save_every: Write a resumable checkpoint every N steps (0: none).
+        eval_examples: Test examples used for the final metrics (None: all).
+        logging_steps: Log the training loss every N steps.
+        seed: Seed for data order and fresh weights.
+        bf16: Run the frozen base in bfloat16 under autocast; adapter weights stay fp32.
+        max_grad_norm: Gradient clipping.
+    """
+
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    scheduler: Scheduler = "cosine"
+    max_length: int = 128
+    eval_every: int = 0
+    save_every: int = 0
+    eval_examples: int | None = 200
+    logging_steps: int = 10
+    seed: int = 0
+    bf16: bool = False
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainSummary:
+    """What a run did: losses, timing, parameter counts and final metrics."""
+
+    steps: int
+    final_loss: float
+    first_loss: float | None
+    seconds_per_step: float
+    trainable_params: int
+    total_params: int
+    metrics: list[EvalResult] = field(default_factory=list)
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ShadowTrainer(Trainer):
+    """Trainer that saves and restores only what a ShadowPEFT run trains."""
+
+    base_ref: str | None = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not isinstance(model, ShadowModel):
+            super()._save(output_dir, state_dict)
+            return
+        if self.args.should_save:
+            save_shadow(model, output_dir or self.args.output_dir, base_ref=self.base_ref, overwrite=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
+        if not isinstance(target, ShadowModel):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_weights_into(target, resume_from_checkpoint)
+
+
+class _LossHistory(TrainerCallback):
+    """Keeps (step, loss) pairs from the Trainer's logs for the summary."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[int, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.history.append((state.global_step, float(logs["loss"])))
+
+
+def training_arguments(settings: TrainSettings, work_dir: Path, *, has_eval: bool) -> TrainingArguments:
+    """The TrainingArguments for ``settings``; checkpoints under ``work_dir``."""
+    steps_eval = settings.eval_every if settings.eval_every and has_eval else 0
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=round(settings.warmup_ratio * settings.max_steps),
+        lr_scheduler_type=settings.scheduler,
+        max_grad_norm=settings.max_grad_norm,
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if steps_eval else "no",
+        eval_steps=steps_eval or None,
+        save_strategy="steps" if settings.save_every else "no",
+        save_steps=settings.save_every or None,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=settings.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        remove_unused_columns=False,
+        # The update after the last base layer is never computed, so its parameters get no gradient.
+        ddp_find_unused_parameters=True,
+        dataloader_num_workers=0,
+    )
+
+
+def run_training(
+    model: nn.Module,
+    task: TaskData,
+    tokenizer: Any,
+    settings: TrainSettings,
+    work_dir: Path,
+    *,
+    resume_from: str | None = None,
+    base_ref: str | None = None,
+    eval_modes: tuple[str | None, ...] = ("attached", "detached"),
+) -> TrainSummary:
+    """Train ``model`` (a ShadowModel or a peft baseline) on ``task.train``; evaluate on ``task.test``.
+
+    Args:
+        model: The model to train; only parameters with ``requires_grad`` are updated.
+        task: Examples and their kind.
+        tokenizer: The base model's tokenizer (chat template applied to prompts when present).
+        settings: Optimisation settings.
+        work_dir: Where resumable checkpoints go (``checkpoint-<step>``).
+        resume_from: A ``checkpoint-<step>`` directory to continue from.
+        base_ref: Base model reference written into ShadowPEFT checkpoints.
+        eval_modes: Modes for the final metrics (``None`` for models without modes).
+    """
+    train_rows = encode_task(task, tokenizer, split="train", max_length=settings.max_length)
+    eval_rows = encode_task(task, tokenizer, split="test", max_length=settings.max_length) if task.test else []
+    history = _LossHistory()
+    trainer = ShadowTrainer(
+        model=model,
+        args=training_arguments(settings, work_dir, has_eval=bool(eval_rows)),
+        train_dataset=train_rows,
+        eval_dataset=eval_rows or None,
+        data_collator=PadCollator.for_tokenizer(tokenizer, side="right"),
+        callbacks=[history],
+    )
+    trainer.base_ref = base_ref
+    # Our losses are already means over the micro-batch; let the Trainer scale for accumulation.
+    trainer.model_accepts_loss_kwargs = False
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    elapsed = time.perf_counter() - start
+    done = max(trainer.state.global_step - (_step_of(resume_from) if resume_from else 0), 1)
+    trainable, total = count_parameters(model)
+    summary = TrainSummary(
+        steps=trainer.state.global_step,
+        final_loss=history.history[-1][1] if history.history else float(result.training_loss),
+        first_loss=history.history[0][1] if history.history else None,
+        seconds_per_step=elapsed / done,
+        trainable_params=trainable,
+        total_params=total,
+        loss_history=history.history,
+    )
+    if task.test and trainer.args.should_save:
+        for mode in eval_modes:
+            summary.metrics.append(
+                evaluate(
+                    model, task, tokenizer, mode=mode, max_length=settings.max_length, limit=settings.eval_examples
+                )
+            )
+    return summary
+
+
+def _step_of(checkpoint: str) -> int:
+    """``.../checkpoint-40`` -> 40 (the Trainer's naming)."""
+    try:
+        return int(Path(checkpoint).name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def adapter_to_float32(model: ShadowModel) -> None:
+    """fp32 master weights for every trainable ``shadow_*`` module (the frozen base keeps its dtype)."""
+    for name, child in model.named_children():
+        if name.startswith("shadow_"):
+            child.float()
