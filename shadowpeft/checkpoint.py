@@ -15,20 +15,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Size, Tensor, nn
 
 from shadowpeft import __version__
 from shadowpeft.arch import spec_for
+from shadowpeft.checkpoint_files import (
+    CONFIG_NAME,
+    check_target,
+    commit,
+    read_json,
+    read_safetensors,
+    write_json,
+    write_safetensors,
+)
 from shadowpeft.config import ShadowConfig
 from shadowpeft.errors import CheckpointError, ShadowConfigError, UnsupportedArchitectureError
 from shadowpeft.fingerprint import (
@@ -46,7 +51,6 @@ from shadowpeft.training import mark_only_shadow_trainable
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "shadow_config.json"
 WEIGHTS_NAME = "shadow_model.safetensors"
 MODULES_NAME = "shadow_modules.safetensors"
 PUBLISHED_WEIGHTS_NAME = "shadow_adapter.safetensors"
@@ -173,18 +177,18 @@ def save_shadow(
             f"save_shadow needs a ShadowForCausalLM or ShadowForSequenceClassification, got {type(model)}."
         )
     target = Path(directory)
-    _check_target(target, overwrite=overwrite)
+    check_target(target, overwrite=overwrite)
     header = checkpoint_header(model, base_ref=base_ref)
     adapter = model.adapter_state_dict()
     heads = head_state_dict(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write_json(tmp / CONFIG_NAME, header.to_dict())
-        _write_safetensors(tmp / WEIGHTS_NAME, adapter)
+        write_json(tmp / CONFIG_NAME, header.to_dict())
+        write_safetensors(tmp / WEIGHTS_NAME, adapter)
         if heads:
-            _write_safetensors(tmp / MODULES_NAME, heads)
-        _commit(tmp, target)
+            write_safetensors(tmp / MODULES_NAME, heads)
+        commit(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -271,7 +275,7 @@ def load_shadow(
             f"Checkpoint directory {str(path)!r} does not exist or is not a directory; pass the directory "
             "that save_shadow (or shadow-peft's save_pretrained) wrote."
         )
-    raw = _read_json(path / CONFIG_NAME)
+    raw = read_json(path / CONFIG_NAME)
     loader = _load_ours if "format" in raw else _load_published
     model = loader(base, path, raw, shadow_model)
     _set_mode(model, is_trainable=is_trainable)
@@ -302,7 +306,7 @@ def load_weights_into(model: ShadowModel, directory: str | Path) -> None:
     """
     path = Path(directory)
     weights = path / WEIGHTS_NAME
-    state = _read_safetensors(weights)
+    state = read_safetensors(weights)
     _raise_problems(
         _key_problems(_shapes(_adapter_modules(model)), state), weights, "adapter weights do not match the model"
     )
@@ -310,7 +314,7 @@ def load_weights_into(model: ShadowModel, directory: str | Path) -> None:
     modules = path / MODULES_NAME
     expected_heads = _shapes(head_modules(model))
     if expected_heads or modules.exists():
-        heads = _read_safetensors(modules)
+        heads = read_safetensors(modules)
         _raise_problems(_key_problems(expected_heads, heads), modules, "head weights do not match the model")
         _load_heads(model, heads)
 
@@ -324,7 +328,7 @@ def load_pretrained_shadow_into(model: ShadowModel, directory: str | Path) -> No
     """
     path = Path(directory)
     weights = path / WEIGHTS_NAME
-    state = _read_safetensors(weights)
+    state = read_safetensors(weights)
     prefixes = ("shadow_model", "shadow_hidden_projection")
     subset = {k: v for k, v in state.items() if k.startswith(tuple(p + "." for p in prefixes))}
     expected = _shapes({p: getattr(model, p) for p in prefixes})
@@ -342,9 +346,9 @@ def _load_published(base: nn.Module, path: Path, raw: dict[str, Any], shadow_mod
             "code). Re-save it with shadow-peft's save_pretrained, which writes shadow_adapter.safetensors."
         )
     config = _published_config(raw, path / CONFIG_NAME)
-    state = _read_safetensors(weights)
+    state = read_safetensors(weights)
     modules = path / MODULES_NAME
-    heads = _read_safetensors(modules) if modules.exists() else {}
+    heads = read_safetensors(modules) if modules.exists() else {}
     if any(key.startswith("shadow_lm_head.") for key in heads):
         config = replace(config, train_shadow_head=True)
     embed = f"shadow_model.{spec_for(shadow_model.config).embed_attr}." if shadow_model is not None else None
@@ -525,79 +529,6 @@ def _set_mode(model: ShadowModel, *, is_trainable: bool) -> None:
     model.train()
     extra = ("base.score.",) if isinstance(model, ShadowForSequenceClassification) else ()
     mark_only_shadow_trainable(model, extra=extra)
-
-
-# ----- files -----------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path} not found: {str(path.parent)!r} is not a ShadowPEFT checkpoint (it needs {CONFIG_NAME}); "
-            "pass the directory that save_shadow wrote."
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt: re-save it.") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}; re-save the checkpoint.")
-    return data
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: re-save or re-download it.")
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt: re-save or "
-            "re-download the checkpoint."
-        ) from err
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())  # on disk before the rename publishes it
-
-
-def _check_target(target: Path, *, overwrite: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"{target} exists and is not a directory; choose another checkpoint path.")
-    if not target.is_dir() or not any(target.iterdir()):
-        return
-    if not overwrite:
-        raise CheckpointError(
-            f"{target} already exists and is not empty; pass overwrite=True to replace it or choose another directory."
-        )
-    if not (target / CONFIG_NAME).is_file():
-        raise CheckpointError(
-            f"{target} is not a ShadowPEFT checkpoint (no {CONFIG_NAME}); refusing to replace it even with "
-            "overwrite=True. Choose another directory."
-        )
-
-
-def _commit(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing target is moved aside first and restored on failure."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    # rename(2) cannot replace a non-empty directory: move the old one aside, swap, then delete it.
-    backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(target, backup)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _fields(value: Any, types: dict[str, Any], name: str, source: Path) -> dict[str, Any]:

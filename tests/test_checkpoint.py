@@ -19,7 +19,7 @@ from shadow_peft import prepare_shadow_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from shadowpeft import CheckpointError, get_shadow_model
-from shadowpeft import checkpoint as ckpt
+from shadowpeft import checkpoint_files as ckpt
 from shadowpeft.checkpoint import CONFIG_NAME, MODULES_NAME, WEIGHTS_NAME, load_shadow, save_shadow
 from shadowpeft.fingerprint import compare, fingerprint
 from tests.conftest import ARCH_CONFIGS, no_dropout_config, padded_batch, perturb, tiny_base
