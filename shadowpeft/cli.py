@@ -104,6 +104,24 @@ def _settings(o: dict[str, Any]) -> Any:
     )
 
 
+def _train(o: dict[str, Any], *, detached_only: bool) -> None:
+    from shadowpeft.jobs import train_job
+
+    summary = train_job(
+        base=o["base"],
+        data=o["data"],
+        out=o["out"],
+        config=_shadow_config(o),
+        settings=_settings(o),
+        init_shadow=o.get("init_shadow"),
+        overwrite=o["overwrite"],
+        resume=o["resume"],
+        detached_only=detached_only,
+        max_examples=o["max_examples"],
+    )
+    _echo_summary(summary, o["out"])
+
+
 def _echo_summary(summary: Any, out: Path) -> None:
     from shadowpeft.jobs import is_main_process
 
@@ -198,20 +216,7 @@ def train(**o: Any) -> None:
     DATA schemas (JSONL): {"prompt","completion"} (prompt masked from the loss), {"text","label"}
     (classification: base + shadow classifier heads), {"text"} (language modelling).
     """
-    from shadowpeft.jobs import train_job
-
-    summary = train_job(
-        base=o["base"],
-        data=o["data"],
-        out=o["out"],
-        config=_shadow_config(o),
-        settings=_settings(o),
-        init_shadow=o["init_shadow"],
-        overwrite=o["overwrite"],
-        resume=o["resume"],
-        max_examples=o["max_examples"],
-    )
-    _echo_summary(summary, o["out"])
+    _train(o, detached_only=False)
 
 
 @main.command("pretrain-shadow")
@@ -220,20 +225,7 @@ def train(**o: Any) -> None:
 @friendly_errors
 def pretrain_shadow(**o: Any) -> None:
     """Train the shadow alone (detached, LM loss on its head) on plain text; use with `train --init-shadow`."""
-    from shadowpeft.jobs import train_job
-
-    summary = train_job(
-        base=o["base"],
-        data=o["data"],
-        out=o["out"],
-        config=_shadow_config(o),
-        settings=_settings(o),
-        overwrite=o["overwrite"],
-        resume=o["resume"],
-        detached_only=True,
-        max_examples=o["max_examples"],
-    )
-    _echo_summary(summary, o["out"])
+    _train(o, detached_only=True)
 
 
 @main.command("eval")

@@ -113,3 +113,16 @@ def padded_batch(lengths: tuple[int, ...] = (9, 5), *, vocab: int = 128, seed: i
         ids[row, cols] = tokens
         mask[row, cols] = 1
     return ids, mask
+
+
+def qwen3_0_6b_config() -> Qwen3Config:
+    """Qwen3-0.6B's architecture (config only, no weights)."""
+    return Qwen3Config(
+        vocab_size=151936,
+        hidden_size=1024,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=3072,
+    )

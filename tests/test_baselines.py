@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-from transformers import Qwen3Config
 
 from shadowpeft import ShadowConfig, expected_parameter_counts
 from shadowpeft.assets import load_smollm2
@@ -21,7 +20,7 @@ from shadowpeft.baselines import (
 )
 from shadowpeft.config import BackboneConfig, InjectionConfig, UpdateConfig
 from shadowpeft.errors import BaselineError
-from tests.conftest import ARCH_CONFIGS, ARCHS, tiny_base
+from tests.conftest import ARCH_CONFIGS, ARCHS, qwen3_0_6b_config, tiny_base
 from tests.slow.conftest import requires_smollm2
 
 KINDS = ("lora", "dora")
@@ -33,19 +32,6 @@ SHADOW_CONFIGS = {
     "two-layers-r4": ShadowConfig(backbone=BackboneConfig(num_layers=2), injection=InjectionConfig(rank=4)),
     "wide-gate": ShadowConfig(backbone=BackboneConfig(intermediate_size=32), update=UpdateConfig(gate_width=24)),
 }
-
-
-def qwen3_0_6b_config() -> Qwen3Config:
-    """Qwen3-0.6B's architecture (config only, no weights)."""
-    return Qwen3Config(
-        vocab_size=151936,
-        hidden_size=1024,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=3072,
-    )
 
 
 def _head_params(base: torch.nn.Module) -> int:

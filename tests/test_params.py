@@ -6,7 +6,7 @@ import pytest
 
 from shadowpeft import ShadowConfig, count_parameters, expected_parameter_counts, get_shadow_model
 from shadowpeft.config import BackboneConfig, InjectionConfig, UpdateConfig
-from tests.conftest import ARCHS, tiny_base
+from tests.conftest import ARCHS, qwen3_0_6b_config, tiny_base
 
 SHAPES = {
     "default": BackboneConfig(),
@@ -46,17 +46,7 @@ def test_formula_by_hand_for_llama_default():
 
 def test_paper_budget_for_qwen3_0_6b():
     """METHOD.md: about 9.1M trainable parameters for Qwen3-0.6B with n=1, m=256, hs=16, r=16, g=10."""
-    from transformers import Qwen3Config
-
-    qwen3_06b = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=1024,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=3072,
-    )
+    qwen3_06b = qwen3_0_6b_config()
     config = ShadowConfig(backbone=BackboneConfig(intermediate_size=256, num_attention_heads=16))
     total = expected_parameter_counts(qwen3_06b, config).total
     assert 8.9e6 < total < 9.3e6
