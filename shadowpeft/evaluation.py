@@ -6,6 +6,7 @@ Works for ShadowPEFT models (pass ``mode``) and for any HF / peft model (``mode=
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,8 +62,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        examples = task.test[:limit] if limit else task.test
-        subset = TaskData(task.name, task.kind, (), tuple(examples), task.labels)
+        subset = TaskData(task.name, task.kind, (), evaluation_subset(task.test, limit), task.labels)
         if task.kind == "classification":
             return _classification_accuracy(model, subset, tokenizer, mode, max_length, batch_size)
         if task.kind == "generation":
@@ -72,12 +72,28 @@ def evaluate(
         model.train(was_training)
 
 
+def evaluation_subset(examples: Sequence[Any], limit: int | None) -> tuple[Any, ...]:
+    """A fixed random subset of ``limit`` examples, in their original order (all when ``limit`` is None).
+
+    Not the first ``limit``: a split can be sorted by label (the sentiment corpus is).
+    """
+    if not limit or limit >= len(examples):
+        return tuple(examples)
+    keep = sorted(random.Random(0).sample(range(len(examples)), limit))
+    return tuple(examples[i] for i in keep)
+
+
+def _on_device(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def _classification_accuracy(model, task, tokenizer, mode, max_length, batch_size) -> EvalResult:
     rows = encode_task(task, tokenizer, split="test", max_length=max_length)
     collate = PadCollator.for_tokenizer(tokenizer, side="right")
     correct = 0
     for batch in _batches(rows, batch_size):
-        inputs = collate(list(batch))
+        inputs = _on_device(collate(list(batch)), model)
         labels = inputs.pop("labels")
         logits = model(**inputs, **_mode_kwargs(mode)).logits
         correct += int((logits.argmax(-1) == labels).sum())
@@ -98,7 +114,7 @@ def _generation_accuracy(model, task, tokenizer, mode, max_length, batch_size, m
     correct = 0
     for batch in _batches(examples, batch_size):
         # The same prompt tokens as training (encoding.encode_prompt), left-padded for batched generation.
-        inputs = collate([encode_prompt(e.prompt, tokenizer, max_length=max_length) for e in batch])
+        inputs = _on_device(collate([encode_prompt(e.prompt, tokenizer, max_length=max_length) for e in batch]), model)
         out = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -118,7 +134,7 @@ def _perplexity(model, task, tokenizer, mode, max_length, batch_size) -> EvalRes
     collate = PadCollator.for_tokenizer(tokenizer, side="right")
     total_loss, total_tokens = 0.0, 0
     for batch in _batches(rows, batch_size):
-        inputs = collate(list(batch))
+        inputs = _on_device(collate(list(batch)), model)
         labels = inputs.pop("labels")
         logits = model(**inputs, **_mode_kwargs(mode)).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]

@@ -247,3 +247,13 @@ def test_two_process_accelerate_launch(toy, tmp_path):
     assert summary["final_loss"] < 0.5 * summary["first_loss"]
     base, _ = load_base(str(toy["base"]), kind="lm")
     assert load_shadow(base, out) is not None
+
+
+def test_evaluation_subset_is_fixed_random_not_the_first_rows():
+    from shadowpeft.evaluation import evaluation_subset
+
+    rows = tuple(range(100))
+    subset = evaluation_subset(rows, 10)
+    assert subset == evaluation_subset(rows, 10) and len(subset) == 10
+    assert subset != rows[:10] and list(subset) == sorted(subset)
+    assert evaluation_subset(rows, None) == rows and evaluation_subset(rows, 500) == rows
