@@ -180,7 +180,8 @@ def train_job(
     ``detached_only`` trains the shadow alone with the LM/classification loss on its own head
     (``pretrain-shadow``); otherwise the loss is ``CE_base + lambda * CE_shadow``.
     """
-    task = load_task_data(data, max_examples=max_examples, seed=settings.seed)
+    # The split is fixed (hash salt 0): --seed changes initialisation and data order, never which rows are test rows.
+    task = load_task_data(data, max_examples=max_examples)
     work = check_output(out, overwrite=overwrite, resume=resume)
     torch.manual_seed(settings.seed)
     base_model, tokenizer = load_base(base, kind=task.kind, labels=task.labels, bf16=settings.bf16)
@@ -238,7 +239,7 @@ def eval_job(
     data = data or (record.data if record else None)
     if data is None:
         raise CheckpointError(f"{checkpoint} has no {RUN_NAME}; pass --data to say what to evaluate on.")
-    task: TaskData = load_task_data(data, seed=int(record.settings.get("seed", 0)) if record else 0)
+    task: TaskData = load_task_data(data)
     header = (
         json.loads((checkpoint / CONFIG_NAME).read_text(encoding="utf-8"))
         if (checkpoint / CONFIG_NAME).is_file()
