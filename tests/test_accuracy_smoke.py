@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+from tests.conftest import load_benchmark
+
 SEEDS = (0, 1)
 
 
 def _load_script() -> ModuleType:
-    """Import the script by path (benchmarks/ is not a package); dataclasses need it in sys.modules."""
-    name = "accuracy_benchmark"
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
+    return load_benchmark("accuracy")
 
 
 @pytest.fixture(scope="module")

@@ -6,30 +6,19 @@ import importlib
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_speed.py"
+from tests.conftest import load_benchmark
+
 COMPETITOR_AND_BASE_ROWS = ("a-cached", "a-uncached", "b-cached", "d-base")
 OUR_ROWS = ("c-attached", "c-detached")
 
 
 def _load_script() -> ModuleType:
-    """Import the script by path (benchmarks/ is not a package); dataclasses need it in sys.modules."""
-    name = "decode_speed_benchmark"
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
+    return load_benchmark("decode_speed")
 
 
 @pytest.fixture(scope="module")
