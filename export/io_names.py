@@ -34,8 +34,11 @@ __all__ = [
     "SHADOW_STATES",
     "TOTAL_SEQUENCE",
     "GraphIO",
+    "StackLayout",
     "KVKind",
+    "SHADOW_KV_PREFIX",
     "cloud_backbone_io",
+    "coupled_io",
     "detached_shadow_io",
     "head_io",
     "past_key_name",
@@ -56,6 +59,8 @@ LOGITS = "logits"
 HIDDEN_STATES = "hidden_states"
 SHADOW_STATES = "shadow_states"
 SHADOW_LOGITS = "shadow_logits"  # the shadow head's logits in a graph that also has the base head's
+#: Prefix of the shadow stack's KV names in a graph that also holds the base stack's (``coupled``).
+SHADOW_KV_PREFIX = "shadow_"
 
 KVKind = Literal["key", "value"]
 _KV_KINDS: tuple[str, ...] = ("key", "value")
@@ -69,32 +74,34 @@ class GraphIO(NamedTuple):
     outputs: tuple[TensorSpec, ...]
 
 
-def past_key_name(layer: int, kind: KVKind) -> str:
+def past_key_name(layer: int, kind: KVKind, *, prefix: str = "") -> str:
     """Name of a KV-cache input, e.g. ``past_key_values.0.key``.
 
     Args:
         layer: Layer index within the graph's own stack (shadow layers or base layers), from 0.
         kind: ``"key"`` or ``"value"``.
+        prefix: :data:`SHADOW_KV_PREFIX` for the shadow stack in a graph that has both stacks.
 
     Raises:
         ValueError: For a negative layer or an unknown kind.
     """
     _check_kv(layer, kind)
-    return f"past_key_values.{layer}.{kind}"
+    return f"{prefix}past_key_values.{layer}.{kind}"
 
 
-def present_key_name(layer: int, kind: KVKind) -> str:
+def present_key_name(layer: int, kind: KVKind, *, prefix: str = "") -> str:
     """Name of a KV-cache output, e.g. ``present.0.key``; it feeds :func:`past_key_name` next step.
 
     Args:
         layer: Layer index within the graph's own stack, from 0.
         kind: ``"key"`` or ``"value"``.
+        prefix: :data:`SHADOW_KV_PREFIX` for the shadow stack in a graph that has both stacks.
 
     Raises:
         ValueError: For a negative layer or an unknown kind.
     """
     _check_kv(layer, kind)
-    return f"present.{layer}.{kind}"
+    return f"{prefix}present.{layer}.{kind}"
 
 
 def detached_shadow_io(
@@ -195,6 +202,52 @@ def cloud_backbone_io(
     return GraphIO(inputs, outputs)
 
 
+class StackLayout(NamedTuple):
+    """KV layout of one decoder stack: layers, KV heads per layer, head size."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def coupled_io(*, shadow: StackLayout, base: StackLayout, hidden: int, vocab: int, dtype: str = "float32") -> GraphIO:
+    """I/O of the single-machine graph (``role="coupled"``): shadow and base with injection and update.
+
+    Shadow KV tensors carry :data:`SHADOW_KV_PREFIX` and come before the base's.
+
+    Args:
+        shadow: Layout of the shadow stack.
+        base: Layout of the base stack.
+        hidden: Hidden size ``d`` of the base model.
+        vocab: Vocabulary size.
+        dtype: Float type of KV caches, states and logits.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``position_ids``, ``shadow_past_key_values.*``,
+        ``past_key_values.*`` -> ``logits``, ``shadow_logits``, ``shadow_states``, ``shadow_present.*``,
+        ``present.*``.
+
+    Raises:
+        ValueError: For a size < 1 or a non-float dtype.
+    """
+    _check_sizes(hidden=hidden, vocab=vocab, **{f"shadow_{k}": v for k, v in shadow._asdict().items()})
+    _check_sizes(**base._asdict())
+    _check_dtype(dtype)
+    inputs = (
+        *_token_inputs(),
+        *_kv_specs(*shadow, dtype, present=False, prefix=SHADOW_KV_PREFIX),
+        *_kv_specs(*base, dtype, present=False),
+    )
+    outputs = (
+        TensorSpec(LOGITS, dtype, (BATCH, SEQUENCE, vocab)),
+        TensorSpec(SHADOW_LOGITS, dtype, (BATCH, SEQUENCE, vocab)),
+        TensorSpec(SHADOW_STATES, dtype, (BATCH, SEQUENCE, hidden)),
+        *_kv_specs(*shadow, dtype, present=True, prefix=SHADOW_KV_PREFIX),
+        *_kv_specs(*base, dtype, present=True),
+    )
+    return GraphIO(inputs, outputs)
+
+
 def _token_inputs() -> tuple[TensorSpec, TensorSpec, TensorSpec]:
     return (
         TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
@@ -203,12 +256,14 @@ def _token_inputs() -> tuple[TensorSpec, TensorSpec, TensorSpec]:
     )
 
 
-def _kv_specs(num_layers: int, kv_heads: int, head_dim: int, dtype: str, *, present: bool) -> tuple[TensorSpec, ...]:
+def _kv_specs(
+    num_layers: int, kv_heads: int, head_dim: int, dtype: str, *, present: bool, prefix: str = ""
+) -> tuple[TensorSpec, ...]:
     """KV tensors in layer order, key before value: (B, kv_heads, P or P+T, head_dim)."""
     name = present_key_name if present else past_key_name
     length = TOTAL_SEQUENCE if present else PAST_SEQUENCE
     return tuple(
-        TensorSpec(name(layer, kind), dtype, (BATCH, kv_heads, length, head_dim))
+        TensorSpec(name(layer, kind, prefix=prefix), dtype, (BATCH, kv_heads, length, head_dim))
         for layer in range(num_layers)
         for kind in _KV_KINDS
     )

@@ -9,12 +9,12 @@ passed through the loop, never stored on a module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from shadowpeft.arch import ArchSpec, default_position_ids, spec_for
+from shadowpeft.arch import ArchSpec, LayerContext, default_position_ids, spec_for
 from shadowpeft.backbone import build_implicit_backbone, explicit_backbone
 from shadowpeft.block import BlockParts, schedule, shadow_block
 from shadowpeft.cache import ShadowCache
@@ -117,13 +117,26 @@ class ShadowModel(nn.Module):
         use_cache: bool,
     ) -> Tensor:
         """``s0 = P(FinalNorm(ShadowBackbone(x_s)))`` (METHOD.md section 3, step 2): (B, T, d)."""
+        kv = cache.shadow if cache is not None else None
+        ctx = self.shadow_spec.context(
+            self.shadow_model,
+            x,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=kv,
+            use_cache=use_cache,
+        )
+        return self.shadow_stack(input_ids, x, ctx=ctx, kv=kv)
+
+    def shadow_stack(self, input_ids: Tensor, x: Tensor, *, ctx: LayerContext, kv: Any | None) -> Tensor:
+        """The shadow backbone given a prepared layer context: ``s0`` (B, T, d).
+
+        :meth:`shadow_states` builds ``ctx`` with the HF mask helpers; the ONNX graphs build it from
+        explicit tensors (``shadowpeft.export``) and call this same function.
+        """
         spec, sbb = self.shadow_spec, self.shadow_model
         xs = x if self.shares_embeddings else spec.embedding(sbb)(input_ids)
-        h = spec.input_stage(sbb, xs, position_ids)
-        kv = cache.shadow if cache is not None else None
-        ctx = spec.context(
-            sbb, h, attention_mask=attention_mask, position_ids=position_ids, cache=kv, use_cache=use_cache
-        )
+        h = spec.input_stage(sbb, xs, ctx.position_ids)
         for i, layer in enumerate(spec.layers(sbb)):
             h = spec.call_layer(layer, h, ctx, i, kv)
         return self.shadow_hidden_projection(spec.final_norm(sbb)(h))
@@ -180,12 +193,21 @@ class ShadowModel(nn.Module):
         use_cache: bool,
     ) -> Tensor:
         """The base stack with injections and updates: final-normed hidden (B, T, d)."""
-        spec, bb = self.spec, self.base_backbone
         kv = cache.base if cache is not None else None
-        h = spec.input_stage(bb, x, position_ids)
-        ctx = spec.context(
-            bb, h, attention_mask=attention_mask, position_ids=position_ids, cache=kv, use_cache=use_cache
+        ctx = self.spec.context(
+            self.base_backbone,
+            x,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=kv,
+            use_cache=use_cache,
         )
+        return self.base_stack(x, s0, ctx=ctx, kv=kv)
+
+    def base_stack(self, x: Tensor, s0: Tensor, *, ctx: LayerContext, kv: Any | None) -> Tensor:
+        """The loop over :func:`shadow_block` given a prepared layer context: final-normed hidden (B, T, d)."""
+        spec, bb = self.spec, self.base_backbone
+        h = spec.input_stage(bb, x, ctx.position_ids)
         s = s0
         for idx, (layer, (inject, update)) in enumerate(zip(spec.layers(bb), self._schedule, strict=True)):
             parts = BlockParts(layer, spec, self.shadow_injection_model, self.shadow_update_model, inject, update)

@@ -1,0 +1,97 @@
+"""``shadow-export``: parse options, run the export pipeline, print progress and a summary."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import click
+
+__all__ = ["main"]
+
+_WEIGHTS = {"none": "fp32", "int8": "int8", "int4": "int4"}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Export directory [CHECKPOINT-export].")
+@click.option("--detached", "selections", flag_value="detached", multiple=True, help="On-device graph only.")
+@click.option("--split", "selections", flag_value="split", multiple=True, help="Device and cloud graphs [default].")
+@click.option("--coupled", "selections", flag_value="coupled", multiple=True, help="The single-machine graph.")
+@click.option("--device", "device", default=None, help="Device profile: a name in devices/ or a .toml path.")
+@click.option(
+    "--quantize",
+    type=click.Choice(list(_WEIGHTS)),
+    default=None,
+    help="Weights of the on-device graphs [the profile's, else none]. The cloud graph stays fp32.",
+)
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(17, 23), help="ONNX opset.")
+@click.option("--base", default=None, help="Base model to load instead of the one the checkpoint names.")
+@click.option(
+    "--tolerance",
+    default=1e-4,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Largest |logit difference| allowed between the fp32 graphs and PyTorch.",
+)
+@click.option("--overwrite/--no-overwrite", default=False, help="Replace an existing export directory.")
+def main(
+    checkpoint: Path,
+    out: Path | None,
+    selections: tuple[str, ...],
+    device: str | None,
+    quantize: str | None,
+    opset: int,
+    base: str | None,
+    tolerance: float,
+    overwrite: bool,
+) -> None:
+    """Export a ShadowPEFT checkpoint to ONNX: the detached on-device shadow, the cloud backbone, or both.
+
+    CHECKPOINT is a directory written by `shadowpeft train` or by the published shadow-peft package
+    (then pass --base). Every graph is checked against PyTorch with onnxruntime before anything is
+    written; the export directory appears only once it is complete.
+    """
+    from shadowpeft.export.errors import ExportError
+    from shadowpeft.runtime.errors import DeviceProfileError
+
+    try:
+        _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, overwrite)
+    except (ExportError, DeviceProfileError, OSError, ValueError) as err:
+        if os.environ.get("SHADOWPEFT_DEBUG") == "1":
+            raise
+        raise click.ClickException(str(err)) from err
+
+
+def _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, overwrite) -> None:
+    from shadowpeft.errors import AssetError, CheckpointError, UnsupportedArchitectureError
+    from shadowpeft.export.errors import ExportError
+    from shadowpeft.export.pipeline import STAGES, ExportOptions, export_checkpoint
+    from shadowpeft.export.report import summary_lines
+    from shadowpeft.runtime.devices import load_device_profile
+
+    profile = load_device_profile(device) if device else None
+    out = out or checkpoint.with_name(checkpoint.name + "-export")
+    options = ExportOptions(
+        selections=tuple(dict.fromkeys(selections)) or ("split",),
+        weights=_WEIGHTS[quantize] if quantize else None,
+        profile=profile,
+        opset=opset,
+        base=base,
+        overwrite=overwrite,
+        tolerance=tolerance,
+    )
+    start = time.perf_counter()
+
+    def progress(stage: str, detail: str) -> None:
+        elapsed = time.perf_counter() - start
+        click.echo(f"[{STAGES.index(stage) + 1}/{len(STAGES)} {stage:<8}] {detail}  ({elapsed:.0f}s)", err=True)
+
+    try:
+        manifest = export_checkpoint(checkpoint, out, options, progress=progress)
+    except (CheckpointError, AssetError, UnsupportedArchitectureError) as err:
+        raise ExportError(str(err)) from err
+    for line in summary_lines(manifest, profile):
+        click.echo(line)
+    click.echo(f"Wrote {out} in {time.perf_counter() - start:.0f}s.")

@@ -1,0 +1,141 @@
+"""Flat-tensor wrappers around a ShadowPEFT causal LM, one per exported graph.
+
+Each wrapper's ``forward`` takes and returns plain tensors in the order that
+:mod:`shadowpeft.export.io_names` declares, builds its layer context from those tensors
+(:mod:`shadowpeft.export.context`), and calls the same ``shadow_stack`` / ``base_stack``
+functions as the PyTorch model, so the graphs cannot drift from the reference implementation.
+KV caches cross the graph boundary as tensors ``(B, kv_heads, P, head_dim)``: a ``DynamicCache``
+is filled from them inside ``forward`` and read back after the layers have appended to it.
+
+Heads are stored as ``(d, V)`` matrices of their own (:class:`HeadWeight`) so that the ONNX
+graph holds them as a MatMul initializer: a head reached through a runtime transpose of the tied
+embedding would not be seen as a weight by the quantizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
+
+from shadowpeft.export.context import explicit_context
+from shadowpeft.export.io_names import StackLayout
+from shadowpeft.tasks import ShadowForCausalLM
+
+__all__ = ["CloudBackboneGraph", "CoupledGraph", "DetachedShadowGraph", "HeadGraph", "HeadWeight", "kv_layout"]
+
+
+class HeadWeight(nn.Module):
+    """A vocabulary head as ``h @ W_t (+ b)`` with its own ``(d, V)`` copy of the weight."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(head.weight.detach().t().contiguous().clone(), requires_grad=False)
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, h: Tensor) -> Tensor:
+        logits = h @ self.weight_t  # (B, T, V)
+        return logits if self.bias is None else logits + self.bias
+
+
+def kv_layout(stack: nn.Module) -> StackLayout:
+    """KV layout of a decoder stack (layers, KV heads, head size), read from its config."""
+    config = stack.config
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return StackLayout(config.num_hidden_layers, kv_heads, head_dim)
+
+
+def _cache(past: Sequence[Tensor]) -> DynamicCache:
+    """A cache holding ``past`` = (key_0, value_0, key_1, ...); full-attention layers, no cropping."""
+    return DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)])
+
+
+def _present(cache: DynamicCache, num_layers: int) -> tuple[Tensor, ...]:
+    return tuple(t for layer in cache.layers[:num_layers] for t in (layer.keys, layer.values))
+
+
+class _Graph(nn.Module):
+    def __init__(self, model: ShadowForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+        self.shadow_layers = kv_layout(model.shadow_model)[0]
+        self.base_layers = model.num_layers
+
+    def _s0(self, input_ids: Tensor, x: Tensor, mask: Tensor, positions: Tensor, cache: DynamicCache) -> Tensor:
+        m = self.model
+        ctx = explicit_context(m.shadow_spec, m.shadow_model, x, attention_mask=mask, position_ids=positions)
+        return m.shadow_stack(input_ids, x, ctx=ctx, kv=cache)  # (B, T, d)
+
+    def _hidden(self, x: Tensor, s0: Tensor, mask: Tensor, positions: Tensor, cache: DynamicCache) -> Tensor:
+        m = self.model
+        ctx = explicit_context(m.spec, m.base_backbone, x, attention_mask=mask, position_ids=positions)
+        return m.base_stack(x, s0, ctx=ctx, kv=cache)  # (B, T, d)
+
+
+class DetachedShadowGraph(_Graph):
+    """``device/shadow``: ids -> shadow logits, ``s0`` and the shadow KV cache (the detached model)."""
+
+    def __init__(self, model: ShadowForCausalLM) -> None:
+        super().__init__(model)
+        self.head = HeadWeight(model.shadow_head)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor):
+        cache = _cache(past)
+        x = self.model.embed(input_ids)  # (B, T, d)
+        s0 = self._s0(input_ids, x, attention_mask, position_ids, cache)
+        return (self.head(s0), s0, *_present(cache, self.shadow_layers))
+
+
+class HeadGraph(nn.Module):
+    """``device/head``: final-normed hidden states -> base logits."""
+
+    def __init__(self, model: ShadowForCausalLM) -> None:
+        super().__init__()
+        self.head = HeadWeight(model.base.get_output_embeddings())
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.head(hidden_states)
+
+
+class CloudBackboneGraph(_Graph):
+    """``cloud/backbone``: ids + ``s0`` -> final-normed hidden and the base KV cache."""
+
+    def forward(self, input_ids: Tensor, shadow_states: Tensor, attention_mask: Tensor, position_ids: Tensor, *past):
+        cache = _cache(past)
+        x = self.model.embed(input_ids)
+        hidden = self._hidden(x, shadow_states, attention_mask, position_ids, cache)
+        return (hidden, *_present(cache, self.base_layers))
+
+
+class CoupledGraph(_Graph):
+    """``coupled``: everything in one graph; shadow KV inputs first, then base KV."""
+
+    def __init__(self, model: ShadowForCausalLM) -> None:
+        super().__init__(model)
+        self.head = HeadWeight(model.base.get_output_embeddings())
+        self.shadow_head = HeadWeight(model.shadow_head)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor):
+        split = 2 * self.shadow_layers
+        shadow_cache, base_cache = _cache(past[:split]), _cache(past[split:])
+        x = self.model.embed(input_ids)
+        s0 = self._s0(input_ids, x, attention_mask, position_ids, shadow_cache)
+        hidden = self._hidden(x, s0, attention_mask, position_ids, base_cache)
+        return (
+            self.head(hidden),
+            self.shadow_head(s0),
+            s0,
+            *_present(shadow_cache, self.shadow_layers),
+            *_present(base_cache, self.base_layers),
+        )
+
+
+def example_past(layout: StackLayout, batch: int, past: int, dtype: torch.dtype) -> list[Tensor]:
+    """Random KV tensors ``(B, kv_heads, past, head_dim)`` for every layer (key, value, ...)."""
+    layers, kv_heads, head_dim = layout
+    return [torch.randn(batch, kv_heads, past, head_dim, dtype=dtype) for _ in range(2 * layers)]

@@ -1,0 +1,99 @@
+"""The load stage of an export: a checkpoint directory -> the causal-LM model and its tokenizer.
+
+The base model is found from the checkpoint's own reference (``shadow_config.json``), or from
+``--base``; :func:`shadowpeft.checkpoint.load_shadow` then checks the base fingerprint, so a
+checkpoint never attaches silently to a different base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from shadowpeft.checkpoint import CONFIG_NAME, load_shadow
+from shadowpeft.errors import CheckpointError
+from shadowpeft.fingerprint import fingerprint
+from shadowpeft.jobs import load_base
+from shadowpeft.tasks import ShadowForCausalLM
+
+__all__ = ["LoadedCheckpoint", "load_checkpoint"]
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint ready to export: the model (eval mode, fp32), tokenizer and base identity."""
+
+    model: ShadowForCausalLM
+    tokenizer: PreTrainedTokenizerBase
+    base_model: str
+    base_fingerprint: str
+
+
+def load_checkpoint(checkpoint: Path, *, base: str | None = None) -> LoadedCheckpoint:
+    """Loads ``checkpoint`` (this project's format or the published ``shadow-peft`` one) onto its base.
+
+    Args:
+        checkpoint: A checkpoint directory (``shadow_config.json`` + safetensors weights).
+        base: Base model to use instead of the one the checkpoint names (a local HF directory or
+            the built-in name); required for published checkpoints, which name none.
+
+    Raises:
+        CheckpointError: A missing or corrupt checkpoint, no base to load, a base that does not
+            match the checkpoint's fingerprint, or a checkpoint that is not a causal LM.
+        AssetError: The base cannot be found or loaded.
+    """
+    header = _read_header(checkpoint)
+    task = header.get("task", "causal-lm")
+    if task != "causal-lm":
+        raise CheckpointError(
+            f"{checkpoint} holds a {task} adapter; shadow-export exports causal language models (token in, "
+            "logits out). Train with generation or language-modelling data to get an exportable checkpoint."
+        )
+    base_ref = base or header.get("base", {}).get("name_or_path")
+    if not base_ref:
+        raise CheckpointError(
+            f"{checkpoint} does not name its base model (checkpoints written by the published shadow-peft "
+            "package never do); pass --base with the model it was trained on."
+        )
+    base_model, tokenizer = load_base(base_ref, kind="generation")
+    model = load_shadow(base_model, checkpoint, shadow_model=_explicit_shadow(header))
+    if not isinstance(model, ShadowForCausalLM):  # defensive: the header said causal-lm
+        raise CheckpointError(f"{checkpoint} did not load as a causal LM; re-save it with shadowpeft.")
+    digest = hashlib.sha256(json.dumps(fingerprint(model.base).to_dict(), sort_keys=True).encode()).hexdigest()
+    return LoadedCheckpoint(model.eval(), tokenizer, str(base_ref), digest)
+
+
+def _read_header(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / CONFIG_NAME
+    if not checkpoint.is_dir():
+        raise CheckpointError(
+            f"Checkpoint directory {str(checkpoint)!r} does not exist or is not a directory. Pass the directory "
+            "that `shadowpeft train` (or shadow-peft's save_pretrained) wrote."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{checkpoint} has no {CONFIG_NAME}; it is not a ShadowPEFT checkpoint. Pass the directory that "
+            "`shadowpeft train` wrote."
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable or not JSON ({err}); the checkpoint is damaged.") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; the checkpoint is damaged.")
+    return data
+
+
+def _explicit_shadow(header: dict[str, Any]) -> Any:
+    """For an explicit-shadow checkpoint, a model of the recorded architecture (weights come from the checkpoint)."""
+    explicit = header.get("explicit_shadow")
+    if not isinstance(explicit, dict):
+        return None
+    config = dict(explicit["config"])
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    return AutoModelForCausalLM.from_config(config).eval()

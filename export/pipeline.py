@@ -1,0 +1,230 @@
+"""``shadow-export``'s work, stage by stage: load, trace, export, validate, quantize, write.
+
+The graphs are traced with eager attention (plain ops that every onnxruntime build runs) and
+validated against the model with its own attention implementation, so parity also covers the
+difference between the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+from shadowpeft import __version__
+from shadowpeft.export.bundle import check_destination, graph_files, staging_directory, write_tokenizer
+from shadowpeft.export.errors import ExportError
+from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint
+from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_data_files
+from shadowpeft.export.plan import GraphJob, graph_jobs, keys_for
+from shadowpeft.export.quality import memory_figures, quantized_agreement
+from shadowpeft.export.quantize import quantize_graph
+from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
+from shadowpeft.runtime.devices import DeviceProfile
+from shadowpeft.runtime.manifest import SCHEMA_VERSION, GraphSpec, Manifest
+from shadowpeft.tasks import ShadowForCausalLM
+
+__all__ = ["STAGES", "ExportOptions", "export_checkpoint"]
+
+STAGES = ("load", "trace", "export", "validate", "quantize", "write")
+Progress = Callable[[str, str], None]  # (stage, detail)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and how (the CLI's options).
+
+    Attributes:
+        selections: Any of ``detached``, ``split``, ``coupled`` (see :data:`~shadowpeft.export.plan.SELECTIONS`).
+        weights: ``fp32``, ``int8`` or ``int4`` for the on-device graphs; ``None`` takes the
+            profile's (``fp32`` without a profile). The cloud graph stays fp32.
+        profile: Device profile: int4 parameters, memory budget, ORT format.
+        opset: ONNX opset.
+        base: Base model overriding the checkpoint's reference.
+        overwrite: Replace an existing output directory.
+        tolerance: Largest allowed |logit difference| between fp32 graphs and PyTorch.
+        steps: Cached decode steps of the parity check.
+    """
+
+    selections: tuple[str, ...] = ("split",)
+    weights: str | None = None
+    profile: DeviceProfile | None = None
+    opset: int = DEFAULT_OPSET
+    base: str | None = None
+    overwrite: bool = False
+    tolerance: float = FP32_LOGIT_TOLERANCE
+    steps: int = 8
+
+    @property
+    def weight_format(self) -> str:
+        if self.weights is not None:
+            return self.weights
+        return self.profile.weights if self.profile is not None else "fp32"
+
+
+def export_checkpoint(
+    checkpoint: Path, out: Path, options: ExportOptions, *, progress: Progress | None = None
+) -> Manifest:
+    """Exports ``checkpoint`` into the directory ``out`` and returns its manifest.
+
+    Raises:
+        ExportError: Any stage failed (the message names it); nothing is left at ``out``.
+        CheckpointError, AssetError: The checkpoint or its base cannot be loaded.
+    """
+    report = progress or (lambda stage, detail: None)
+    keys = keys_for(options.selections)
+    weights = options.weight_format
+    if weights not in ("fp32", "int8", "int4"):
+        raise ExportError(f"Weight format {weights!r} is not supported by shadow-export; use fp32, int8 or int4.")
+    check_destination(out, overwrite=options.overwrite)
+    report("load", str(checkpoint))
+    loaded = load_checkpoint(checkpoint, base=options.base)
+    with staging_directory(out, overwrite=options.overwrite) as root, _scratch() as scratch:
+        report("trace", ", ".join(keys))
+        jobs = graph_jobs(loaded.model, keys)
+        fp32_root = scratch if weights != "fp32" else root
+        with eager_attention(loaded.model), torch.no_grad():
+            for job in jobs:
+                job.wrapper(*job.example)  # fails here, with a PyTorch traceback, before the exporter runs
+            for job in jobs:
+                report("export", job.file)
+                target = (root if not job.on_device else fp32_root) / job.file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                export_graph(job.wrapper, job.example, job.io, target, opset=options.opset)
+        report("validate", f"prefill + {options.steps} cached steps")
+        figures = _validate(loaded.model, jobs, root, fp32_root, options)
+        if weights != "fp32":
+            figures.update(_quantize(loaded, jobs, root, fp32_root, weights, options, report))
+        report("write", str(out))
+        manifest = _manifest(loaded, jobs, root, weights, options, figures)
+        manifest.write(root)
+    return manifest
+
+
+@contextlib.contextmanager
+def eager_attention(model: ShadowForCausalLM) -> Iterator[None]:
+    """Trace with eager attention (plain MatMul/Softmax ops); restore each stack's own choice after."""
+    configs = [model.base_backbone.config, model.shadow_model.config]
+    before = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        for config, implementation in zip(configs, before, strict=True):
+            config._attn_implementation = implementation
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="shadow-export-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _fp32_path(job: GraphJob, root: Path, fp32_root: Path) -> Path:
+    return (fp32_root if job.on_device else root) / job.file
+
+
+def _validate(model, jobs: list[GraphJob], root: Path, fp32_root: Path, options: ExportOptions) -> dict[str, float]:
+    sessions = {job.key: _session(_fp32_path(job, root, fp32_root)) for job in jobs}
+    ios = {job.key: job.io for job in jobs}
+    results = check_parity(model, sessions, ios, steps=options.steps, tolerance=options.tolerance)
+    figures: dict[str, float] = {}
+    for result in results:
+        figures[f"{result.chain}.logits_max_abs_diff"] = result.max_abs_diff
+        figures[f"{result.chain}.greedy_agreement"] = result.greedy_agreement
+    figures["parity.tolerance"] = options.tolerance
+    figures["parity.cached_steps"] = options.steps
+    return figures
+
+
+def _quantize(
+    loaded: LoadedCheckpoint,
+    jobs: list[GraphJob],
+    root: Path,
+    fp32_root: Path,
+    weights: str,
+    options: ExportOptions,
+    report: Progress,
+) -> dict[str, float]:
+    profile = options.profile
+    block = profile.int4_block_size if profile is not None else 32
+    level = profile.int4_accuracy_level if profile is not None else 4
+    figures: dict[str, float] = {}
+    for job in jobs:
+        if not job.on_device:
+            continue
+        report("quantize", f"{job.file} -> {weights}")
+        result = quantize_graph(
+            fp32_root / job.file, root / job.file, weights=weights, block_size=block, accuracy_level=level
+        )
+        figures[f"{job.key}.fp32_bytes"] = result.bytes_before
+        figures[f"{job.key}.quantized_matmuls"] = result.quantized_matmuls
+    fp32 = {job.key: _session(_fp32_path(job, root, fp32_root)) for job in jobs}
+    quantized = {job.key: _session(root / job.file) for job in jobs}
+    ios = {job.key: job.io for job in jobs}
+    figures.update(quantized_agreement(fp32, quantized, ios, loaded.tokenizer, prefix=weights))
+    return figures
+
+
+def _manifest(
+    loaded: LoadedCheckpoint,
+    jobs: list[GraphJob],
+    root: Path,
+    weights: str,
+    options: ExportOptions,
+    figures: dict[str, float],
+) -> Manifest:
+    graphs = {}
+    device_bytes = 0
+    for job in jobs:
+        sha, data, size = graph_files(root, job.file, external_data_files(root / job.file))
+        graph_weights = weights if job.on_device else "fp32"
+        graphs[job.key] = GraphSpec(
+            job.file, job.role, options.opset, job.io.inputs, job.io.outputs, graph_weights, sha, data
+        )
+        figures[f"{job.key}.bytes"] = size
+        device_bytes += size if job.on_device else 0
+    if options.profile is not None:
+        figures.update(memory_figures(loaded.model, device_bytes, options.profile))
+    tokenizer_files = write_tokenizer(loaded.tokenizer, root)
+    model = loaded.model
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        shadowpeft_version=__version__,
+        base_model=loaded.base_model,
+        base_revision=None,
+        base_fingerprint=loaded.base_fingerprint,
+        graphs=graphs,
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        tokenizer_files=tokenizer_files,
+        device_profile=options.profile.name if options.profile is not None else None,
+        quantization=_quantization_name(weights, options.profile),
+        validation=figures,
+    )
+
+
+def _quantization_name(weights: str, profile: DeviceProfile | None) -> str:
+    if weights == "fp32":
+        return "none"
+    if weights == "int8":
+        return "int8-dynamic"
+    block = profile.int4_block_size if profile is not None else 32
+    level = profile.int4_accuracy_level if profile is not None else 4
+    return f"int4-block{block}-acc{level}"

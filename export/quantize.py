@@ -1,0 +1,390 @@
+"""Weight quantization passes for exported graphs, with onnxruntime's own tools only.
+
+    weights  tool                                        each MatMul with an initializer B becomes
+    int8     quantize_dynamic (QInt8, per-channel)       DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul
+    int4     MatMulNBitsQuantizer (block-wise, sym.)     MatMulNBits (com.microsoft)
+    fp32     none: the graph is re-saved as it is
+
+Both quantizers only see a weight that is an initializer feeding MatMul input B directly; one that
+reaches B through another node (a Transpose of a tied embedding, a Cast) silently stays fp32.
+:func:`unquantized_matmul_weights` finds those. :func:`agreement` judges a quantized graph against
+its reference by top-1 agreement and KL divergence, never by allclose.
+
+Every pass is deterministic (same input, byte-identical output) and atomic: files are written in a
+scratch folder beside ``dst`` and moved into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from shadowpeft.export.errors import QuantizationError
+from shadowpeft.runtime.devices import INT4_ACCURACY_LEVELS, WEIGHT_FORMATS
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "QUANTIZED_MATMUL_OPS",
+    "Agreement",
+    "QuantizeResult",
+    "agreement",
+    "quantize_graph",
+    "unquantized_matmul_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Output graphs whose tensors exceed this many bytes keep them in ``<dst name>.data``: protobuf
+#: cannot write a file over 2 GiB, and the graph itself needs some of that room.
+EXTERNAL_DATA_THRESHOLD = 1536 << 20
+#: Op types that carry a quantized MatMul weight in an output graph.
+QUANTIZED_MATMUL_OPS = frozenset({"MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"})
+
+_SUPPORTED = ("fp32", "int8", "int4")
+_ONNX_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+# What onnx and onnxruntime's quantizers raise on a graph they cannot handle (they assert, index and
+# look up freely); anything else, e.g. MemoryError, is not theirs to explain and propagates.
+_TOOL_ERRORS = (AssertionError, LookupError, RuntimeError, TypeError, ValueError, *_ONNX_ERRORS)
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What :func:`quantize_graph` wrote.
+
+    Attributes:
+        weights: The weight format written (``fp32``, ``int8`` or ``int4``).
+        path: The output graph (its external data, if any, is ``<path>.data``).
+        bytes_before: Size of the source graph plus its external data files.
+        bytes_after: Size of the output graph plus its external data file.
+        quantized_matmuls: MatMul weights converted: output nodes of :data:`QUANTIZED_MATMUL_OPS` whose
+            weight input is an initializer.
+        block_size: int4 block size, ``None`` for other formats.
+        accuracy_level: int4 MatMulNBits ``accuracy_level``, ``None`` for other formats.
+    """
+
+    weights: str
+    path: Path
+    bytes_before: int
+    bytes_after: int
+    quantized_matmuls: int
+    block_size: int | None = None
+    accuracy_level: int | None = None
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely a candidate's logits follow a reference's, over valid positions.
+
+    Attributes:
+        top1: Fraction of positions whose argmax tokens are equal.
+        mean_kl: Mean KL(reference || candidate) in nats.
+        positions: Number of positions compared.
+    """
+
+    top1: float
+    mean_kl: float
+    positions: int
+
+
+def quantize_graph(
+    src: Path,
+    dst: Path,
+    *,
+    weights: str,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    symmetric: bool = True,
+) -> QuantizeResult:
+    """Writes ``src`` with its MatMul weights quantized to ``weights`` as ``dst``.
+
+    Args:
+        src: An fp32 ``.onnx`` graph; its external data is read from its folder.
+        dst: The graph to write (may equal ``src``). Tensors go to ``<dst name>.data`` beside it when
+            they exceed :data:`EXTERNAL_DATA_THRESHOLD` bytes.
+        weights: ``int8`` (dynamic, per-channel), ``int4`` (block-wise, weight-only) or ``fp32`` (re-save).
+        block_size: int4 only: weights per quantization block along K (a power of two >= 16).
+        accuracy_level: int4 only: MatMulNBits ``accuracy_level`` (0-4; 4 = int8 activations).
+        symmetric: Quantize weights without zero points (int8 and int4).
+
+    Returns:
+        What was written, with sizes and the number of quantized MatMul weights.
+
+    Raises:
+        QuantizationError: For an unknown or unsupported ``weights``, a bad int4 option, a missing or
+            unreadable ``src``, a failing quantizer, or an unwritable ``dst``. ``dst`` is then unchanged.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_options(weights, block_size, accuracy_level)
+    model, bytes_before = _load(src)
+    _warn_unquantizable(model, weights, src)
+    with _staging(dst) as (staged, scratch):
+        try:
+            with _root_logging_kept():
+                if weights == "int8":
+                    model = _int8(model, scratch, symmetric=symmetric)
+                elif weights == "int4":
+                    model = _int4(model, block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric)
+        except _TOOL_ERRORS as exc:
+            raise QuantizationError(
+                f"onnxruntime's {weights} quantizer failed on {str(src)!r}: {type(exc).__name__}: {exc}. Check "
+                "that onnxruntime loads the fp32 graph, or export with --weights fp32 and report this."
+            ) from exc
+        initializers = {tensor.name for tensor in model.graph.initializer}
+        quantized = sum(n.op_type in QUANTIZED_MATMUL_OPS and n.input[1] in initializers for n in model.graph.node)
+        try:
+            _save(model, staged)
+        except OSError as exc:
+            raise QuantizationError(f"Cannot write {str(dst)!r}: {exc}. Check free space and permissions.") from exc
+    int4 = weights == "int4"
+    return QuantizeResult(
+        weights=weights,
+        path=dst,
+        bytes_before=bytes_before,
+        bytes_after=sum(path.stat().st_size for path in (dst, _data_path(dst)) if path.is_file()),
+        quantized_matmuls=quantized,
+        block_size=block_size if int4 else None,
+        accuracy_level=accuracy_level if int4 else None,
+    )
+
+
+def unquantized_matmul_weights(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes whose weight the quantizers cannot see.
+
+    A MatMul's B is a hidden weight when it is computed from initializers and ``Constant`` nodes
+    alone (e.g. ``Transpose(W)``) instead of being an initializer itself. MatMuls of two activations
+    (attention scores) are not listed. Only the main graph is searched.
+
+    Args:
+        model: A loaded graph (external data need not be loaded).
+
+    Returns:
+        Names of those MatMul nodes (the output name for an unnamed node), in graph order.
+    """
+    graph = model.graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    constant = set(initializers)
+    for node in graph.node:  # ONNX requires topological order
+        if all(name in constant for name in node.input if name) and not node.op_type.startswith("Random"):
+            constant.update(node.output)
+    return [
+        node.name or node.output[0]
+        for node in graph.node
+        if node.op_type == "MatMul" and node.input[1] not in initializers and node.input[1] in constant
+    ]
+
+
+def agreement(
+    reference: Callable[[Mapping[str, np.ndarray]], np.ndarray],
+    candidate: Callable[[Mapping[str, np.ndarray]], np.ndarray],
+    feeds: Iterable[tuple[Mapping[str, np.ndarray], np.ndarray | None]],
+) -> Agreement:
+    """Top-1 agreement and mean KL(reference || candidate) of two logit functions.
+
+    Both are computed in float64 from log-softmax, so large logits neither overflow nor lose the KL.
+
+    Args:
+        reference: Maps a feed to logits of shape (..., V), e.g. (B, T, V); the fp32 graph.
+        candidate: The same for the graph under test; must return the same shape.
+        feeds: ``(feed, valid)`` pairs. ``valid`` is a boolean (or 0/1) mask of the logits' leading
+            shape, e.g. (B, T), that selects the positions to compare (padding is False), or ``None``
+            for all positions.
+
+    Returns:
+        The agreement over every valid position of every feed.
+
+    Raises:
+        ValueError: If the logit or mask shapes differ, a logit is NaN or +inf, or no position is valid.
+    """
+    matches, kl_sum, positions = 0, 0.0, 0
+    for index, (feed, valid) in enumerate(feeds):
+        p = np.asarray(reference(feed), dtype=np.float64)  # (B, T, V)
+        q = np.asarray(candidate(feed), dtype=np.float64)  # (B, T, V)
+        mask = np.ones(p.shape[:-1], dtype=bool) if valid is None else np.asarray(valid).astype(bool)  # (B, T)
+        if p.ndim < 2 or p.shape != q.shape or mask.shape != p.shape[:-1]:
+            raise ValueError(
+                f"feeds[{index}]: reference logits {p.shape}, candidate logits {q.shape} and valid mask "
+                f"{mask.shape} must be (..., V), (..., V) and (...) with equal leading shapes."
+            )
+        for side, logits in (("reference", p), ("candidate", q)):
+            if np.isnan(logits).any() or np.isposinf(logits).any():
+                raise ValueError(f"feeds[{index}]: the {side} returned NaN or +inf logits; the graph is broken.")
+        p, q = p[mask], q[mask]  # (N, V)
+        log_p, log_q = _log_softmax(p), _log_softmax(q)
+        matches += int(np.count_nonzero(p.argmax(axis=-1) == q.argmax(axis=-1)))
+        # 0 * log(0 / q) = 0: a token the reference rules out (-inf logit) adds nothing.
+        terms = np.where(log_p > -np.inf, np.exp(log_p) * (log_p - log_q), 0.0)
+        kl_sum += float(terms.sum())
+        positions += len(p)
+    if positions == 0:
+        raise ValueError("No valid positions to compare: every mask is all False, or feeds is empty.")
+    return Agreement(top1=matches / positions, mean_kl=kl_sum / positions, positions=positions)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)  # <= 0, so exp cannot overflow
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _check_options(weights: str, block_size: int, accuracy_level: int) -> None:
+    if weights not in WEIGHT_FORMATS:
+        raise QuantizationError(
+            f"Unknown weight format {weights!r}. Supported: {', '.join(_SUPPORTED)}. Pass one of these as weights."
+        )
+    if weights not in _SUPPORTED:
+        raise QuantizationError(
+            f"Weight format {weights!r} is not supported yet (it needs a float16 converter, which onnxruntime's "
+            f"tools lack). Use one of {', '.join(_SUPPORTED)}."
+        )
+    if weights != "int4":
+        return
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise QuantizationError(
+            f"int4 block_size must be a power of two >= 16 (MatMulNBits); got {block_size!r}. Use 32 or 128."
+        )
+    if accuracy_level not in INT4_ACCURACY_LEVELS:
+        raise QuantizationError(
+            f"int4 accuracy_level must be one of {', '.join(map(str, INT4_ACCURACY_LEVELS))}; got "
+            f"{accuracy_level!r}. Use 4 (int8 activations) on CPU."
+        )
+
+
+def _load(src: Path) -> tuple[onnx.ModelProto, int]:
+    """Loads ``src`` with its external data; returns it and the bytes of every file it spans."""
+    if not src.is_file():
+        raise QuantizationError(f"Source graph {str(src)!r} does not exist. Pass the .onnx file the export wrote.")
+    try:
+        model = onnx.load(src, load_external_data=False)
+        external = [t for t in _tensors(model) if onnx.external_data_helper.uses_external_data(t)]
+        files = {src.parent / onnx.external_data_helper.ExternalDataInfo(t).location for t in external}
+        onnx.load_external_data_for_model(model, str(src.parent))
+    except (OSError, DecodeError, *_ONNX_ERRORS) as exc:
+        raise QuantizationError(
+            f"Cannot read ONNX graph {str(src)!r}: {exc}. Re-export it, and keep its .data file beside it."
+        ) from exc
+    return model, src.stat().st_size + sum(path.stat().st_size for path in files)
+
+
+def _tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    """Initializers and tensor attributes, subgraphs included. onnx has no public walker; this private
+    one backs its own external-data functions and onnxruntime's tools use it too."""
+    return onnx.external_data_helper._get_all_tensors(model)
+
+
+def _warn_unquantizable(model: onnx.ModelProto, weights: str, src: Path) -> None:
+    if weights == "fp32":
+        return
+    hidden = unquantized_matmul_weights(model)
+    if hidden:
+        fix = "Export each weight as an initializer feeding MatMul input B."
+        logger.warning("%s: MatMul weights hidden behind other nodes stay fp32: %s. %s", src, ", ".join(hidden), fix)
+    # onnxruntime's dynamic (IntegerOps) registry and MatMulNBitsQuantizer both lack Gemm.
+    gemms = [node.name or node.output[0] for node in model.graph.node if node.op_type == "Gemm"]
+    if gemms:
+        logger.warning("%s: Gemm weights stay fp32 under %s: %s.", src, weights, ", ".join(gemms))
+
+
+def _int8(model: onnx.ModelProto, scratch: Path, *, symmetric: bool) -> onnx.ModelProto:
+    # QInt8 weights (U8S8 with the uint8 activations of dynamic quantization) are onnxruntime's default
+    # and fast path on ARM (dot-product instructions) and on x86 with VNNI. On x86 AVX2 without VNNI
+    # the U8S8 kernel can saturate int16 sums (VPMADDUBSW); onnxruntime documents this as rarely
+    # significant, and the export's agreement check would catch it. We keep the full 8 bits
+    # (reduce_range=False) for the targets that do not saturate. Per-channel (one scale per output
+    # column, axis -1 of B) is supported by MatMulInteger and halved the max error in our tests.
+    out = scratch / "int8.onnx"
+    quantize_dynamic(
+        model,
+        out,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        reduce_range=False,
+        weight_type=QuantType.QInt8,
+        # Always external: the output size is unknown here; _save decides the final layout.
+        use_external_data_format=True,
+        extra_options={"WeightSymmetric": symmetric, "MatMulConstBOnly": True},
+    )
+    return onnx.load(out)
+
+
+def _int4(model: onnx.ModelProto, *, block_size: int, accuracy_level: int, symmetric: bool) -> onnx.ModelProto:
+    options = {"block_size": block_size, "accuracy_level": accuracy_level, "is_symmetric": symmetric}
+    quantizer = _nbits_quantizer()(model, bits=4, op_types_to_quantize=("MatMul",), **options)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _nbits_quantizer() -> type:
+    with _root_logging_kept():  # importing the module configures logging: undo that at once
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    return MatMulNBitsQuantizer
+
+
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """Undoes what onnxruntime's quantizers do to the root logger, which is the whole process's.
+
+    matmul_nbits_quantizer runs ``logging.basicConfig(level=INFO)`` at import; quantize_dynamic calls
+    ``logging.warning``, which does the same when the root logger has no handler. Its advice to run
+    "pre-processing" (for static quantization) does not apply here and is dropped.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    root.addFilter(_drop_preprocessing_advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(_drop_preprocessing_advice)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _drop_preprocessing_advice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    size = sum(tensor.ByteSize() for tensor in _tensors(model))
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, path, save_as_external_data=True, location=_data_path(path).name, size_threshold=1024)
+    else:
+        onnx.save_model(model, path)
+
+
+def _data_path(graph: Path) -> Path:
+    return graph.with_name(graph.name + ".data")
+
+
+@contextlib.contextmanager
+def _staging(dst: Path) -> Iterator[tuple[Path, Path]]:
+    """Yields ``(staged, scratch)``: where to write ``dst`` (same name, for its ``.data`` location) and a
+    folder for temporaries, both in one fresh folder beside ``dst``. On success moves the staged files
+    to ``dst``, external data first so that the graph never points at a missing file; always removes
+    the folder."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        (folder / "out").mkdir()
+        (folder / "scratch").mkdir()
+        staged = folder / "out" / dst.name
+        yield staged, folder / "scratch"
+        has_data = _data_path(staged).is_file()
+        for path in (_data_path(staged), staged) if has_data else (staged,):
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(path, dst.parent / path.name)
+        if not has_data and _data_path(dst).is_file():
+            _data_path(dst).unlink()  # a stale .data from an earlier, larger output of ours
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
