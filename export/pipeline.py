@@ -11,7 +11,7 @@ import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnxruntime as ort
@@ -22,12 +22,13 @@ from shadowpeft.export.bundle import check_destination, graph_files, staging_dir
 from shadowpeft.export.errors import ExportError
 from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint
 from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_data_files
+from shadowpeft.export.ort_format import ORT_KEY_PREFIX, convert_to_ort
 from shadowpeft.export.plan import GraphJob, graph_jobs, keys_for
 from shadowpeft.export.quality import memory_figures, quantized_agreement
 from shadowpeft.export.quantize import quantize_graph
 from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
 from shadowpeft.runtime.devices import DeviceProfile
-from shadowpeft.runtime.manifest import SCHEMA_VERSION, GraphSpec, Manifest
+from shadowpeft.runtime.manifest import SCHEMA_VERSION, GraphSpec, Manifest, file_sha256
 from shadowpeft.tasks import ShadowForCausalLM
 
 __all__ = ["STAGES", "ExportOptions", "export_checkpoint"]
@@ -103,6 +104,8 @@ def export_checkpoint(
             figures.update(_quantize(loaded, jobs, root, fp32_root, weights, options, report))
         report("write", str(out))
         manifest = _manifest(loaded, jobs, root, weights, options, figures)
+        if options.profile is not None and options.profile.ort_format:
+            manifest = _with_ort_copies(manifest, jobs, root)
         manifest.write(root)
     return manifest
 
@@ -218,6 +221,18 @@ def _manifest(
         quantization=_quantization_name(weights, options.profile),
         validation=figures,
     )
+
+
+def _with_ort_copies(manifest: Manifest, jobs: list[GraphJob], root: Path) -> Manifest:
+    """Adds an ``.ort`` copy of every on-device graph under ``ort/<key>`` (same I/O and weights)."""
+    graphs = dict(manifest.graphs)
+    for job in jobs:
+        if job.on_device:
+            spec = graphs[job.key]
+            path = convert_to_ort(root / spec.file)
+            relative = path.relative_to(root).as_posix()
+            graphs[ORT_KEY_PREFIX + job.key] = replace(spec, file=relative, sha256=file_sha256(path), external_data={})
+    return replace(manifest, graphs=graphs)
 
 
 def _quantization_name(weights: str, profile: DeviceProfile | None) -> str:

@@ -1,0 +1,42 @@
+"""Export helpers for tests: trace graphs of a tiny wrapped model into a folder and open sessions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+from shadowpeft.export.io_names import GraphIO
+from shadowpeft.export.onnx_export import export_graph
+from shadowpeft.export.pipeline import eager_attention
+from shadowpeft.export.plan import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW, graph_jobs
+from shadowpeft.tasks import ShadowForCausalLM
+
+ALL_GRAPHS = (DEVICE_SHADOW, DEVICE_HEAD, CLOUD_BACKBONE, COUPLED)
+
+
+@dataclass
+class Exported:
+    model: ShadowForCausalLM
+    root: Path
+    files: dict[str, Path]
+    ios: dict[str, GraphIO]
+
+    def sessions(self, files: dict[str, Path] | None = None) -> dict[str, ort.InferenceSession]:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        return {key: ort.InferenceSession(str(path), options) for key, path in (files or self.files).items()}
+
+
+def export_graphs(model: ShadowForCausalLM, root: Path, keys: tuple[str, ...] = ALL_GRAPHS) -> Exported:
+    """Trace ``keys`` of ``model`` into ``root`` exactly as the pipeline does (eager attention)."""
+    files, ios = {}, {}
+    with eager_attention(model), torch.no_grad():
+        for job in graph_jobs(model, keys):
+            path = root / job.file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_graph(job.wrapper, job.example, job.io, path)
+            files[job.key], ios[job.key] = path, job.io
+    return Exported(model, root, files, ios)

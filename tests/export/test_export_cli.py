@@ -1,0 +1,156 @@
+"""``shadow-export`` end to end on the toy checkpoint: outputs, manifest, determinism and every refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from shadowpeft import get_shadow_model
+from shadowpeft.checkpoint import save_shadow
+from shadowpeft.export import pipeline
+from shadowpeft.export.cli import main
+from shadowpeft.runtime.manifest import MANIFEST_NAME, Manifest, verify_files
+from tests.conftest import perturb
+from tests.toy import save_toy_base
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict[str, Path]:
+    """A toy base (3-layer Llama, word-level tokenizer) and a trained-looking checkpoint on it."""
+    root = tmp_path_factory.mktemp("toy")
+    base_dir = save_toy_base(root / "base")
+    model = perturb(get_shadow_model(AutoModelForCausalLM.from_pretrained(base_dir)))
+    save_shadow(model, root / "ckpt", base_ref=str(base_dir))
+    other = save_toy_base(root / "other-base", seed=1)
+    return {"root": root, "base": base_dir, "ckpt": root / "ckpt", "other": other}
+
+
+def run(*args: str | Path) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_split_coupled_int8_for_a_laptop_profile(toy, tmp_path):
+    out = tmp_path / "export"
+    result = run(toy["ckpt"], "-o", out, "--split", "--coupled", "--device", "x86-64-laptop")
+    assert result.exit_code == 0, result.output
+    manifest = verify_files(out)  # every file present with its recorded sha256
+    assert set(manifest.graphs) == {"device/shadow", "device/head", "cloud/backbone", "coupled"}
+    assert {key: g.weights for key, g in manifest.graphs.items()} == {
+        "device/shadow": "int8",
+        "device/head": "int8",
+        "cloud/backbone": "fp32",
+        "coupled": "int8",
+    }
+    assert manifest.quantization == "int8-dynamic" and manifest.device_profile == "x86-64-laptop"
+    assert manifest.base_model == str(toy["base"])
+    figures = manifest.validation
+    for chain in ("detached", "split", "coupled"):
+        assert figures[f"{chain}.logits_max_abs_diff"] <= 1e-4
+        assert figures[f"{chain}.greedy_agreement"] == 1.0
+        assert 0.0 <= figures[f"int8.{chain}.top1_agreement"] <= 1.0 and figures[f"int8.{chain}.mean_kl"] >= 0.0
+    assert figures["device/shadow.bytes"] < figures["device/shadow.fp32_bytes"]
+    assert figures["memory.estimate_mb"] <= figures["memory.budget_mb"]
+    assert "fits" in result.output and "top-1 agreement" in result.output
+    for stage in ("load", "trace", "export", "validate", "quantize", "write"):
+        assert f" {stage}" in result.output
+    # Tokenizer and chat template travel with the graphs, and every graph opens in onnxruntime.
+    assert "tokenizer/tokenizer.json" in manifest.tokenizer_files
+    for graph in manifest.graphs.values():
+        ort.InferenceSession(str(out / graph.file))
+    assert not list(tmp_path.glob(".export.*")), "staging directories left behind"
+
+
+def test_detached_reexport_is_byte_identical_and_int4_applies(toy, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        result = run(toy["ckpt"], "-o", out, "--detached", "--quantize", "int4")
+        assert result.exit_code == 0, result.output
+    manifest = Manifest.from_file(first)
+    assert set(manifest.graphs) == {"device/shadow"} and manifest.quantization == "int4-block32-acc4"
+    names = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(toy, tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run(toy["ckpt"], "-o", out, "--detached")
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run(toy["ckpt"], "-o", out, "--detached", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).is_file()
+
+
+def test_failure_mid_export_leaves_nothing_that_looks_complete(toy, tmp_path, monkeypatch):
+    out = tmp_path / "export"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "check_parity", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_checkpoint(toy["ckpt"], out, pipeline.ExportOptions(selections=("detached",)))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "staging directory left behind"
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "expected"),
+    [
+        ("missing", [], "does not exist"),
+        ("no-config", [], "not a ShadowPEFT checkpoint"),
+        ("corrupt-weights", [], "shadow_model.safetensors"),
+        ("ok", ["--base", "OTHER"], "differs in"),
+        ("ok", ["--device", "no-such-phone"], "Unknown device profile 'no-such-phone'"),
+        ("published", [], "--base"),
+        ("ok", ["--quantize", "int3"], "Invalid value for '--quantize'"),
+    ],
+)
+def test_bad_input_gets_one_clear_error_and_no_output(toy, tmp_path, setup, args, expected):
+    ckpt = tmp_path / "ckpt"
+    if setup != "missing":
+        shutil.copytree(toy["ckpt"], ckpt)
+    if setup == "no-config":
+        (ckpt / "shadow_config.json").unlink()
+    if setup == "corrupt-weights":
+        (ckpt / "shadow_model.safetensors").write_bytes(b"not safetensors")
+    if setup == "published":
+        (ckpt / "shadow_config.json").write_text(json.dumps({"num_shadow_layers": 1}))
+    args = [str(toy["other"]) if a == "OTHER" else a for a in args]
+    result = run(ckpt, "-o", tmp_path / "out", "--detached", *args)
+    assert result.exit_code in (1, 2), result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_is_named(toy, tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    base = tmp_path / "neox"
+    config = GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(base)
+    shutil.copy(toy["base"] / "tokenizer.json", base)
+    shutil.copy(toy["base"] / "tokenizer_config.json", base)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "shadow_config.json").write_text(json.dumps({"num_shadow_layers": 1}))
+    save_file({"shadow_injection_model.injection_downs": torch.zeros(1, 32, 16)}, ckpt / "shadow_adapter.safetensors")
+    result = run(ckpt, "-o", tmp_path / "out", "--detached", "--base", base)
+    assert result.exit_code == 1, result.output
+    assert "gpt_neox" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
