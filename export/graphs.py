@@ -14,7 +14,8 @@ embedding would not be seen as a weight by the quantizers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +23,19 @@ from transformers.cache_utils import DynamicCache
 
 from shadowpeft.export.context import explicit_context
 from shadowpeft.export.io_names import StackLayout
+from shadowpeft.modules import ShadowInjection
 from shadowpeft.tasks import ShadowForCausalLM
 
-__all__ = ["CloudBackboneGraph", "CoupledGraph", "DetachedShadowGraph", "HeadGraph", "HeadWeight", "kv_layout"]
+__all__ = [
+    "CloudBackboneGraph",
+    "CoupledGraph",
+    "DetachedShadowGraph",
+    "HeadGraph",
+    "HeadWeight",
+    "IndexedInjection",
+    "export_view",
+    "kv_layout",
+]
 
 
 class HeadWeight(nn.Module):
@@ -32,13 +43,52 @@ class HeadWeight(nn.Module):
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
-        self.weight_t = nn.Parameter(head.weight.detach().t().contiguous().clone(), requires_grad=False)
+        self.weight_t = _frozen(head.weight.t().contiguous())
         bias = getattr(head, "bias", None)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else _frozen(bias)
 
     def forward(self, h: Tensor) -> Tensor:
         logits = h @ self.weight_t  # (B, T, V)
         return logits if self.bias is None else logits + self.bias
+
+
+class IndexedInjection(nn.Module):
+    """The injection with one ``(d, r)`` and one ``(r, d)`` parameter per layer instead of stacked tensors.
+
+    Same math as :class:`~shadowpeft.modules.ShadowInjection` (dropout off). Indexing the stacked
+    ``[L-1, d, r]`` parameter would reach each MatMul weight through a Gather, which quantizers and
+    constant folding do not see through; separate parameters become plain MatMul initializers.
+    """
+
+    def __init__(self, injection: ShadowInjection) -> None:
+        super().__init__()
+        self.downs = nn.ParameterList(_frozen(w) for w in injection.injection_downs)  # (d, r) each
+        self.ups = nn.ParameterList(_frozen(w) for w in injection.injection_ups)  # (r, d) each
+        self.alpha = injection.alpha
+
+    def forward(self, h: Tensor, s: Tensor, j: int) -> Tensor:
+        return torch.add(h, ((h - s) @ self.downs[j]) @ self.ups[j], alpha=self.alpha)
+
+
+def _frozen(weight: Tensor) -> nn.Parameter:
+    return nn.Parameter(weight.detach().clone(), requires_grad=False)
+
+
+@contextlib.contextmanager
+def export_view(model: ShadowForCausalLM) -> Iterator[None]:
+    """The model as graphs trace it: eager attention and :class:`IndexedInjection`; restored after."""
+    configs = [model.base_backbone.config, model.shadow_model.config]
+    attention = [config._attn_implementation for config in configs]
+    injection = model.shadow_injection_model
+    for config in configs:
+        config._attn_implementation = "eager"  # plain MatMul/Softmax ops that every onnxruntime build runs
+    model.shadow_injection_model = IndexedInjection(injection)
+    try:
+        yield
+    finally:
+        model.shadow_injection_model = injection
+        for config, implementation in zip(configs, attention, strict=True):
+            config._attn_implementation = implementation
 
 
 def kv_layout(stack: nn.Module) -> StackLayout:

@@ -1,8 +1,8 @@
 """``shadow-export``'s work, stage by stage: load, trace, export, validate, quantize, write.
 
-The graphs are traced with eager attention (plain ops that every onnxruntime build runs) and
-validated against the model with its own attention implementation, so parity also covers the
-difference between the two.
+The graphs are traced from :func:`~shadowpeft.export.graphs.export_view` (eager attention, one
+injection weight per layer) and validated against the model as it is (its own attention
+implementation), so parity also covers the difference between the two.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from shadowpeft import __version__
 from shadowpeft.export.bundle import check_destination, graph_files, staging_directory, write_tokenizer
 from shadowpeft.export.errors import ExportError
+from shadowpeft.export.graphs import export_view
 from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint
 from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_data_files
 from shadowpeft.export.ort_format import ORT_KEY_PREFIX, convert_to_ort
@@ -29,7 +30,6 @@ from shadowpeft.export.quantize import quantize_graph
 from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.manifest import SCHEMA_VERSION, GraphSpec, Manifest, file_sha256
-from shadowpeft.tasks import ShadowForCausalLM
 
 __all__ = ["STAGES", "ExportOptions", "export_checkpoint"]
 
@@ -90,7 +90,7 @@ def export_checkpoint(
         report("trace", ", ".join(keys))
         jobs = graph_jobs(loaded.model, keys)
         fp32_root = scratch if weights != "fp32" else root
-        with eager_attention(loaded.model), torch.no_grad():
+        with export_view(loaded.model), torch.no_grad():
             for job in jobs:
                 job.wrapper(*job.example)  # fails here, with a PyTorch traceback, before the exporter runs
             for job in jobs:
@@ -108,20 +108,6 @@ def export_checkpoint(
             manifest = _with_ort_copies(manifest, jobs, root)
         manifest.write(root)
     return manifest
-
-
-@contextlib.contextmanager
-def eager_attention(model: ShadowForCausalLM) -> Iterator[None]:
-    """Trace with eager attention (plain MatMul/Softmax ops); restore each stack's own choice after."""
-    configs = [model.base_backbone.config, model.shadow_model.config]
-    before = [config._attn_implementation for config in configs]
-    for config in configs:
-        config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        for config, implementation in zip(configs, before, strict=True):
-            config._attn_implementation = implementation
 
 
 @contextlib.contextmanager

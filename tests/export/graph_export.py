@@ -8,9 +8,9 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
+from shadowpeft.export.graphs import export_view
 from shadowpeft.export.io_names import GraphIO
 from shadowpeft.export.onnx_export import export_graph
-from shadowpeft.export.pipeline import eager_attention
 from shadowpeft.export.plan import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW, graph_jobs
 from shadowpeft.tasks import ShadowForCausalLM
 
@@ -31,9 +31,9 @@ class Exported:
 
 
 def export_graphs(model: ShadowForCausalLM, root: Path, keys: tuple[str, ...] = ALL_GRAPHS) -> Exported:
-    """Trace ``keys`` of ``model`` into ``root`` exactly as the pipeline does (eager attention)."""
+    """Trace ``keys`` of ``model`` into ``root`` exactly as the pipeline does."""
     files, ios = {}, {}
-    with eager_attention(model), torch.no_grad():
+    with export_view(model), torch.no_grad():
         for job in graph_jobs(model, keys):
             path = root / job.file
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,37 @@
+"""Slow: export the real SmolLM2-135M-Instruct with a shadow, detached, int8 and int4, through the CLI."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from shadowpeft import get_shadow_model
+from shadowpeft.checkpoint import save_shadow
+from shadowpeft.export.cli import main
+from shadowpeft.runtime.manifest import verify_files
+from tests.conftest import perturb
+from tests.slow.conftest import requires_smollm2
+from tests.tolerances import ONNX_VS_TORCH_FP32, QUANTIZED_TOP1_SMOLLM2
+
+pytestmark = [pytest.mark.slow, requires_smollm2]
+
+
+@pytest.mark.parametrize(("weights", "profile"), [("int8", "x86-64-laptop"), ("int4", "arm64-phone")])
+def test_detached_export_of_the_real_model(smollm2_fresh, tmp_path, weights, profile):
+    base, _ = smollm2_fresh
+    model = perturb(get_shadow_model(base), scale=0.02)
+    save_shadow(model, tmp_path / "ckpt", base_ref="smollm2-135m-instruct")
+    out = tmp_path / "export"
+    result = CliRunner().invoke(main, [str(tmp_path / "ckpt"), "-o", str(out), "--detached", "--device", profile])
+    assert result.exit_code == 0, result.output
+    manifest = verify_files(out)
+    figures = manifest.validation
+    assert manifest.graphs["device/shadow"].weights == weights
+    # fp32 graph vs PyTorch over a padded prefill and 8 cached steps.
+    assert figures["detached.logits_max_abs_diff"] <= ONNX_VS_TORCH_FP32
+    assert figures["detached.greedy_agreement"] == 1.0
+    # Quantized vs fp32 on held-out text (the head and embedding dominate this graph's weights).
+    assert figures[f"{weights}.detached.top1_agreement"] >= QUANTIZED_TOP1_SMOLLM2[weights]
+    assert figures["device/shadow.bytes"] < figures["device/shadow.fp32_bytes"]
+    if profile == "arm64-phone":  # ort_format = true
+        assert "ort/device/shadow" in manifest.graphs
