@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["DeviceProfileError", "ManifestError", "format_problems"]
+__all__ = [
+    "DeviceProfileError",
+    "ExportLoadError",
+    "ManifestError",
+    "ProtocolError",
+    "RuntimeGenerationError",
+    "ServerRejected",
+    "ServerUnavailable",
+    "SessionLost",
+    "format_problems",
+]
 
 
 def format_problems(header: str, problems: Sequence[str]) -> str:
@@ -52,3 +62,38 @@ class DeviceProfileError(ValueError):
     def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.problems: tuple[str, ...] = tuple(problems)
+
+
+class ExportLoadError(ValueError):
+    """An export directory cannot be opened: a graph onnxruntime refuses, or a missing tokenizer."""
+
+
+class RuntimeGenerationError(RuntimeError):
+    """Generation cannot go on (e.g. coupled mode lost its server); the message says what to do."""
+
+
+class ServerUnavailable(ConnectionError):
+    """The backbone server did not answer (refused, timed out, or failed) after the client's retries."""
+
+
+class SessionLost(RuntimeError):
+    """The server no longer holds this sequence (evicted, expired or restarted): re-prefill with sequence_start."""
+
+
+class ServerRejected(RuntimeError):
+    """The server refused a request with a 4xx status; the message is the server's.
+
+    The backbone server raises it too, for requests it refuses; ``status`` is then the HTTP status it sends.
+
+    Attributes:
+        status: The HTTP status (``None`` when unknown).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ProtocolError(ValueError):
+    """A KServe v2 (Open Inference Protocol) request or response is malformed: bad JSON, an unknown
+    datatype, a shape that does not match the data, or binary sizes that do not add up."""

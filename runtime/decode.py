@@ -1,0 +1,127 @@
+"""The two halves of a decode step: the device shadow graph, and the link to the cloud backbone.
+
+:class:`DeviceShadow` runs ``device/shadow`` for a batch, keeping the shadow KV cache. Its
+``shadow_states`` (s0) rows are what coupled mode sends up. :class:`CloudLink` owns one remote
+sequence: it remembers every (token, s0) the device has processed and how many of them the server
+holds, so a step after a restart, an eviction or a detached stretch simply sends what is missing
+(with ``sequence_start`` when the server holds nothing), then applies ``device/head`` to the
+returned final hidden state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shadowpeft.runtime.export_dir import ExportDir
+from shadowpeft.runtime.manifest import GraphSpec
+
+__all__ = ["CloudLink", "DeviceShadow", "positions_for"]
+
+SHADOW_GRAPH = "device/shadow"
+HEAD_GRAPH = "device/head"
+
+
+def positions_for(mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Position ids of the last ``new_tokens`` columns of ``mask`` (B, P+T): real tokens count from 0."""
+    positions = np.cumsum(mask, axis=1) - 1
+    positions[mask == 0] = 1
+    return positions[:, -new_tokens:].astype(np.int64)
+
+
+def _kv_names(spec: GraphSpec) -> list[str]:
+    return [t.name for t in spec.inputs if t.name.startswith("past_key_values.")]
+
+
+class DeviceShadow:
+    """``device/shadow`` with its KV cache for a batch of sequences (left-padded)."""
+
+    def __init__(self, export: ExportDir, batch: int) -> None:
+        self.spec = export.graph(SHADOW_GRAPH)
+        self.session = export.session(SHADOW_GRAPH)
+        self.outputs = [t.name for t in self.spec.outputs]
+        dtype = np.float16 if self.spec.outputs[0].dtype == "float16" else np.float32
+        self.past = {
+            t.name: np.zeros((batch, t.shape[1], 0, t.shape[3]), dtype=dtype)
+            for t in self.spec.inputs
+            if t.name in _kv_names(self.spec)
+        }
+        self.mask = np.zeros((batch, 0), dtype=np.int64)
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def step(self, ids: np.ndarray, real: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Feeds ``ids`` (B, T); ``real`` (B, T) marks non-padding (default: all real).
+
+        Returns:
+            Shadow logits (B, T, V) and ``s0`` (B, T, d).
+        """
+        real = np.ones_like(ids) if real is None else real.astype(np.int64)
+        self.mask = np.concatenate([self.mask, real], axis=1)
+        feeds = {
+            "input_ids": ids.astype(np.int64),
+            "attention_mask": self.mask,
+            "position_ids": positions_for(self.mask, ids.shape[1]),
+            **self.past,
+        }
+        values = dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
+        for name in self.past:
+            self.past[name] = values[name.replace("past_key_values", "present")]
+        return values["logits"], values["shadow_states"]
+
+
+class CloudLink:
+    """One sequence on the remote backbone (batch 1), resumable after a restart or an eviction.
+
+    Args:
+        export: The export (for ``device/head``).
+        client: A :class:`~shadowpeft.runtime.client.BackboneClient`.
+    """
+
+    def __init__(self, export: ExportDir, client) -> None:
+        self.client = client
+        self.head = export.session(HEAD_GRAPH)
+        self.ids: list[int] = []
+        self.states: list[np.ndarray] = []  # one (d,) s0 row per processed token
+        self.synced = 0  # tokens the server holds for `sequence_id`
+        self.sequence_id: int | None = None
+        self.restarts = 0
+
+    def record(self, ids: np.ndarray, s0: np.ndarray) -> None:
+        """Remembers tokens the device processed: ``ids`` (T,), ``s0`` (T, d)."""
+        self.ids.extend(int(i) for i in ids)
+        self.states.extend(np.asarray(s0, dtype=np.float32))
+
+    def logits(self) -> np.ndarray:
+        """Base logits (V,) at the last recorded token; sends the server whatever it is missing.
+
+        Raises:
+            ServerUnavailable, ServerRejected: From the client; the caller decides (fail or fall back).
+        """
+        from shadowpeft.runtime.errors import SessionLost
+
+        for _attempt in range(2):
+            start = self.sequence_id is None or self.synced == 0
+            if start:
+                self.sequence_id, self.synced = self.client.new_sequence_id(), 0
+            ids = np.asarray([self.ids[self.synced :]], dtype=np.int64)  # (1, T)
+            states = np.stack(self.states[self.synced :])[None]  # (1, T, d)
+            try:
+                hidden = self.client.step(self.sequence_id, ids, states, start=start)
+            except SessionLost:
+                self.synced, self.restarts = 0, self.restarts + 1  # evicted or restarted: re-prefill
+                continue
+            self.synced = len(self.ids)
+            (logits,) = self.head.run(["logits"], {"hidden_states": hidden[:, -1:].astype(np.float32)})
+            return logits[0, -1]
+        raise SessionLost("The server lost this sequence again right after a re-prefill.")
+
+    def close(self) -> None:
+        """Ends the remote sequence (best effort: the server's idle TTL frees it otherwise)."""
+        if self.sequence_id is not None and self.synced:
+            try:
+                self.client.end(self.sequence_id)
+            except Exception:  # noqa: BLE001 - the server may be gone; nothing else to free here
+                pass
+        self.sequence_id, self.synced = None, 0

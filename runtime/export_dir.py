@@ -1,0 +1,110 @@
+"""Opening an export directory: verify its manifest and files, then create onnxruntime sessions.
+
+Sessions take their execution providers and thread count from a device profile (overridable);
+providers the installed onnxruntime lacks are dropped with a log line, and the CPU provider is
+always last, so a profile written for a phone still opens on a laptop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from shadowpeft.runtime.devices import DeviceProfile
+from shadowpeft.runtime.errors import ExportLoadError
+from shadowpeft.runtime.manifest import GraphSpec, Manifest, verify_files
+
+__all__ = ["ExportDir", "open_export", "session_options"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportDir:
+    """A verified export directory; sessions are created on first use and then reused.
+
+    Attributes:
+        root: The directory.
+        manifest: Its verified manifest.
+        providers: onnxruntime providers, in priority order.
+        threads: Intra-op threads per session (``None``: onnxruntime's default).
+    """
+
+    root: Path
+    manifest: Manifest
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int | None = None
+    _sessions: dict[str, ort.InferenceSession] = field(default_factory=dict, repr=False)
+
+    def has(self, key: str) -> bool:
+        return key in self.manifest.graphs
+
+    def graph(self, key: str) -> GraphSpec:
+        """The graph spec under ``key`` (raises ManifestError naming the ones there are)."""
+        return self.manifest.graph(key)
+
+    def session(self, key: str) -> ort.InferenceSession:
+        """The onnxruntime session of graph ``key``.
+
+        Raises:
+            ManifestError: The export has no such graph.
+            ExportLoadError: onnxruntime cannot load the file.
+        """
+        if key not in self._sessions:
+            spec = self.graph(key)
+            try:
+                self._sessions[key] = ort.InferenceSession(
+                    str(self.root / spec.file), session_options(self.threads), providers=list(self.providers)
+                )
+            except Exception as err:  # onnxruntime's own exception types
+                raise ExportLoadError(
+                    f"onnxruntime could not load {spec.file} from {self.root}: {err}. The file may come from a "
+                    "newer exporter or need an execution provider this onnxruntime lacks; re-export."
+                ) from err
+        return self._sessions[key]
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Session options: intra-op threads (if given), quiet logs, full graph optimization."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def open_export(
+    path: str | Path,
+    *,
+    profile: DeviceProfile | None = None,
+    providers: tuple[str, ...] | None = None,
+    threads: int | None = None,
+    verify: bool = True,
+) -> ExportDir:
+    """Reads and verifies an export directory (manifest schema and every file's sha256).
+
+    Args:
+        path: The directory ``shadow-export`` wrote.
+        profile: Device profile for providers and threads.
+        providers: Overrides the profile's providers.
+        threads: Overrides the profile's thread count.
+        verify: Check every file's sha256 (on by default; a tampered or half-copied export is refused).
+
+    Raises:
+        ManifestError: Missing, invalid or newer manifest; a missing file or a sha256 mismatch.
+    """
+    root = Path(path)
+    manifest = verify_files(root) if verify else Manifest.from_file(root)
+    wanted = providers or (profile.providers if profile is not None else ("CPUExecutionProvider",))
+    available = set(ort.get_available_providers())
+    usable = tuple(p for p in wanted if p in available)
+    for dropped in sorted(set(wanted) - available):
+        logger.info("execution provider %s is not in this onnxruntime build; skipped", dropped)
+    if "CPUExecutionProvider" not in usable:
+        usable = (*usable, "CPUExecutionProvider")
+    count = threads if threads is not None else (profile.intra_op_threads if profile is not None else None)
+    return ExportDir(root, manifest, usable, count)

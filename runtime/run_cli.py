@@ -1,0 +1,149 @@
+"""``shadow-run``: generate with an export on this machine, detached, coupled to a server, or auto."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+__all__ = ["main"]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", "prompts", multiple=True, help="A prompt; repeat for a batch.")
+@click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line.")
+@click.option("--mode", type=click.Choice(["detached", "coupled", "auto"]), default="detached", show_default=True)
+@click.option("--server", default=None, help="shadow-serve URL for coupled/auto, e.g. http://127.0.0.1:8000.")
+@click.option("--token", default=None, envvar="SHADOW_SERVE_TOKEN", help="Bearer token [env SHADOW_SERVE_TOKEN].")
+@click.option("--wire", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--timeout", default=2.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0: greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--seed", default=None, type=int)
+@click.option("--stop", multiple=True, help="Stop string; repeatable.")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template.")
+@click.option("--device", default=None, help="Device profile (providers, threads, max context).")
+@click.option("--threads", default=None, type=click.IntRange(1), help="Override the profile's threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per token, then a summary.")
+def main(export_dir: Path, prompts, prompts_file, mode, server, token, wire, timeout, as_json, **options) -> None:
+    """Generate text with EXPORT_DIR (written by shadow-export) using onnxruntime only, no torch.
+
+    detached runs the device graphs alone. coupled sends each token and its shadow state to a
+    shadow-serve backbone and applies the head locally (the server sees token ids and shadow
+    states). auto is coupled while the server answers within --timeout, detached otherwise.
+    """
+    from shadowpeft.runtime.errors import (
+        DeviceProfileError,
+        ExportLoadError,
+        ManifestError,
+        RuntimeGenerationError,
+    )
+
+    try:
+        _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, as_json, options)
+    except (ManifestError, DeviceProfileError, ExportLoadError, RuntimeGenerationError, ValueError, OSError) as err:
+        if os.environ.get("SHADOWPEFT_DEBUG") == "1":
+            raise
+        raise click.ClickException(str(err)) from err
+
+
+def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, as_json, options) -> None:
+    from shadowpeft.runtime.devices import load_device_profile
+    from shadowpeft.runtime.export_dir import open_export
+    from shadowpeft.runtime.generate import GenerationResult, Generator
+    from shadowpeft.runtime.sampling import SamplingConfig
+    from shadowpeft.runtime.tokenizer import RuntimeTokenizer
+
+    texts = list(prompts) + (_read_prompts(prompts_file) if prompts_file else [])
+    if not texts:
+        raise click.UsageError("Give at least one --prompt or a --prompts-file.")
+    if mode != "detached" and not server:
+        raise click.UsageError(f"--mode {mode} needs --server URL (a running shadow-serve).")
+    profile = load_device_profile(options.pop("device")) if options.get("device") else None
+    options.pop("device", None)
+    export = open_export(export_dir, profile=profile, threads=options.pop("threads"))
+    tokenizer = RuntimeTokenizer.from_export(export.root, export.manifest)
+    client = _client(server, token, wire, timeout) if mode != "detached" else None
+    chat = options.pop("chat")
+    sampling = SamplingConfig(
+        max_new_tokens=options["max_new_tokens"],
+        temperature=options["temperature"],
+        top_k=options["top_k"],
+        top_p=options["top_p"],
+        repetition_penalty=options["repetition_penalty"],
+        seed=options["seed"],
+        stop=tuple(options["stop"]),
+    )
+    generator = Generator(
+        export,
+        mode=mode,
+        client=client,
+        eos_ids=tokenizer.eos_ids,
+        decode=tokenizer.decode,
+        max_context=profile.max_context if profile else None,
+        retry_interval_s=max(1.0, timeout),
+    )
+    for index, text in enumerate(texts):
+        result = GenerationResult(tokenizer.encode(text, chat=chat))
+        if not as_json:
+            click.echo(f"[{index}] ", nl=False)
+        for event in generator.stream(result.prompt_ids, sampling, result):
+            if as_json:
+                record = {"prompt": index, "token_id": event.token_id, "text": event.text, "mode": event.mode}
+                click.echo(json.dumps(record))
+            else:
+                click.echo(event.text, nl=False)
+                sys.stdout.flush()
+        summary = _summary(index, result)
+        click.echo(json.dumps(summary) if as_json else "")
+        if not as_json:
+            click.echo(_summary_line(summary), err=True)
+
+
+def _client(server: str, token: str | None, wire: str, timeout: float):
+    from shadowpeft.runtime.client import BackboneClient
+
+    return BackboneClient(server, token=token, timeout=timeout, dtype=wire)
+
+
+def _read_prompts(path: Path) -> list[str]:
+    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _summary(index: int, result) -> dict:
+    tokens = len(result.token_ids)
+    modes = {mode: result.modes.count(mode) for mode in dict.fromkeys(result.modes)}
+    coupled = modes.get("coupled", 0)
+    return {
+        "prompt": index,
+        "summary": True,
+        "prompt_tokens": len(result.prompt_ids),
+        "new_tokens": tokens,
+        "finish_reason": result.finish_reason,
+        "tokens_by_mode": modes,
+        "fallbacks": result.fallbacks,
+        "session_restarts": result.restarts,
+        "prefill_s": round(result.prefill_s, 4),
+        "decode_tokens_per_s": round(result.tokens_per_s, 2),
+        "bytes_per_coupled_token": round((result.bytes_sent + result.bytes_received) / coupled, 1) if coupled else 0,
+    }
+
+
+def _summary_line(summary: dict) -> str:
+    modes = ", ".join(f"{n} {m}" for m, n in summary["tokens_by_mode"].items()) or "none"
+    line = (
+        f"  {summary['new_tokens']} tokens ({modes}), {summary['decode_tokens_per_s']} tok/s, "
+        f"finish: {summary['finish_reason']}"
+    )
+    if summary["fallbacks"]:
+        line += f", fell back to detached {summary['fallbacks']}x"
+    if summary["bytes_per_coupled_token"]:
+        line += f", {summary['bytes_per_coupled_token']:.0f} B/token on the wire"
+    return line
