@@ -44,11 +44,20 @@ class RuntimeTokenizer:
         Raises:
             ExportLoadError: No ``tokenizer.json`` in the export, or an unreadable file.
         """
-        files = {PurePosixPath(name).name: root / name for name in manifest.tokenizer_files}
+        return cls.from_files(root, manifest.tokenizer_files)
+
+    @classmethod
+    def from_files(cls, root: Path, names: tuple[str, ...] | list[str]) -> RuntimeTokenizer:
+        """Loads tokenizer files (paths relative to ``root``): ``tokenizer.json`` and optional config/template.
+
+        Raises:
+            ExportLoadError: No ``tokenizer.json`` among them, or an unreadable file.
+        """
+        files = {PurePosixPath(name).name: Path(root) / name for name in names}
         if "tokenizer.json" not in files:
             raise ExportLoadError(
                 f"The export at {root} lists no tokenizer.json among its tokenizer files "
-                f"({', '.join(manifest.tokenizer_files) or 'none'}); re-export with shadow-export, which copies it."
+                f"({', '.join(names) or 'none'}); re-export with shadow-export, which copies it."
             )
         try:
             tokenizer = Tokenizer.from_file(str(files["tokenizer.json"]))

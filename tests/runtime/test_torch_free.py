@@ -101,3 +101,36 @@ def test_runtime_package_does_not_pull_in_shadowpeft_torch_parts() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_runtime_loads_an_export_and_generates_without_torch(toy_export) -> None:
+    from shadowpeft.runtime.export_dir import open_export
+    from shadowpeft.runtime.generate import Generator
+    from shadowpeft.runtime.sampling import SamplingConfig
+
+    prompt = [5, 9, 31, 7]
+    (expected,) = Generator(open_export(toy_export.export)).generate([prompt], SamplingConfig(max_new_tokens=6))
+    result = _run(
+        f"""
+        import sys
+
+        from click.testing import CliRunner
+
+        from shadowpeft.runtime.export_dir import open_export
+        from shadowpeft.runtime.generate import Generator
+        from shadowpeft.runtime.run_cli import main
+        from shadowpeft.runtime.sampling import SamplingConfig
+        from shadowpeft.runtime.tokenizer import RuntimeTokenizer
+
+        export = open_export({str(toy_export.export)!r})
+        tokenizer = RuntimeTokenizer.from_export(export.root, export.manifest)
+        (result,) = Generator(export).generate([{prompt!r}], SamplingConfig(max_new_tokens=6))
+        cli = CliRunner().invoke(main, [{str(toy_export.export)!r}, "-p", "the color is red", "--no-chat", "--json"])
+        assert cli.exit_code == 0, cli.output
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in {{"torch", "transformers"}})
+        assert not loaded, loaded
+        print("tokens", result.token_ids)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"tokens {expected.token_ids}"
