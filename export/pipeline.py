@@ -211,14 +211,15 @@ def _manifest(
 
 def _with_ort_copies(manifest: Manifest, jobs: list[GraphJob], root: Path) -> Manifest:
     """Adds an ``.ort`` copy of every on-device graph under ``ort/<key>`` (same I/O and weights)."""
-    graphs = dict(manifest.graphs)
+    graphs, figures = dict(manifest.graphs), dict(manifest.validation)
     for job in jobs:
         if job.on_device:
             spec = graphs[job.key]
             path = convert_to_ort(root / spec.file)
             relative = path.relative_to(root).as_posix()
             graphs[ORT_KEY_PREFIX + job.key] = replace(spec, file=relative, sha256=file_sha256(path), external_data={})
-    return replace(manifest, graphs=graphs)
+            figures[f"{ORT_KEY_PREFIX}{job.key}.bytes"] = path.stat().st_size
+    return replace(manifest, graphs=graphs, validation=figures)
 
 
 def _quantization_name(weights: str, profile: DeviceProfile | None) -> str:

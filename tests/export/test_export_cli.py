@@ -154,3 +154,19 @@ def test_unsupported_architecture_is_named(toy, tmp_path):
     assert result.exit_code == 1, result.output
     assert "gpt_neox" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_published_shadow_peft_checkpoint_exports_with_base(toy, tmp_path):
+    from shadow_peft import ShadowConfig as PubConfig
+    from shadow_peft import ShadowForCausalLM as PubLM
+    from shadow_peft import get_shadow_model as pub_get
+
+    published = PubLM(pub_get(AutoModelForCausalLM.from_pretrained(toy["base"]), PubConfig(dropout=0.0)))
+    perturb(published.peft_model)
+    published.save_pretrained(tmp_path / "pub")
+    out = tmp_path / "export"
+    result = run(tmp_path / "pub", "-o", out, "--detached", "--base", toy["base"])
+    assert result.exit_code == 0, result.output
+    manifest = verify_files(out)
+    assert manifest.base_model == str(toy["base"])
+    assert manifest.validation["detached.logits_max_abs_diff"] <= 1e-4
