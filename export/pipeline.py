@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -184,9 +185,8 @@ def _manifest(
     for job in jobs:
         sha, data, size = graph_files(root, job.file, external_data_files(root / job.file))
         graph_weights = weights if job.on_device else "fp32"
-        graphs[job.key] = GraphSpec(
-            job.file, job.role, options.opset, job.io.inputs, job.io.outputs, graph_weights, sha, data
-        )
+        opset = _default_opset(root / job.file)  # quantizers may raise it (int4 embeddings need 21)
+        graphs[job.key] = GraphSpec(job.file, job.role, opset, job.io.inputs, job.io.outputs, graph_weights, sha, data)
         figures[f"{job.key}.bytes"] = size
         device_bytes += size if job.on_device else 0
     if options.profile is not None:
@@ -220,6 +220,11 @@ def _with_ort_copies(manifest: Manifest, jobs: list[GraphJob], root: Path) -> Ma
             graphs[ORT_KEY_PREFIX + job.key] = replace(spec, file=relative, sha256=file_sha256(path), external_data={})
             figures[f"{ORT_KEY_PREFIX}{job.key}.bytes"] = path.stat().st_size
     return replace(manifest, graphs=graphs, validation=figures)
+
+
+def _default_opset(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def _quantization_name(weights: str, profile: DeviceProfile | None) -> str:

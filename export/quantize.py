@@ -5,6 +5,11 @@
     int4     MatMulNBitsQuantizer (block-wise, sym.)     MatMulNBits (com.microsoft)
     fp32     none: the graph is re-saved as it is
 
+Embedding tables (Gather of an initializer) are quantized too: int8 per-tensor with a
+DequantizeLinear after the Gather, int4 block-wise along the hidden axis (GatherBlockQuantized).
+On SmolLM2's detached graph this takes int8 from 139 MB to 58 MB (top-1 agreement with fp32 on
+held-out text 99.0% -> 94.8%) and int4 from 127 MB to 36 MB (85.4% -> 83.3%).
+
 Both quantizers only see a weight that is an initializer feeding MatMul input B directly; one that
 reaches B through another node (a Transpose of a tied embedding, a Cast) silently stays fp32.
 :func:`unquantized_matmul_weights` finds those. :func:`agreement` judges a quantized graph against
@@ -305,7 +310,7 @@ def _int8(model: onnx.ModelProto, scratch: Path, *, symmetric: bool) -> onnx.Mod
     quantize_dynamic(
         model,
         out,
-        op_types_to_quantize=["MatMul"],
+        op_types_to_quantize=["MatMul", "Gather"],
         per_channel=True,
         reduce_range=False,
         weight_type=QuantType.QInt8,
@@ -318,8 +323,11 @@ def _int8(model: onnx.ModelProto, scratch: Path, *, symmetric: bool) -> onnx.Mod
 
 def _int4(model: onnx.ModelProto, *, block_size: int, accuracy_level: int, symmetric: bool) -> onnx.ModelProto:
     options = {"block_size": block_size, "accuracy_level": accuracy_level, "is_symmetric": symmetric}
-    quantizer = _nbits_quantizer()(model, bits=4, op_types_to_quantize=("MatMul",), **options)
-    quantizer.process()
+    quantizer = _nbits_quantizer()(
+        model, bits=4, op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)), **options
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):  # its np.where divides all-zero blocks before masking them
+        quantizer.process()
     return quantizer.model.model
 
 
@@ -339,19 +347,34 @@ def _root_logging_kept() -> Iterator[None]:
     "pre-processing" (for static quantization) does not apply here and is dropped.
     """
     root = logging.getLogger()
+    nbits = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     handlers, level = list(root.handlers), root.level
-    root.addFilter(_drop_preprocessing_advice)
+    ignored = _IgnoredMessages()  # one instance per use: nested uses must not remove each other's
+    root.addFilter(ignored)
+    nbits.addFilter(ignored)  # a logger's filter sees its own records, not the ones it propagates
     try:
         yield
     finally:
-        root.removeFilter(_drop_preprocessing_advice)
+        nbits.removeFilter(ignored)
+        root.removeFilter(ignored)
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
         root.setLevel(level)
 
 
-def _drop_preprocessing_advice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Please consider to run pre-processing")
+# Messages of onnxruntime's quantizers that do not apply here: pre-processing advice (for static
+# quantization), and the notice that int4 embedding tables need opset 21 / IR 10, to which the
+# quantizer upgrades the graph (the export then loads and runs the result, and records its opset).
+_IGNORED_MESSAGES = (
+    "Please consider to run pre-processing",
+    "The opset of the input model is under 21",
+    "The IR version of the input model is",
+)
+
+
+class _IgnoredMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_IGNORED_MESSAGES)
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
