@@ -1,0 +1,139 @@
+"""``shadow-serve``: serve an export's ``cloud/backbone`` graph over KServe v2 HTTP (coupled mode's cloud side)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+from pathlib import Path
+
+import click
+
+__all__ = ["main"]
+
+_DEFAULT_MAX_TOKENS = 4096
+_MIN_TOKEN_CHARS = 16
+_SANE_CONTEXT = 1 << 20  # tokenizers store "unset" as a huge number; ignore anything above this
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--token", default=None, envvar="SHADOW_SERVE_TOKEN", help="Bearer token [env SHADOW_SERVE_TOKEN].")
+@click.option("--auth/--no-auth", default=True, show_default=True, help="--no-auth: loopback hosts only.")
+@click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--max-tokens-per-session",
+    default=None,
+    type=click.IntRange(1),
+    help="Default: the --device profile's max_context, else the tokenizer's model_max_length, else 4096.",
+)
+@click.option("--idle-ttl", default=300.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds.")
+@click.option("--max-body-bytes", default=16 << 20, show_default=True, type=click.IntRange(1024))
+@click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads per run.")
+@click.option("--device", default=None, help="Device profile for providers and threads (e.g. a GPU profile).")
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), help="Serve HTTPS with this cert.")
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help="Private key of --ssl-certfile.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def main(export_dir: Path, host: str, port: int, token: str | None, auth: bool, **options) -> None:
+    """Serve EXPORT_DIR's cloud/backbone graph to shadow-run --mode coupled|auto clients.
+
+    The server sees every token id and shadow state its clients send; only detached mode keeps
+    content on the device. Requests need 'Authorization: Bearer TOKEN' (except health checks).
+    """
+    from shadowpeft.runtime.errors import DeviceProfileError, ExportLoadError, ManifestError
+
+    token = _checked_auth(host, token, auth)
+    if options["ssl_keyfile"] and not options["ssl_certfile"]:
+        raise click.BadParameter("--ssl-keyfile needs --ssl-certfile.", param_hint="--ssl-keyfile")
+    try:
+        _serve(export_dir, host, port, token, options)
+    except (ManifestError, DeviceProfileError, ExportLoadError, OSError) as err:
+        if os.environ.get("SHADOWPEFT_DEBUG") == "1":
+            raise
+        raise click.ClickException(str(err)) from err
+
+
+def _checked_auth(host: str, token: str | None, auth: bool) -> str | None:
+    """The token to require, or ``None`` for --no-auth; refuses unsafe or contradictory settings."""
+    if not auth:
+        if not _is_loopback(host):
+            raise click.BadParameter(
+                f"--no-auth is allowed only on a loopback host (127.0.0.1, ::1, localhost); got --host {host!r}. "
+                "Anyone who can reach the port could use the backbone and read what it returns. Set --token "
+                "(or SHADOW_SERVE_TOKEN) instead.",
+                param_hint="--no-auth",
+            )
+        if token:
+            raise click.BadParameter(
+                "--no-auth contradicts --token/SHADOW_SERVE_TOKEN; drop one.", param_hint="--no-auth"
+            )
+        return None
+    if not token:
+        raise click.BadParameter(
+            "shadow-serve needs a bearer token: set SHADOW_SERVE_TOKEN (or --token), e.g. "
+            "SHADOW_SERVE_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))'). "
+            "On a loopback host, --no-auth turns authentication off.",
+            param_hint="--token",
+        )
+    if len(token) < _MIN_TOKEN_CHARS:
+        raise click.BadParameter(
+            f"The token has {len(token)} characters; use at least {_MIN_TOKEN_CHARS} (a short token can be "
+            "guessed), e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'.",
+            param_hint="--token",
+        )
+    return token
+
+
+def _serve(export_dir: Path, host: str, port: int, token: str | None, options: dict) -> None:
+    from shadowpeft.runtime.devices import load_device_profile
+    from shadowpeft.runtime.export_dir import open_export
+    from shadowpeft.runtime.server import ServerConfig, create_app, run_server
+    from shadowpeft.runtime.sessions import SessionLimits
+
+    level = options["log_level"]
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    profile = load_device_profile(options["device"]) if options["device"] else None
+    export = open_export(export_dir, profile=profile, threads=options["threads"])
+    max_tokens = options["max_tokens_per_session"] or _default_max_tokens(export.root, export.manifest, profile)
+    limits = SessionLimits(options["max_sessions"], max_tokens, options["idle_ttl"])
+    app = create_app(export, ServerConfig(token, limits, options["max_body_bytes"]))
+    scheme = "https" if options["ssl_certfile"] else "http"
+    click.echo(
+        f"shadow-serve: {export.root} as 'shadow-backbone' on {scheme}://{host}:{port} "
+        f"(auth {'bearer token' if token else 'OFF'}; {limits.max_sessions} sessions x {max_tokens} tokens, "
+        f"idle TTL {limits.idle_ttl:g} s, providers {', '.join(export.providers)})",
+        err=True,
+    )
+    tls = {key: options[key] for key in ("ssl_certfile", "ssl_keyfile") if options[key]}
+    run_server(app, host=host, port=port, log_level=level, **tls)
+
+
+def _default_max_tokens(root: Path, manifest, profile) -> int:
+    """Default --max-tokens-per-session: the profile's max_context, the tokenizer's model_max_length, or 4096."""
+    if profile is not None:
+        return profile.max_context
+    for relative in manifest.tokenizer_files:
+        if Path(relative).name == "tokenizer_config.json":
+            try:
+                length = json.loads((root / relative).read_text(encoding="utf-8")).get("model_max_length")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(length, int) and 0 < length <= _SANE_CONTEXT:
+                return length
+    return _DEFAULT_MAX_TOKENS
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

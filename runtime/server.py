@@ -1,0 +1,523 @@
+"""The backbone server: an export's ``cloud/backbone`` graph behind KServe v2 / Open Inference Protocol.
+
+A Starlette app (served by uvicorn, see :func:`run_server`), the reference implementation of
+coupled mode's cloud side. Per request a client sends, for one sequence (batch 1)::
+
+    POST /v2/models/shadow-backbone/infer
+      inputs:     input_ids INT64 [1, T], shadow_states FP32|FP16 [1, T, d]   (JSON or binary data)
+      parameters: sequence_id (int > 0 or string), sequence_start, sequence_end (bools),
+                  sequence_offset (optional: tokens the client believes the server holds)
+    <- hidden_states [1, T, d] in the dtype of the request's shadow_states (the fp16/fp32 negotiation)
+
+The server keeps each sequence's base KV cache (:mod:`shadowpeft.runtime.sessions`) and computes
+``attention_mask`` and ``position_ids`` itself. Status codes: 400 malformed or invalid request
+(JSON ``{"error": ...}`` naming the tensor), 401 missing or wrong bearer token, 404 unknown model
+or route, 409 unknown, evicted, expired or out-of-sync sequence (re-prefill with
+``sequence_start``), 413 body too large, 415 compressed body, 503 every session slot busy,
+500 the graph failed (the sequence's cache is unchanged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import importlib.metadata
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from shadowpeft.runtime.errors import ExportLoadError, ProtocolError, ServerRejected, SessionLost, format_problems
+from shadowpeft.runtime.export_dir import ExportDir
+from shadowpeft.runtime.protocol import HEADER_LENGTH, datatype_of, decode_request, encode_response
+from shadowpeft.runtime.protocol import parse_header_length as _header_length
+from shadowpeft.runtime.sessions import (
+    HIDDEN_STATES,
+    INPUT_IDS,
+    SHADOW_STATES,
+    BackboneRunner,
+    Session,
+    SessionLimits,
+    SessionTable,
+)
+
+__all__ = ["CLOUD_BACKBONE", "MODEL_NAME", "MODEL_VERSION", "ServerConfig", "create_app", "run_server"]
+
+logger = logging.getLogger(__name__)
+
+CLOUD_BACKBONE = "cloud/backbone"
+MODEL_NAME = "shadow-backbone"
+MODEL_VERSION = "1"
+_OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+_LOG_KEY = "shadowpeft.log"  # the infer handler's details for the request's one log line
+_ROUTES = "GET /v2, /v2/health/live|ready, /v2/models/NAME[/versions/1][/ready|/stats]; POST .../infer"
+_MAX_ID_CHARS = 256
+_ORT_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name)
+    for name in ("Fail", "InvalidArgument", "RuntimeException", "EPFail")
+)
+_REPLAY_ELEMENTS = 1 << 16  # steps up to this many hidden values are kept for an idempotent retry
+_INLINE_DECODE_BYTES = 64 << 10  # larger bodies are decoded in the thread pool
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server runs.
+
+    Attributes:
+        token: Bearer token every request but health checks must carry; ``None`` disables auth
+            (the CLI allows that on loopback only).
+        limits: Max sessions, max tokens per session, idle TTL.
+        max_body_bytes: Largest request body accepted (413 above).
+    """
+
+    token: str | None
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    max_body_bytes: int = 16 << 20
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One validated infer request."""
+
+    sequence_id: int | str
+    start: bool
+    end: bool
+    offset: int | None
+    ids: np.ndarray  # (1, T) int64
+    s0: np.ndarray  # (1, T, d) float16 or float32, as sent
+
+
+class _Backbone:
+    """Routes and state of one app: the runner, the session table and the config."""
+
+    def __init__(self, export: ExportDir, config: ServerConfig) -> None:
+        if not export.has(CLOUD_BACKBONE):
+            raise ExportLoadError(
+                f"{export.root} has no {CLOUD_BACKBONE!r} graph (it has: "
+                f"{', '.join(sorted(export.manifest.graphs))}). "
+                "shadow-serve serves the cloud half of a split export; re-export with `shadow-export CKPT --split`."
+            )
+        self.export, self.config = export, config
+        self.spec = export.graph(CLOUD_BACKBONE)
+        self.runner = BackboneRunner(export.session(CLOUD_BACKBONE), self.spec)
+        self.table = SessionTable(config.limits, self.runner.empty_past)
+        self.vocab = _vocab_size(export)
+        self.inferences = 0
+        self.last_inference_ms = 0
+
+    # --- metadata and health ---------------------------------------------------------------------
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        return JSONResponse({"ready": True})
+
+    async def server_metadata(self, request: Request) -> Response:
+        version = importlib.metadata.version("shadowpeft")
+        return JSONResponse(
+            {"name": "shadowpeft", "version": version, "extensions": ["binary_tensor_data", "sequence"]}
+        )
+
+    async def model_metadata(self, request: Request) -> Response:
+        self._model(request)
+        d = self.runner.hidden_size
+        return JSONResponse(
+            {
+                "name": MODEL_NAME,
+                "versions": [MODEL_VERSION],
+                "platform": "onnxruntime_onnx",
+                "inputs": [
+                    {"name": INPUT_IDS, "datatype": "INT64", "shape": [1, -1]},
+                    {"name": SHADOW_STATES, "datatype": "FP32", "shape": [1, -1, d]},
+                ],
+                "outputs": [{"name": HIDDEN_STATES, "datatype": "FP32", "shape": [1, -1, d]}],
+                "shadowpeft": {
+                    "accepted_datatypes": {SHADOW_STATES: ["FP32", "FP16"]},
+                    "output_datatype": f"the datatype of {SHADOW_STATES}",
+                    "hidden_size": d,
+                    "vocab_size": self.vocab,
+                    "base_model": self.export.manifest.base_model,
+                    "base_fingerprint": self.export.manifest.base_fingerprint,
+                    "graph_sha256": self.spec.sha256,
+                    "max_sessions": self.config.limits.max_sessions,
+                    "max_tokens_per_session": self.config.limits.max_tokens,
+                    "idle_ttl_s": self.config.limits.idle_ttl,
+                    "max_body_bytes": self.config.max_body_bytes,
+                },
+            }
+        )
+
+    async def model_ready(self, request: Request) -> Response:
+        self._model(request)
+        return JSONResponse({"name": MODEL_NAME, "ready": True})
+
+    async def model_stats(self, request: Request) -> Response:
+        """Triton-style ``model_stats`` plus ``sequences``: live count, tokens held, counters, bytes."""
+        self._model(request)
+        stats = self.table.stats
+        sequences = {"active": len(self.table), "tokens": self.table.tokens(), **vars(stats)}
+        model = {
+            "name": MODEL_NAME,
+            "version": MODEL_VERSION,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inferences,
+            "execution_count": self.inferences,
+        }
+        return JSONResponse({"model_stats": [model], "sequences": sequences})
+
+    # --- inference ---------------------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Response:
+        self._model(request)
+        body = await _read_body(request, self.config.max_body_bytes)
+        size = _header_length(request.headers.get(HEADER_LENGTH), len(body))
+        if len(body) > _INLINE_DECODE_BYTES:  # parsing a large JSON body would stall every other session
+            decoded = await run_in_threadpool(decode_request, body, size)
+        else:
+            decoded = decode_request(body, size)
+        _check_outputs(decoded.outputs)
+        step = self._validate(decoded.inputs, decoded.parameters)
+        hidden, session = await self._advance(step)
+        binary = decoded.binary_outputs if decoded.outputs is None else decoded.outputs[HIDDEN_STATES]
+        content, json_size = encode_response(
+            {HIDDEN_STATES: hidden.astype(step.s0.dtype, copy=False)},
+            model_name=MODEL_NAME,
+            model_version=MODEL_VERSION,
+            binary=binary,
+            parameters={"sequence_length": session.length},
+            request_id=decoded.id,
+        )
+        session.bytes_in, session.bytes_out = session.bytes_in + len(body), session.bytes_out + len(content)
+        self.table.stats.bytes_in += len(body)
+        self.table.stats.bytes_out += len(content)
+        self.inferences, self.last_inference_ms = self.inferences + 1, int(time.time() * 1000)
+        request.scope[_LOG_KEY] = (
+            f"sequence={step.sequence_id!r} start={step.start} end={step.end} T={step.ids.shape[1]} "
+            f"length={session.length} in={len(body)}B out={len(content)}B"
+        )
+        headers = {HEADER_LENGTH: str(json_size)} if json_size is not None else {}
+        media = "application/octet-stream" if json_size is not None else "application/json"
+        return Response(content, headers=headers, media_type=media)
+
+    async def _advance(self, step: _Step) -> tuple[np.ndarray, Session]:
+        """Runs ``step`` on its sequence under the sequence's lock; other sequences run meanwhile."""
+        session = self.table.start(step.sequence_id) if step.start else self.table.get(step.sequence_id)
+        try:
+            async with session.lock:
+                if not self.table.is_current(session):
+                    raise SessionLost(
+                        f"Sequence {step.sequence_id!r} was restarted or ended by another request while this one "
+                        "waited. Re-send its whole history with sequence_start=true."
+                    )
+                hidden = await self._compute(session, step)
+        finally:
+            self.table.release(session)
+        if step.end:
+            self.table.end(session)
+        return hidden, session
+
+    async def _compute(self, session: Session, step: _Step) -> np.ndarray:
+        new = step.ids.shape[1]
+        digest = _digest(step) if new * self.runner.hidden_size <= _REPLAY_ELEMENTS else b""  # only small steps replay
+        if step.offset is not None and step.offset != session.length:
+            hidden = session.replay(step.offset, new, digest)
+            if hidden is not None:  # a retry of the last step whose response was lost
+                return hidden
+            raise SessionLost(
+                f"Sequence {step.sequence_id!r} holds {session.length} tokens on the server, but this request "
+                f"continues at sequence_offset {step.offset}: client and server are out of sync (a lost response "
+                "or a restart). Re-send the whole history with sequence_start=true."
+            )
+        if session.length + new > self.config.limits.max_tokens:
+            raise ServerRejected(
+                f"Sequence {step.sequence_id!r} would hold {session.length + new} tokens; this server allows "
+                f"{self.config.limits.max_tokens} per sequence (--max-tokens-per-session). End it "
+                "(sequence_end=true) and start a shorter one.",
+                status=400,
+            )
+        if new == 0:
+            return np.zeros((1, 0, self.runner.hidden_size), dtype=np.float32)
+        try:
+            hidden, present = await run_in_threadpool(self.runner.run, session.past, step.ids, step.s0)
+        except _ORT_ERRORS as err:
+            raise ServerRejected(
+                f"onnxruntime failed on this step ({type(err).__name__}: {err}); the sequence's cache is unchanged.",
+                status=500,
+            ) from err
+        offset = session.length
+        session.past, session.length, session.steps = present, offset + new, session.steps + 1
+        session.last_step = (offset, new, digest, hidden) if digest else None
+        return hidden
+
+    def _validate(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> _Step:
+        """Checks every tensor and sequence parameter; raises one 400 listing every problem."""
+        problems = _input_problems(inputs, self.runner.hidden_size, self.vocab)
+        sequence_id, start, end, offset = _sequence_parameters(parameters, problems)
+        if problems:
+            header = (
+                f"Invalid request for model {MODEL_NAME!r} (expects {INPUT_IDS} INT64 [1, T] and {SHADOW_STATES} "
+                f"FP32 or FP16 [1, T, {self.runner.hidden_size}], plus parameter sequence_id):"
+            )
+            raise ServerRejected(format_problems(header, problems), status=400)
+        return _Step(sequence_id, start, end, offset, inputs[INPUT_IDS], inputs[SHADOW_STATES])
+
+    def _model(self, request: Request) -> None:
+        name, version = request.path_params["name"], request.path_params.get("version", MODEL_VERSION)
+        if name != MODEL_NAME or version != MODEL_VERSION:
+            shown = name if "version" not in request.path_params else f"{name}/versions/{version}"
+            raise HTTPException(
+                404, f"Unknown model {shown!r}. This server serves {MODEL_NAME!r} (version {MODEL_VERSION})."
+            )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette):
+        """Sweeps idle sessions in the background while the server runs."""
+        task = asyncio.create_task(self._sweep())
+        logger.info(
+            "serving %s (d=%d) as %r: at most %d sessions x %d tokens, idle TTL %gs, auth %s",
+            self.export.root, self.runner.hidden_size, MODEL_NAME, self.config.limits.max_sessions,
+            self.config.limits.max_tokens, self.config.limits.idle_ttl, "on" if self.config.token else "OFF",
+        )  # fmt: skip
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _sweep(self) -> None:
+        interval = min(max(self.config.limits.idle_ttl / 4, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            if dropped := self.table.sweep():
+                logger.info("dropped %d sessions idle for more than %gs", dropped, self.config.limits.idle_ttl)
+
+
+def create_app(export: ExportDir, config: ServerConfig) -> Starlette:
+    """The Starlette app serving ``export``'s ``cloud/backbone`` graph.
+
+    Args:
+        export: An opened (and verified) export, see :func:`~shadowpeft.runtime.export_dir.open_export`.
+        config: Auth and limits.
+
+    Raises:
+        ExportLoadError: If the export has no ``cloud/backbone`` graph or it is not a backbone.
+    """
+    backbone = _Backbone(export, config)
+    models = "/v2/models/{name}"
+    routes = [
+        Route("/v2/health/live", backbone.live, methods=["GET"]),
+        Route("/v2/health/ready", backbone.ready, methods=["GET"]),
+        Route("/v2", backbone.server_metadata, methods=["GET"]),
+    ]
+    for base in (models, models + "/versions/{version}"):
+        routes += [
+            Route(base, backbone.model_metadata, methods=["GET"]),
+            Route(base + "/ready", backbone.model_ready, methods=["GET"]),
+            Route(base + "/stats", backbone.model_stats, methods=["GET"]),
+            Route(base + "/infer", backbone.infer, methods=["POST"]),
+        ]
+    handlers = {
+        ProtocolError: _error_response,
+        ServerRejected: _error_response,
+        SessionLost: _error_response,
+        HTTPException: _error_response,
+        Exception: _error_response,
+    }
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=backbone.lifespan)
+    app.state.backbone = backbone
+    app.add_middleware(_AuthAndLog, token=config.token)
+    return app
+
+
+def run_server(app: Starlette, *, host: str, port: int, log_level: str = "info", **uvicorn_options: Any) -> None:
+    """Serves ``app`` with uvicorn until interrupted (extra options go to ``uvicorn.Config``, e.g. TLS files)."""
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, ws="none", **uvicorn_options)
+
+
+# --- request helpers ---------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 beyond ``limit`` bytes (before reading when Content-Length says so)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise ServerRejected(
+            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed.", status=415
+        )
+    declared = request.headers.get("content-length")
+    too_large = f"The request body is larger than this server's limit of {limit} bytes (--max-body-bytes)"
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ServerRejected(f"{too_large}: Content-Length {declared}. Send fewer tokens per request.", status=413)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServerRejected(f"{too_large}. Send fewer tokens per request.", status=413)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ServerRejected("The client disconnected before sending the whole body.", status=400) from None
+    return b"".join(chunks)
+
+
+def _check_outputs(outputs: dict[str, bool] | None) -> None:
+    unknown = sorted(set(outputs or {}) - {HIDDEN_STATES})
+    if unknown:
+        raise ServerRejected(
+            f"Unknown requested output(s) {', '.join(map(repr, unknown))}; model {MODEL_NAME!r} returns only "
+            f"{HIDDEN_STATES!r}.",
+            status=400,
+        )
+    if outputs is not None and not outputs:
+        raise ServerRejected(f"'outputs' is empty; request {HIDDEN_STATES!r} or omit 'outputs'.", status=400)
+
+
+def _input_problems(inputs: dict[str, np.ndarray], d: int, vocab: int | None) -> list[str]:
+    problems = [
+        f"unknown input {name!r}; this model takes {INPUT_IDS!r} and {SHADOW_STATES!r}"
+        for name in inputs
+        if name not in (INPUT_IDS, SHADOW_STATES)
+    ]
+    ids, s0 = inputs.get(INPUT_IDS), inputs.get(SHADOW_STATES)
+    if ids is None:
+        problems.append(f"input {INPUT_IDS!r} is missing: INT64 [1, T]")
+    elif ids.dtype != np.int64:
+        problems.append(f"input {INPUT_IDS!r} has datatype {datatype_of(ids.dtype)}; expected INT64")
+    elif ids.ndim != 2 or ids.shape[0] != 1:
+        problems.append(f"input {INPUT_IDS!r} has shape {list(ids.shape)}; expected [1, T] (one sequence per request)")
+    elif ids.size and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        problems.append(f"input {INPUT_IDS!r} holds token id {bad}; ids must be in [0, {vocab})")
+    if s0 is None:
+        problems.append(f"input {SHADOW_STATES!r} is missing: FP32 or FP16 [1, T, {d}]")
+    elif s0.dtype not in (np.float32, np.float16):
+        problems.append(f"input {SHADOW_STATES!r} has datatype {datatype_of(s0.dtype)}; expected FP32 or FP16")
+    elif s0.ndim != 3 or s0.shape[0] != 1 or s0.shape[2] != d:
+        problems.append(f"input {SHADOW_STATES!r} has shape {list(s0.shape)}; expected [1, T, {d}]")
+    elif ids is not None and ids.shape[:1] == (1,) and ids.ndim == 2 and ids.shape[1] != s0.shape[1]:
+        problems.append(
+            f"input {SHADOW_STATES!r} has {s0.shape[1]} rows but {INPUT_IDS!r} has {ids.shape[1]} tokens; "
+            "send one shadow state per token"
+        )
+    elif not np.isfinite(s0).all():
+        problems.append(f"input {SHADOW_STATES!r} holds NaN or infinite values")
+    return problems
+
+
+def _sequence_parameters(parameters: dict[str, Any], problems: list[str]) -> tuple[int | str, bool, bool, int | None]:
+    sequence_id = parameters.get("sequence_id")
+    is_int = isinstance(sequence_id, int) and not isinstance(sequence_id, bool)
+    if not (is_int and 0 < sequence_id < 2**64) and not (
+        isinstance(sequence_id, str) and 0 < len(sequence_id) <= _MAX_ID_CHARS
+    ):
+        problems.append(
+            f"parameter 'sequence_id' must be an integer in [1, 2**64) or a string of 1 to {_MAX_ID_CHARS} "
+            f"characters; got {sequence_id!r} (the server keeps a KV cache per sequence)"
+        )
+    flags = []
+    for key in ("sequence_start", "sequence_end"):
+        value = parameters.get(key, False)
+        if not isinstance(value, bool):
+            problems.append(f"parameter {key!r} must be true or false; got {value!r}")
+        flags.append(value is True)
+    offset = parameters.get("sequence_offset")
+    if offset is not None and (not isinstance(offset, int) or isinstance(offset, bool) or offset < 0):
+        problems.append(f"parameter 'sequence_offset' must be an integer >= 0; got {offset!r}")
+    return sequence_id, flags[0], flags[1], offset
+
+
+def _digest(step: _Step) -> bytes:
+    """A fingerprint of a step's inputs, kept instead of the inputs to recognise a retry."""
+    return hashlib.blake2b(step.ids.tobytes() + step.s0.tobytes(), digest_size=16).digest()
+
+
+def _vocab_size(export: ExportDir) -> int | None:
+    """The vocabulary size, from any graph of the export with a fixed-width ``logits`` output."""
+    for graph in export.manifest.graphs.values():
+        for spec in graph.outputs:
+            if spec.name == "logits" and spec.shape and isinstance(spec.shape[-1], int):
+                return spec.shape[-1]
+    return None
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    """Every error as JSON ``{"error": message}`` with its status (KServe's error body)."""
+    if isinstance(exc, SessionLost):
+        status = 409
+    elif isinstance(exc, ServerRejected):
+        status = exc.status or 400
+    elif isinstance(exc, ProtocolError):
+        status = 400
+    elif isinstance(exc, HTTPException):
+        status = exc.status_code
+    else:  # a bug: uvicorn logs the traceback
+        status = 500
+        exc = RuntimeError(
+            f"The server failed on this request ({type(exc).__name__}: {exc}). The sequence's cache is unchanged; "
+            "this is a bug or an input the graph cannot take."
+        )
+    message = exc.detail if isinstance(exc, HTTPException) else str(exc)
+    if isinstance(exc, HTTPException) and status in (404, 405) and message in ("Not Found", "Method Not Allowed"):
+        message = f"{message}: {request.method} {request.url.path}. This server answers {_ROUTES}."
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class _AuthAndLog:
+    """ASGI middleware: bearer-token check (all routes but health) and one debug log line per request."""
+
+    def __init__(self, app: Any, *, token: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began, status = time.perf_counter(), [0]
+
+        async def logged_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        if self.expected is not None and scope["path"] not in _OPEN_PATHS and not self._authorized(scope):
+            await _unauthorized(scope, logged_send)
+        else:
+            await self.app(scope, receive, logged_send)
+        elapsed = (time.perf_counter() - began) * 1000
+        logger.debug(
+            "%s %s -> %d %.1fms %s", scope["method"], scope["path"], status[0], elapsed, scope.get(_LOG_KEY, "")
+        )
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        given = next((value for key, value in scope["headers"] if key == b"authorization"), b"")
+        return hmac.compare_digest(given, self.expected)
+
+
+async def _unauthorized(scope: dict[str, Any], send: Any) -> None:
+    has_header = any(key == b"authorization" for key, _ in scope["headers"])
+    message = (
+        "The bearer token is wrong. Use the token shadow-serve was started with (--token or SHADOW_SERVE_TOKEN)."
+        if has_header
+        else "This server needs a bearer token: send 'Authorization: Bearer TOKEN' (shadow-run --token)."
+    )
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 401, "headers": [*headers, (b"www-authenticate", b"Bearer")]})
+    await send({"type": "http.response.body", "body": body})

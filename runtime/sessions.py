@@ -1,0 +1,313 @@
+"""Per-sequence base KV caches of the backbone server, and the one call that advances them.
+
+One :class:`Session` per client sequence (batch 1, no padding). A step feeds T new tokens::
+
+    input_ids (1,T) + shadow_states (1,T,d) + attention_mask ones(1,P+T) + position_ids P..P+T-1
+      + past_key_values.* (1,h,P,dh)  --cloud/backbone-->  hidden_states (1,T,d) + present.* (1,h,P+T,dh)
+
+and the ``present.*`` outputs become the next step's ``past_key_values.*``. The cache is replaced
+only after the graph succeeds, so a failed step leaves the sequence as it was.
+
+:class:`SessionTable` enforces the limits: at most ``max_sessions`` sequences (a new one evicts
+the least recently used idle one), at most ``max_tokens`` per sequence, and an idle TTL. It is
+used from the server's event loop only, so it needs no lock; each sequence has an
+:class:`asyncio.Lock` that serializes its steps while different sequences run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from shadowpeft.runtime.errors import ExportLoadError, ServerRejected, SessionLost, format_problems
+from shadowpeft.runtime.manifest import GraphSpec
+
+__all__ = [
+    "HIDDEN_STATES",
+    "INPUT_IDS",
+    "SHADOW_STATES",
+    "BackboneRunner",
+    "Session",
+    "SequenceId",
+    "SessionLimits",
+    "SessionTable",
+]
+
+logger = logging.getLogger(__name__)
+
+# Graph names of the cloud/backbone role (export/io_names.py builds them; checked against the manifest).
+INPUT_IDS = "input_ids"
+SHADOW_STATES = "shadow_states"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+HIDDEN_STATES = "hidden_states"
+_PAST, _PRESENT = "past_key_values.", "present."
+_NUMPY = {"float32": np.float32, "float16": np.float16}
+_GONE_MEMORY = 4096  # ids of recently removed sequences, so their owners learn why
+
+SequenceId = int | str
+
+
+class BackboneRunner:
+    """Calls the ``cloud/backbone`` graph for one sequence step (thread-safe: onnxruntime's ``run`` is).
+
+    Args:
+        session: The graph's onnxruntime session.
+        spec: The graph's manifest entry.
+
+    Raises:
+        ExportLoadError: If the graph's inputs and outputs are not those of a cloud backbone.
+    """
+
+    def __init__(self, session: ort.InferenceSession, spec: GraphSpec) -> None:
+        _check_backbone(spec)
+        self.session = session
+        self.kv = {s.name: s for s in spec.inputs if s.name.startswith(_PAST)}
+        states = next(s for s in spec.inputs if s.name == SHADOW_STATES)
+        self.hidden_size: int = states.shape[2]
+        self.states_dtype = _NUMPY[states.dtype]
+        self.outputs = [HIDDEN_STATES, *(_PRESENT + name[len(_PAST) :] for name in self.kv)]
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        """A KV cache holding no tokens (past length 0)."""
+        return {
+            name: np.zeros((1, spec.shape[1], 0, spec.shape[3]), dtype=_NUMPY[spec.dtype])
+            for name, spec in self.kv.items()
+        }
+
+    def run(
+        self, past: dict[str, np.ndarray], ids: np.ndarray, s0: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One step: T new tokens after the P in ``past``.
+
+        Args:
+            past: ``past_key_values.*`` -> (1, h, P, dh).
+            ids: (1, T) int64.
+            s0: (1, T, d) shadow states.
+
+        Returns:
+            ``hidden_states`` (1, T, d) float32 and the new cache (1, h, P+T, dh), keyed as ``past``.
+        """
+        length = next(iter(past.values())).shape[2]
+        steps = ids.shape[1]
+        feeds = {
+            INPUT_IDS: ids.astype(np.int64, copy=False),
+            SHADOW_STATES: s0.astype(self.states_dtype, copy=False),
+            ATTENTION_MASK: np.ones((1, length + steps), dtype=np.int64),
+            POSITION_IDS: np.arange(length, length + steps, dtype=np.int64)[None],
+            **past,
+        }
+        hidden, *present = self.session.run(self.outputs, feeds)
+        return hidden.astype(np.float32, copy=False), dict(zip(self.kv, present, strict=True))
+
+
+def _check_backbone(spec: GraphSpec) -> None:
+    wanted = (INPUT_IDS, SHADOW_STATES, ATTENTION_MASK, POSITION_IDS)
+    problems = [f"input {name!r} is missing" for name in wanted if name not in spec.input_names]
+    if HIDDEN_STATES not in spec.output_names:
+        problems.append(f"output {HIDDEN_STATES!r} is missing")
+    for item in spec.inputs:
+        if item.name.startswith(_PAST) and _PRESENT + item.name[len(_PAST) :] not in spec.output_names:
+            problems.append(f"input {item.name!r} has no matching {_PRESENT}* output")
+        if item.name.startswith(_PAST) and (len(item.shape) != 4 or item.dtype not in _NUMPY):
+            problems.append(f"input {item.name!r} must be a float32/float16 (batch, heads, past, head_dim) cache")
+        if item.name == SHADOW_STATES and (len(item.shape) != 3 or not isinstance(item.shape[2], int)):
+            problems.append(f"input {SHADOW_STATES!r} must have a fixed width: shape (batch, seq, d)")
+        if item.name == SHADOW_STATES and item.dtype not in _NUMPY:
+            problems.append(f"input {SHADOW_STATES!r} has dtype {item.dtype}; expected float32 or float16")
+    if problems:
+        header = f"{spec.file} is not a cloud/backbone graph this server can run; re-export with --split:"
+        raise ExportLoadError(format_problems(header, problems))
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Limits of the session table.
+
+    Attributes:
+        max_sessions: Sequences held at once; a new one evicts the least recently used idle one.
+        max_tokens: Tokens one sequence may hold (prompt + generated).
+        idle_ttl: Seconds a sequence may stay idle before it is dropped.
+    """
+
+    max_sessions: int = 64
+    max_tokens: int = 4096
+    idle_ttl: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1 or self.max_tokens < 1 or not self.idle_ttl > 0:
+            raise ValueError(f"Limits must be positive; got {self}.")
+
+
+@dataclass
+class Session:
+    """One client sequence: its base KV cache and accounting.
+
+    Attributes:
+        sequence_id: The client's id.
+        past: ``past_key_values.*`` -> (1, h, P, dh).
+        length: P, the tokens the cache holds.
+        last_used: ``time.monotonic()`` of the last request.
+        busy: Requests in flight or waiting for ``lock`` (a busy sequence is never evicted).
+        bytes_in: Request body bytes received for this sequence.
+        bytes_out: Response body bytes sent for it.
+        steps: Graph calls made for it.
+        last_step: ``(offset, tokens, digest, hidden)`` of the last step (``digest``: a hash of its
+            inputs), so that a retry of it (its response was lost) is answered again, not appended twice.
+    """
+
+    sequence_id: SequenceId
+    past: dict[str, np.ndarray]
+    last_used: float
+    length: int = 0
+    busy: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    steps: int = 0
+    last_step: tuple[int, int, bytes, np.ndarray] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    def replay(self, offset: int, tokens: int, digest: bytes) -> np.ndarray | None:
+        """The last step's hidden states if a request at ``offset`` repeats it exactly, else ``None``."""
+        if self.last_step is None or self.length != offset + tokens:
+            return None
+        return self.last_step[3] if self.last_step[:3] == (offset, tokens, digest) else None
+
+
+@dataclass
+class TableStats:
+    """Counters of a :class:`SessionTable` since the server started."""
+
+    started: int = 0
+    ended: int = 0
+    evicted: int = 0
+    expired: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class SessionTable:
+    """The server's sequences, with limits; see the module docstring.
+
+    Args:
+        limits: Max sessions, max tokens, idle TTL.
+        new_past: Returns an empty KV cache.
+        clock: Seconds, monotonic (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        limits: SessionLimits,
+        new_past: Callable[[], dict[str, np.ndarray]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits
+        self.stats = TableStats()
+        self._new_past = new_past
+        self._clock = clock
+        self._live: OrderedDict[SequenceId, Session] = OrderedDict()  # least recently used first
+        self._gone: OrderedDict[SequenceId, str] = OrderedDict()  # why recent ids were removed
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def start(self, sequence_id: SequenceId) -> Session:
+        """A fresh sequence under ``sequence_id`` (``sequence_start``); an existing one is restarted.
+
+        The caller holds it as busy (never evicted or expired) until :meth:`release`.
+
+        Raises:
+            ServerRejected: 503 when the table is full and every sequence is busy.
+        """
+        old = self._live.pop(sequence_id, None)
+        if old is None and len(self._live) >= self.limits.max_sessions:
+            self._evict_one()
+        self._gone.pop(sequence_id, None)
+        sequence = Session(sequence_id, self._new_past(), self._clock(), busy=1)
+        self._live[sequence_id] = sequence
+        self.stats.started += 1
+        return sequence
+
+    def get(self, sequence_id: SequenceId) -> Session:
+        """The live sequence ``sequence_id``, held as busy until :meth:`release`.
+
+        Raises:
+            SessionLost: It was never started, was evicted, expired or ended: re-prefill with sequence_start.
+        """
+        sequence = self._live.get(sequence_id)
+        if sequence is not None and sequence.busy == 0 and self._clock() - sequence.last_used > self.limits.idle_ttl:
+            self._remove(sequence_id, f"it was idle for more than {self.limits.idle_ttl:g} s (--idle-ttl)")
+            self.stats.expired += 1
+            sequence = None
+        if sequence is None:
+            why = self._gone.get(sequence_id, "this server does not know it (never started, or the server restarted)")
+            raise SessionLost(
+                f"Sequence {sequence_id!r} is not held by the server: {why}. Re-send its whole history with "
+                "sequence_start=true, then continue."
+            )
+        self._live.move_to_end(sequence_id)
+        sequence.busy += 1
+        return sequence
+
+    def release(self, sequence: Session) -> None:
+        """Marks the end of one request on ``sequence`` (each :meth:`start` or :meth:`get` needs one)."""
+        sequence.busy -= 1
+        sequence.last_used = self._clock()
+
+    def is_current(self, sequence: Session) -> bool:
+        """Whether ``sequence`` is still the one under its id (not ended, evicted or restarted meanwhile)."""
+        return self._live.get(sequence.sequence_id) is sequence
+
+    def end(self, sequence: Session) -> None:
+        """Drops ``sequence`` after its ``sequence_end`` request (a no-op if already replaced)."""
+        if self.is_current(sequence):
+            self._remove(sequence.sequence_id, "the client ended it (sequence_end)")
+            self.stats.ended += 1
+
+    def sweep(self) -> int:
+        """Drops every idle sequence older than the TTL; returns how many."""
+        now = self._clock()
+        old = [key for key, s in self._live.items() if s.busy == 0 and now - s.last_used > self.limits.idle_ttl]
+        for key in old:
+            self._remove(key, f"it was idle for more than {self.limits.idle_ttl:g} s (--idle-ttl)")
+        self.stats.expired += len(old)
+        return len(old)
+
+    def tokens(self) -> int:
+        """Tokens held by all live sequences."""
+        return sum(s.length for s in self._live.values())
+
+    def _evict_one(self) -> None:
+        victim = next((key for key, s in self._live.items() if s.busy == 0), None)
+        if victim is None:
+            raise ServerRejected(
+                f"The server holds {len(self._live)} sequences (--max-sessions) and all are busy; retry shortly.",
+                status=503,
+            )
+        self._remove(
+            victim,
+            f"it was evicted, least recently used, to make room for a new sequence "
+            f"(the server holds at most {self.limits.max_sessions}, --max-sessions)",
+        )
+        self.stats.evicted += 1
+        logger.info("evicted sequence %r (max sessions %d reached)", victim, self.limits.max_sessions)
+
+    def _remove(self, sequence_id: SequenceId, why: str) -> None:
+        gone = self._live.pop(sequence_id, None)
+        if gone is not None:
+            logger.debug(
+                "sequence %r removed (%s): %d tokens, %d steps, %d B in, %d B out",
+                sequence_id, why, gone.length, gone.steps, gone.bytes_in, gone.bytes_out,
+            )  # fmt: skip
+        self._gone[sequence_id] = why
+        self._gone.move_to_end(sequence_id)
+        while len(self._gone) > _GONE_MEMORY:
+            self._gone.popitem(last=False)
