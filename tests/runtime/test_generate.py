@@ -30,17 +30,17 @@ def export(toy_export):
     return open_export(toy_export.export, threads=1)
 
 
-def pytorch_greedy(model, prompts, mode):
+def pytorch_greedy(model, prompts, mode, steps=GREEDY.max_new_tokens):
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
-    return greedy_decode(model, ids, attention_mask=mask, max_new_tokens=GREEDY.max_new_tokens, mode=mode).tokens
+    return greedy_decode(model, ids, attention_mask=mask, max_new_tokens=steps, mode=mode).tokens
 
 
-def graph_greedy(export, prompts, chain):
+def graph_greedy(export, prompts, chain, steps=GREEDY.max_new_tokens):
     """Greedy decode by running the exported graphs directly (the export's own validation runner)."""
     keys = ("device/shadow", "cloud/backbone", "device/head", "coupled")
     sessions = {k: export.session(k) for k in keys}
@@ -53,7 +53,7 @@ def graph_greedy(export, prompts, chain):
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = prompt, 1
     tokens = []
-    for _ in range(GREEDY.max_new_tokens):
+    for _ in range(steps):
         nxt = runner.step(ids, mask, positions_for(mask, ids.shape[1]))[:, -1].argmax(-1)[:, None]
         tokens.append(nxt)
         ids, mask = nxt, np.concatenate([mask, np.ones_like(nxt)], axis=1)
