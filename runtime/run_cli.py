@@ -31,6 +31,7 @@ __all__ = ["main"]
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template.")
 @click.option("--device", default=None, help="Device profile (providers, threads, max context).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="Override the profile's threads.")
+@click.option("--provider", "providers", multiple=True, help="onnxruntime provider, repeatable [the profile's].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per token, then a summary.")
 def main(export_dir: Path, prompts, prompts_file, mode, server, token, wire, timeout, as_json, **options) -> None:
     """Generate text with EXPORT_DIR (written by shadow-export) using onnxruntime only, no torch.
@@ -68,7 +69,8 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
         raise click.UsageError(f"--mode {mode} needs --server URL (a running shadow-serve).")
     profile = load_device_profile(options.pop("device")) if options.get("device") else None
     options.pop("device", None)
-    export = open_export(export_dir, profile=profile, threads=options.pop("threads"))
+    providers = tuple(options.pop("providers")) or None
+    export = open_export(export_dir, profile=profile, threads=options.pop("threads"), providers=providers)
     tokenizer = RuntimeTokenizer.from_export(export.root, export.manifest)
     client = _client(server, token, wire, timeout) if mode != "detached" else None
     chat = options.pop("chat")
