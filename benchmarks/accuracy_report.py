@@ -52,8 +52,10 @@ METHOD = (
     "'The intent of the utterance is to ...', scores 0). ShadowPEFT's detached row evaluates the same trained model "
     "with the base layers off. The pretrained rows start from a shadow backbone trained alone (detached, LM loss on "
     "the frozen head) on the pretraining corpus, once per seed; injection, update and heads start fresh. Mean and "
-    "sample std are over seeds; s/step is the mean wall time per optimizer step of the training run (data loading "
-    "included, evaluation excluded). Parameter counts: adapter (the matched budget) plus trained heads."
+    "sample std are over seeds; s/step is the wall time per optimizer step of the training run (data loading "
+    "included, evaluation excluded), the fastest seed's: a run that shared the CPU with other work is slower, never "
+    "faster, so the minimum is the closest to the undisturbed cost. Parameter counts: adapter (the matched budget) "
+    "plus trained heads."
 )
 TUNING = (
     "Steps, batch and evaluation sizes were chosen to fit about 100 minutes on 2 CPU cores (sentiment 150 steps, "
@@ -299,7 +301,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, str], Cell]:
             head_params=first["head_params"],
             rank=first["rank"],
             lr=first["lr"],
-            seconds_per_step=statistics.fmean(steps) if steps else None,
+            seconds_per_step=min(steps) if steps else None,  # the least-disturbed run (see METHOD)
         )
     return cells
 
@@ -395,7 +397,7 @@ def markdown_report(record: dict[str, Any]) -> str:
     title = "Accuracy at matched budgets: ShadowPEFT vs LoRA / DoRA"
     lines = [f"# {title} ({record['model']})", "", *_settings_lines(record), "", *_table(record)]
     lines += _pretrain_lines(record)
-    lines += ["", "Accuracy in %, mean ± sample std over seeds (n); s/step is the mean over seeds."]
+    lines += ["", "Accuracy in %, mean ± sample std over seeds (n); s/step is the fastest seed's."]
     if not record["complete"]:
         lines += ["", "**Incomplete:** some planned runs are missing; rerun the command with `--resume`."]
     lines += [f"\n**Warning:** {w}." for w in record["warnings"]]
