@@ -163,12 +163,15 @@ class CloudBackboneGraph(_Graph):
 
 
 class CoupledGraph(_Graph):
-    """``coupled``: everything in one graph; shadow KV inputs first, then base KV."""
+    """``coupled``: everything in one graph; shadow KV inputs first, then base KV.
+
+    Only the base head runs: the shadow head's logits would cost a second d x V MatMul per token
+    that attached decoding never reads (detached decoding uses ``device/shadow``).
+    """
 
     def __init__(self, model: ShadowForCausalLM) -> None:
         super().__init__(model)
         self.head = HeadWeight(model.base.get_output_embeddings())
-        self.shadow_head = HeadWeight(model.shadow_head)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor):
         split = 2 * self.shadow_layers
@@ -178,7 +181,6 @@ class CoupledGraph(_Graph):
         hidden = self._hidden(x, s0, attention_mask, position_ids, base_cache)
         return (
             self.head(hidden),
-            self.shadow_head(s0),
             s0,
             *_present(shadow_cache, self.shadow_layers),
             *_present(base_cache, self.base_layers),

@@ -30,7 +30,6 @@ __all__ = [
     "PAST_SEQUENCE",
     "POSITION_IDS",
     "SEQUENCE",
-    "SHADOW_LOGITS",
     "SHADOW_STATES",
     "TOTAL_SEQUENCE",
     "GraphIO",
@@ -58,7 +57,6 @@ POSITION_IDS = "position_ids"
 LOGITS = "logits"
 HIDDEN_STATES = "hidden_states"
 SHADOW_STATES = "shadow_states"
-SHADOW_LOGITS = "shadow_logits"  # the shadow head's logits in a graph that also has the base head's
 #: Prefix of the shadow stack's KV names in a graph that also holds the base stack's (``coupled``).
 SHADOW_KV_PREFIX = "shadow_"
 
@@ -224,7 +222,7 @@ def coupled_io(*, shadow: StackLayout, base: StackLayout, hidden: int, vocab: in
 
     Returns:
         ``input_ids``, ``attention_mask``, ``position_ids``, ``shadow_past_key_values.*``,
-        ``past_key_values.*`` -> ``logits``, ``shadow_logits``, ``shadow_states``, ``shadow_present.*``,
+        ``past_key_values.*`` -> ``logits`` (base head), ``shadow_states``, ``shadow_present.*``,
         ``present.*``.
 
     Raises:
@@ -240,7 +238,6 @@ def coupled_io(*, shadow: StackLayout, base: StackLayout, hidden: int, vocab: in
     )
     outputs = (
         TensorSpec(LOGITS, dtype, (BATCH, SEQUENCE, vocab)),
-        TensorSpec(SHADOW_LOGITS, dtype, (BATCH, SEQUENCE, vocab)),
         TensorSpec(SHADOW_STATES, dtype, (BATCH, SEQUENCE, hidden)),
         *_kv_specs(*shadow, dtype, present=True, prefix=SHADOW_KV_PREFIX),
         *_kv_specs(*base, dtype, present=True),

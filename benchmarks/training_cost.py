@@ -1,0 +1,526 @@
+"""Training cost: seconds per optimizer step and peak memory, ShadowPEFT vs LoRA vs DoRA at matched budgets.
+
+Rows (each in a process of its own, one after another; ratios against the first row, LoRA):
+
+    lora               LoRA on q, k, v, o at the rank whose size is closest to the shadow adapter's
+    dora               DoRA, likewise
+    shadow             this project's ShadowPEFT (METHOD.md defaults), attached training
+                       (loss = CE(base) + 0.05 CE(shadow))
+    published          the published `shadow-peft` 0.1.1 (1-layer shadow, as in decode_speed.py)
+    peft-tuner         the ShadowPEFT tuner of `peft` 0.21.2 (as in decode_speed.py)
+    shadow-no-flush    `shadow` again with denormal flushing off: the denormal trap
+
+Every row trains through the project's harness (shadowpeft.trainer.run_training: HF Trainer,
+AdamW, constant learning rate) on `shakespeare` (language modelling, 64-token rows), batch 8,
+fp32, from a fresh adapter and the same seed. A forward pre-hook on the model stamps the start of
+each step; step k takes stamp(k+1) - stamp(k) (forward, backward, clipping, optimizer step, data).
+The first ``--warmup-steps`` are dropped and the median of the next ``--steps`` is reported.
+Peak memory is the peak resident set (VmHWM) of the row's process; the resident set after the
+model is built is reported beside it.
+
+The denormal trap: a freshly initialised shadow starts as the identity (W_up = 0) and the
+auxiliary loss pushes tiny gradients through it; early steps then produce denormal (subnormal)
+floats, which many x86 CPUs process far more slowly than normal ones, and the first steps ran
+2-2.5x slower when issue 6 was filed. ``torch.set_flush_denormal(True)`` (flush-to-zero and
+denormals-are-zero) removes it; every row runs with it except ``shadow-no-flush``, which shows
+the effect.
+
+Usage::
+
+    python benchmarks/training_cost.py                        # SmolLM2, roughly 8 minutes on 2 idle cores
+    python benchmarks/training_cost.py --smoke --out /tmp/x   # toy Llama of tests/toy.py, under 2 minutes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import importlib.util
+import io
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import click
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+SMOLLM2 = "smollm2-135m-instruct"
+ROWS = ("lora", "dora", "shadow", "published", "peft-tuner", "shadow-no-flush")
+LABELS = {
+    "lora": "LoRA (q,k,v,o), matched rank",
+    "dora": "DoRA (q,k,v,o), matched rank",
+    "shadow": "ShadowPEFT (this project)",
+    "published": "shadow-peft 0.1.1 (published)",
+    "peft-tuner": "peft 0.21.2 ShadowPEFT tuner",
+    "shadow-no-flush": "ShadowPEFT, denormals NOT flushed",
+}
+TARGET_RATIO = 1.10  # issue 6: a ShadowPEFT training step <= 1.10x LoRA's at matched budget
+
+
+def _load_path_module(name: str, path: Path) -> ModuleType:
+    """Import a sibling script (or tests/toy.py) by path; benchmarks/ is not a package."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# accuracy.py: learning rates, matched ranks; decode_speed.py (loaded by it): machine info, core count.
+accuracy = _load_path_module("shadowpeft_bench_accuracy", HERE / "accuracy.py")
+decode_speed = accuracy.speed
+speed_rows = _load_path_module("shadowpeft_bench_speed_rows", HERE / "speed_rows.py")  # memory_kb
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row's training run (written as JSON for its process)."""
+
+    row: str
+    base: str
+    data: str
+    steps: int
+    warmup_steps: int
+    batch_size: int
+    seq_len: int
+    threads: int
+    rank: int | None
+    lr: float
+    seed: int = 0
+
+    @property
+    def method(self) -> str:
+        return "shadow" if self.row.startswith("shadow") else self.row
+
+    @property
+    def flush_denormal(self) -> bool:
+        return self.row != "shadow-no-flush"
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def build_model(job: Job, base: torch.nn.Module) -> torch.nn.Module:
+    """The row's trainable model on a freshly loaded base."""
+    if job.method in ("lora", "dora"):
+        from shadowpeft.baselines import build_baseline
+
+        return build_baseline(base, job.method, rank=job.rank, task="causal-lm")
+    if job.method == "shadow":
+        from shadowpeft import ShadowConfig, get_shadow_model
+
+        return get_shadow_model(base, ShadowConfig())
+    if job.method == "published":  # configured as decode_speed.build_published (whose Row hides the model)
+        from shadow_peft import ShadowConfig, ShadowForCausalLM, get_shadow_model
+
+        config = ShadowConfig(num_shadow_layers=1, injection_hidden_size=16, gate_hidden_size=10)
+        return ShadowForCausalLM(get_shadow_model(base, config))
+    return _peft_tuner(base)
+
+
+def _peft_tuner(base: torch.nn.Module) -> torch.nn.Module:
+    """The peft tuner configured as decode_speed.build_peft_tuner does (blocks 1..L-1, r=16, gate 10)."""
+    from peft import ShadowConfig as PeftShadowConfig
+    from peft import get_peft_model
+
+    layers = base.config.num_hidden_layers
+    config = PeftShadowConfig(
+        task_type="CAUSAL_LM",
+        r=16,
+        update_hidden_size=10,
+        shadow_num_hidden_layers=1,
+        shadow_alpha=0.1,
+        shadow_dropout=0.2,
+        target_modules=[f"model.layers.{i}" for i in range(1, layers)],
+    )
+    return get_peft_model(base, config)
+
+
+def run_job(job: Job, work: Path) -> dict[str, Any]:
+    """Train ``warmup_steps + steps + 1`` steps, stamping each forward; returns step times and memory."""
+    from shadowpeft.datasets import load_task_data
+    from shadowpeft.jobs import load_base
+    from shadowpeft.params import count_parameters
+    from shadowpeft.trainer import TrainSettings, run_training
+
+    torch.set_num_threads(job.threads)
+    torch.set_flush_denormal(job.flush_denormal)
+    base, tokenizer = load_base(job.base, kind="lm")
+    torch.manual_seed(job.seed)
+    model = build_model(job, base)
+    task = load_task_data(job.data, seed=0)
+    stamps: list[float] = []
+    tokens: list[tuple[int, int, int]] = []  # (batch, width, real tokens) per step
+
+    def stamp(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        stamps.append(time.perf_counter())
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            tokens.append((*mask.shape, int(mask.sum())))
+
+    model.register_forward_pre_hook(stamp, with_kwargs=True)  # measurement only: reads nothing, writes nothing
+    settings = TrainSettings(
+        max_steps=job.warmup_steps + job.steps + 1,
+        batch_size=job.batch_size,
+        learning_rate=job.lr,
+        warmup_ratio=0.0,
+        scheduler="constant_with_warmup",
+        max_length=job.seq_len,
+        eval_examples=None,
+        logging_steps=1,
+        seed=job.seed,
+    )
+    rss_loaded = speed_rows.memory_kb("VmRSS")
+    with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints every log dict
+        summary = run_training(model, task, tokenizer, settings, work, eval_modes=())
+    step_s = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {
+        "row": job.row,
+        "step_s": step_s,
+        "measured_s": step_s[job.warmup_steps : job.warmup_steps + job.steps],
+        "trainable_params": count_parameters(model)[0],
+        "steps": summary.steps,
+        "first_loss": summary.first_loss,
+        "final_loss": summary.final_loss,
+        "batch_tokens": tokens[: len(step_s)],
+        "rss_loaded_kb": rss_loaded,
+        "peak_rss_kb": speed_rows.memory_kb("VmHWM"),
+        "flush_denormal": job.flush_denormal,
+    }
+
+
+def worker(job_path: Path, out_path: Path) -> None:
+    """The row process: run the job in a scratch directory, write its result atomically."""
+    job = Job(**json.loads(job_path.read_text(encoding="utf-8")))
+    with tempfile.TemporaryDirectory(prefix="training-cost-") as tmp:
+        result = run_job(job, Path(tmp))
+    tmp_out = out_path.with_name(f".{out_path.name}.tmp")
+    tmp_out.write_text(json.dumps(result) + "\n", encoding="utf-8")
+    os.replace(tmp_out, out_path)
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+@dataclass(frozen=True)
+class Options:
+    """Parsed command line."""
+
+    smoke: bool
+    out_dir: Path
+    rows: tuple[str, ...]
+    steps: int
+    warmup_steps: int
+    batch_size: int
+    seq_len: int
+    threads: int
+    command: str
+
+
+@contextlib.contextmanager
+def assets(smoke: bool) -> Iterator[tuple[str, str, Path]]:
+    """(base, data, scratch dir): SmolLM2 + shakespeare, or the toy base and toy LM data of tests/toy.py."""
+    with tempfile.TemporaryDirectory(prefix="training-cost-") as tmp:
+        scratch = Path(tmp)
+        if not smoke:
+            yield SMOLLM2, "shakespeare", scratch
+            return
+        toy = _load_path_module("shadowpeft_bench_toy", HERE.parent / "tests" / "toy.py")
+        base = toy.save_toy_base(scratch / "toy-base")
+        yield str(base), str(toy.write_toy_data(scratch)["lm"]), scratch
+
+
+def run_row(job: Job, scratch: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Run one row in its own process; returns (result, None) or (None, the error's last lines)."""
+    job_path, out_path = scratch / f"{job.row}.job.json", scratch / f"{job.row}.result.json"
+    job_path.write_text(json.dumps(dataclasses.asdict(job)), encoding="utf-8")
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker-job", str(job_path), str(out_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0 or not out_path.exists():
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
+        return None, f"exit code {done.returncode}: {tail}"
+    return json.loads(out_path.read_text(encoding="utf-8")), None
+
+
+def summarise(result: dict[str, Any], ranks: dict[str, Any]) -> dict[str, Any]:
+    """One table row from a worker result."""
+    measured = result["measured_s"]
+    widths = sorted({width for _, width, _ in result["batch_tokens"]})
+    real = [n for _, _, n in result["batch_tokens"]]
+    row = result["row"]
+    return {
+        **result,
+        "label": LABELS[row],
+        "rank": ranks[row]["rank"] if row in ("lora", "dora") else None,
+        "s_per_step": statistics.median(measured),
+        "s_per_step_mean": statistics.fmean(measured),
+        "s_per_step_min": min(measured),
+        "s_per_step_max": max(measured),
+        "first_steps_s": result["step_s"][:5],
+        "batch_widths": widths,
+        "mean_real_tokens_per_batch": statistics.fmean(real) if real else None,
+        "peak_rss_mb": None if result["peak_rss_kb"] is None else result["peak_rss_kb"] * 1024 / 1e6,
+        "rss_loaded_mb": None if result["rss_loaded_kb"] is None else result["rss_loaded_kb"] * 1024 / 1e6,
+    }
+
+
+def target(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 6: ShadowPEFT's step <= 1.10x LoRA's at matched budget."""
+    by_row = {r["row"]: r for r in rows}
+    if "shadow" not in by_row or "lora" not in by_row:
+        return {"text": "ShadowPEFT training step <= 1.10x LoRA", "value": None, "met": None, "missed_by": None}
+    value = by_row["shadow"]["s_per_step"] / by_row["lora"]["s_per_step"]
+    met = value <= TARGET_RATIO
+    return {
+        "text": "ShadowPEFT training step <= 1.10x LoRA at matched budget",
+        "value": value,
+        "threshold": TARGET_RATIO,
+        "met": met,
+        "missed_by": None if met else value / TARGET_RATIO - 1.0,
+    }
+
+
+def denormal_effect(rows: list[dict[str, Any]], warmup_steps: int) -> dict[str, Any] | None:
+    """Mean time of the first steps with and without flushing (the trap shows in the early steps)."""
+    by_row = {r["row"]: r for r in rows}
+    if "shadow" not in by_row or "shadow-no-flush" not in by_row:
+        return None
+    first = max(warmup_steps, 1) + 5
+    flushed = statistics.fmean(by_row["shadow"]["step_s"][:first])
+    unflushed = statistics.fmean(by_row["shadow-no-flush"]["step_s"][:first])
+    return {"first_steps": first, "flushed_s": flushed, "not_flushed_s": unflushed, "ratio": unflushed / flushed}
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def markdown_report(record: dict[str, Any]) -> str:
+    """Settings, machine, the table, the target, the denormal trap, the method."""
+    m, s = record["machine"], record["settings"]
+    lines = [
+        f"# Training cost: {record['model']}",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Date: {record['date']} (elapsed {record['elapsed_s'] / 60:.1f} min)  ",
+        f"Machine: {m['cpu_model']}, {m['physical_cores']} physical cores ({m['logical_cpus']} logical), "
+        f"{m['platform']}; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
+        f"shadow-peft {m['shadow-peft']}  ",
+        f"Settings: data `{s['data']}`, batch {s['batch_size']} x {s['seq_len']} tokens, fp32, {s['threads']} torch "
+        f"threads, median of {s['steps']} steps after {s['warmup_steps']} warm-up steps, constant LR "
+        "(accuracy.py's per-method rates), denormals flushed except where marked.",
+        "",
+        *[line for w in record["warnings"] for line in (f"**Warning:** {w}.", "")],
+        "| row | method | trainable params | s/step | vs first | min-max s/step | first 5 steps, s | "
+        "peak RSS MB | RSS after build MB | batch widths |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    first = record["rows"][0]["s_per_step"] if record["rows"] else 1.0
+    for r in record["rows"]:
+        rank = f" r={r['rank']}" if r["rank"] else ""
+        early = ", ".join(f"{x:.2f}" for x in r["first_steps_s"])
+        lines.append(
+            f"| {r['row']} | {r['label']}{rank} | {r['trainable_params']:,} | {r['s_per_step']:.3f} | "
+            f"{r['s_per_step'] / first:.3f}x | {r['s_per_step_min']:.3f}-{r['s_per_step_max']:.3f} | {early} | "
+            f"{_num(r['peak_rss_mb'])} | {_num(r['rss_loaded_mb'])} | {r['batch_widths']} |"
+        )
+    t = record["target"]
+    if t["value"] is not None:
+        state = "**met**" if t["met"] else f"**missed** by {100 * t['missed_by']:.1f}%"
+        lines += ["", f"Target: {t['text']}: {t['value']:.3f}x ({state})."]
+    d = record["denormal"]
+    if d is not None:
+        lines += [
+            "",
+            f"Denormal trap: mean of the first {d['first_steps']} steps {d['not_flushed_s']:.3f} s without flushing "
+            f"vs {d['flushed_s']:.3f} s with it ({d['ratio']:.2f}x).",
+        ]
+    if record["failed"]:
+        lines += ["", "Rows that failed:", ""] + [f"- {k}: {v}" for k, v in record["failed"].items()]
+    lines += ["", "## Method", "", record["method"], ""]
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Left: median s/step per row; right: every step's time, which shows the denormal trap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    bars = left.barh([r["row"] for r in rows][::-1], [r["s_per_step"] for r in rows][::-1], color="tab:blue")
+    left.bar_label(bars, fmt="%.3g", fontsize=8, padding=2)
+    left.set_xlabel("seconds per step (median)")
+    left.margins(x=0.15)
+    for r in rows:
+        right.plot(range(1, len(r["step_s"]) + 1), r["step_s"], marker=".", label=r["row"])
+    right.axvline(record["settings"]["warmup_steps"] + 0.5, color="grey", linestyle=":", linewidth=1)
+    right.set_xlabel("step")
+    right.set_ylabel("seconds")
+    right.legend(fontsize=7)
+    s = record["settings"]
+    fig.suptitle(f"{record['model']}: batch {s['batch_size']} x {s['seq_len']}, {s['threads']} threads", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(record: dict[str, Any], out_dir: Path, stem: str) -> None:
+    """JSON, markdown and chart, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(record, indent=2) + "\n"), (".md", markdown_report(record))):
+        path = out_dir / f"{stem}{suffix}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    if record["rows"]:
+        plot(record, out_dir / f"{stem}.png")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+METHOD = __doc__.split("\n\n", 2)[2].rsplit("\n\nUsage::", 1)[0].replace("\n", " ")
+
+
+def run_benchmark(opts: Options) -> dict[str, Any]:
+    """Train every row in its own process and build the record."""
+    started = time.perf_counter()
+    rows, failed, contended = [], {}, []
+    with assets(opts.smoke) as (base, data, scratch):
+        ranks = accuracy.matched_ranks(base, accuracy.ShadowConfig())
+        for i, row in enumerate(opts.rows):
+            method = "shadow" if row.startswith("shadow") else row
+            rank = ranks[row]["rank"] if row in ("lora", "dora") else None
+            lr = accuracy.DEFAULT_LR.get(method, accuracy.DEFAULT_LR["shadow"])
+            job = Job(
+                row, base, data, opts.steps, opts.warmup_steps, opts.batch_size, opts.seq_len, opts.threads, rank, lr
+            )
+            busy = decode_speed.busy_cores(0.1 if opts.smoke else 0.5)
+            if busy is not None and busy >= decode_speed.BUSY_CORES:
+                contended.append(f"{row} ({busy:.2f})")
+            result, error = run_row(job, scratch)
+            if result is None:
+                failed[row] = error
+                click.echo(f"[row {i + 1}/{len(opts.rows)}] {row}: FAILED", err=True)
+                continue
+            rows.append(summarise(result, ranks))
+            click.echo(f"[row {i + 1}/{len(opts.rows)}] {row}: {rows[-1]['s_per_step']:.3f} s/step", err=True)
+    return {
+        "benchmark": "training_cost",
+        "smoke": opts.smoke,
+        "model": "toy-llama (tests/toy.py)" if opts.smoke else SMOLLM2,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": opts.command,
+        "elapsed_s": time.perf_counter() - started,
+        "settings": {
+            "data": "toy lm (tests/toy.py)" if opts.smoke else data,
+            **{k: getattr(opts, k) for k in ("steps", "warmup_steps", "batch_size", "seq_len", "threads")},
+            "lr": accuracy.DEFAULT_LR,
+        },
+        "ranks": ranks,
+        "machine": decode_speed.machine_info(opts.threads),
+        "rows": rows,
+        "target": target(rows),
+        "denormal": denormal_effect(rows, opts.warmup_steps),
+        "failed": failed,
+        "warnings": [
+            f"other processes kept cores busy just before rows {', '.join(contended)}: their s/step figures are "
+            "contended (inflated and noisy); rerun on an idle machine"
+        ]
+        if contended
+        else [],
+        "method": METHOD,
+    }
+
+
+def _row_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ROWS
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in items if v not in ROWS]
+    if bad or not items:
+        raise click.BadParameter(f"{value!r}: expected a comma-separated subset of {', '.join(ROWS)}")
+    return items
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--smoke", is_flag=True, help="Toy Llama and toy LM data of tests/toy.py, 3 steps.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=RESULTS_DIR)
+@click.option("--rows", callback=_row_list, help=f"Comma-separated subset of {','.join(ROWS)} [all].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Measured steps per row [20; smoke 3].")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None, help="Dropped first steps [3; smoke 1].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--seq-len", type=click.IntRange(min=2), default=64, show_default=True, help="Tokens per row (max_length)."
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [physical cores; smoke 1].")
+@click.option("--worker-job", nargs=2, type=click.Path(dir_okay=False, path_type=Path), hidden=True)
+@click.pass_context
+def cli(ctx: click.Context, worker_job: tuple[Path, Path] | None, **o: Any) -> None:
+    """Seconds per training step and peak memory of ShadowPEFT, LoRA and DoRA at matched budgets."""
+    if worker_job:  # a row's own process (run_row): JOB.json OUT.json
+        worker(*worker_job)
+        return
+    smoke = o["smoke"]
+    opts = Options(
+        smoke=smoke,
+        out_dir=o["out_dir"],
+        rows=o["rows"],
+        steps=o["steps"] or (3 if smoke else 20),
+        warmup_steps=o["warmup_steps"] if o["warmup_steps"] is not None else (1 if smoke else 3),
+        batch_size=o["batch_size"],
+        seq_len=o["seq_len"],
+        threads=o["threads"] or (1 if smoke else decode_speed.physical_cores()),
+        command=ctx.obj,
+    )
+    record = run_benchmark(opts)
+    stem = "training_cost_smoke" if smoke else "training_cost"
+    write_outputs(record, opts.out_dir, stem)
+    click.echo(markdown_report(record).split("## Method")[0].rstrip())
+    click.echo(f"wrote {opts.out_dir / stem}.json, .md and .png")
+    if record["failed"]:
+        raise click.ClickException(f"rows failed: {', '.join(record['failed'])} (see the report)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark CLI and return its exit code (0 only when every row was measured)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    args = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "benchmarks/training_cost.py", *args])
+    try:
+        cli.main(args=args, standalone_mode=False, obj=command)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Smoke tests of benchmarks/speed.py and benchmarks/training_cost.py on the toy Llama, so they cannot rot.
+
+Nothing here judges a timing: the targets are reported by the benchmarks, not asserted. The one
+duration checked is the injected delay, a lower bound the split row must show by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import load_benchmark
+
+SPEED_ROWS = (
+    "torch-published",
+    "torch-peft-tuner",
+    "torch-attached",
+    "torch-detached",
+    "torch-base",
+    *(f"ort-{graph}-{w}" for w in ("fp32", "int8", "int4") for graph in ("plain", "coupled", "detached")),
+    "split-loopback",
+    "split-delay",
+)
+# Fresh adapters are the identity and fp32 graphs match PyTorch, so these rows must give their reference's tokens.
+MUST_MATCH = (
+    "torch-published",
+    "torch-peft-tuner",
+    "torch-attached",
+    "ort-plain-fp32",
+    "ort-coupled-fp32",
+    "ort-detached-fp32",
+    "ort-coupled-int8",
+    "ort-coupled-int4",
+    "split-delay",
+)
+
+
+@pytest.fixture(scope="module")
+def speed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, Path]:
+    out = tmp_path_factory.mktemp("speed")
+    rc = load_benchmark("speed").main(["--smoke", "--out", str(out)])
+    return rc, json.loads((out / "speed_smoke.json").read_text(encoding="utf-8")), out
+
+
+@pytest.fixture(scope="module")
+def training_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, int, dict, Path]:
+    out = tmp_path_factory.mktemp("training-cost")
+    module = load_benchmark("training_cost")
+    rc = module.main(["--smoke", "--out", str(out)])
+    return module, rc, json.loads((out / "training_cost_smoke.json").read_text(encoding="utf-8")), out
+
+
+def test_speed_smoke_measures_every_row(speed_run: tuple[int, dict, Path]) -> None:
+    rc, record, out = speed_run
+    assert rc == 0 and record["failed"] == {}
+    rows = {row["id"]: row for row in record["rows"]}
+    assert tuple(rows) == SPEED_ROWS
+    for row in rows.values():
+        assert math.isfinite(row["decode_ms_per_token"]) and row["decode_ms_per_token"] > 0, row["id"]
+        assert math.isfinite(row["prefill_tokens_per_s"]) and row["prefill_tokens_per_s"] > 0, row["id"]
+        assert row["peak_rss_mb"] > 0 and len(row["decode_ms_per_token_runs"]) == 2, row["id"]
+        assert len(row["tokens"]) == record["new_tokens"] == 8, row["id"]
+    assert record["rows"][0]["ratio_vs_first"] == pytest.approx(1.0)
+    assert record["smoke"] is True and record["prompt_tokens"] == 16 and record["repeats"] == 2
+    assert record["machine"]["cpu_model"] and record["machine"]["onnxruntime"]
+    assert record["bandwidth"]["read_gb_s"] > 0 and record["command"].startswith("python benchmarks/speed.py --smoke")
+    assert (out / "speed_smoke.md").read_text(encoding="utf-8").startswith("# Speed")
+    assert (out / "speed_smoke.png").stat().st_size > 0
+
+
+def test_speed_smoke_rows_are_what_they_claim(speed_run: tuple[int, dict, Path]) -> None:
+    _, record, _ = speed_run
+    rows = {row["id"]: row for row in record["rows"]}
+    for row_id in MUST_MATCH:
+        assert rows[row_id]["tokens_match_reference"] is True, (row_id, rows[row_id]["reference"])
+    for row_id, row in rows.items():
+        assert row["torch_imported"] is (row["kind"] == "torch"), row_id  # the runtime rows stay torch-free
+        if row["kind"] == "ort":
+            assert row["file_bytes"] > 0 and row["weight_bytes_per_token"] > 0 and row["bandwidth_fraction"] > 0
+    assert rows["split-delay"]["decode_ms_per_token"] >= record["delay_ms"] == 20.0  # one round trip per token
+    assert rows["split-loopback"]["extra"]["bytes_sent_per_token"] > 0
+    assert [t["id"] for t in record["targets"]] == [
+        "attached-vs-published",
+        "attached-vs-peft",
+        "attached-vs-base",
+        "coupled-int8-vs-base-int8",
+        "detached-int8-vs-base-int8",
+    ]
+    assert all(t["value"] > 0 and t["met"] in (True, False) for t in record["targets"])
+    assert record["plain_graph_max_abs_diff"] <= 1e-3
+
+
+def test_weight_bytes_per_token_reads_one_embedding_row(tmp_path: Path) -> None:
+    bandwidth = load_benchmark("speed_bandwidth")
+    table = numpy_helper.from_array(np.zeros((10, 4), np.float32), "table")
+    weight = numpy_helper.from_array(np.zeros((4, 3), np.int8), "weight")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["x"]), helper.make_node("MatMul", ["x", "w32"], ["y"])]
+    nodes.insert(1, helper.make_node("Cast", ["weight"], ["w32"], to=TensorProto.FLOAT))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [table, weight],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "g.onnx")
+    assert bandwidth.weight_bytes_per_token(tmp_path / "g.onnx") == 4 * 4 + 4 * 3  # one fp32 row + the int8 matrix
+
+
+def test_token_check_stops_at_end_of_sequence() -> None:
+    report = load_benchmark("speed_report")
+    assert report.same_tokens([5, 6, 7], [5, 6, 7], (3,))
+    assert report.same_tokens([5, 6, 3, 1], [5, 6, 9, 9], (3,))  # PyTorch suppressed EOS; the graph emitted it
+    assert not report.same_tokens([5, 6, 7], [5, 8, 7], (3,))
+
+
+def test_training_cost_smoke(training_run: tuple[ModuleType, int, dict, Path]) -> None:
+    module, rc, record, out = training_run
+    assert rc == 0 and record["failed"] == {}
+    rows = {row["row"]: row for row in record["rows"]}
+    assert tuple(rows) == module.ROWS
+    for name, row in rows.items():
+        assert row["s_per_step"] > 0 and len(row["measured_s"]) == 3 and len(row["step_s"]) == 4, name
+        assert row["trainable_params"] > 0 and row["peak_rss_mb"] >= row["rss_loaded_mb"] > 0, name
+        assert row["flush_denormal"] is (name != "shadow-no-flush"), name
+        assert row["batch_widths"] and max(row["batch_widths"]) <= record["settings"]["seq_len"], name
+    assert rows["lora"]["rank"] == record["ranks"]["lora"]["rank"] and rows["dora"]["rank"] >= 1
+    assert rows["shadow"]["trainable_params"] == record["ranks"]["shadow_adapter_params"]
+    assert record["target"]["value"] > 0 and record["denormal"]["ratio"] > 0
+    assert record["machine"]["cpu_model"] and record["command"].startswith("python benchmarks/training_cost.py")
+    assert (out / "training_cost_smoke.md").read_text(encoding="utf-8").startswith("# Training cost")
+    assert (out / "training_cost_smoke.png").stat().st_size > 0
