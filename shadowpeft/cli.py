@@ -159,13 +159,46 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--steps", default=None, type=click.IntRange(1), help="Training steps [100].")
+@click.option("--prompts", default=None, type=click.IntRange(2, 10_000), help="Held-out prompts per mode [24].")
+@click.option("--out", default=Path("demo-report"), show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--base", default="smollm2-135m-instruct", show_default=True, help="Built-in name or HF model directory."
+)
+@click.option("--data", default="sentiment", show_default=True, help="sentiment (as label generation), intent, JSONL.")
+@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(2, 4096))
+@click.option(
+    "--keep-export/--no-keep-export", default=False, show_default=True, help="Keep the graphs in OUT/export."
+)
+@click.option("--threads", default=None, type=click.IntRange(1, 512), help="torch + onnxruntime threads [all cores].")
+@friendly_errors
+def demo(**options: Any) -> None:
+    """The main job: train a shadow on the embedded SmolLM2, export it split (int8 device graphs), serve the
+    backbone with shadow-serve on loopback, run held-out prompts detached, coupled and auto (stopping the
+    server half-way), and write a report (summary.md, summary.json, plots) to OUT. Under 20 minutes on 2 cores.
+    """
+    from shadowpeft.mainjob import MainJobError, MainJobSettings, run_main_job
+    from shadowpeft.mainjob_report import summary_table
+
+    given = {key: value for key, value in options.items() if value is not None}
+    try:
+        report = run_main_job(MainJobSettings(**given), progress=click.echo)
+    except MainJobError as err:
+        if os.environ.get("SHADOWPEFT_DEBUG") == "1":
+            raise
+        raise click.ClickException(str(err)) from err
+    click.echo("\n" + summary_table(report))
+    click.echo(f"\nreport: {options['out']}/ (summary.md, summary.json, plots)")
+
+
+@main.command("decode-demo")
 @click.option("--prompt", default=None, help="User message (the chat template is applied).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(2, 4096))
 @click.option("--shadow-layers", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.option("--threads", default=None, type=click.IntRange(1, 512), help="torch threads (default: torch's choice).")
 @click.option("--seed", default=0, show_default=True)
 @friendly_errors
-def demo(prompt: str | None, max_new_tokens: int, shadow_layers: int, threads: int | None, seed: int) -> None:
+def decode_demo(prompt: str | None, max_new_tokens: int, shadow_layers: int, threads: int | None, seed: int) -> None:
     """Wrap the embedded SmolLM2-135M-Instruct with a fresh shadow and decode attached and detached.
 
     The shadow is untrained here: attached output equals the base model (W_up starts at zero) and

@@ -43,8 +43,8 @@ def test_debug_env_reraises(monkeypatch):
 
 @pytest.mark.slow
 @requires_smollm2
-def test_demo_on_the_real_model():
-    result = CliRunner().invoke(main, ["demo", "--max-new-tokens", "4", "--threads", "1"])
+def test_decode_demo_on_the_real_model():
+    result = CliRunner().invoke(main, ["decode-demo", "--max-new-tokens", "4", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "trainable params: 4,744,512 || all params: 139,259,520" in result.output
     assert "[attached] 4 new tokens, KV cache on" in result.output
