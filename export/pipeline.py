@@ -137,6 +137,7 @@ def _validate(model, jobs: list[GraphJob], root: Path, fp32_root: Path, options:
     figures: dict[str, float] = {}
     for result in results:
         figures[f"{result.chain}.logits_max_abs_diff"] = result.max_abs_diff
+        figures[f"{result.chain}.logits_bound"] = result.bound(options.tolerance)
         figures[f"{result.chain}.greedy_agreement"] = result.greedy_agreement
     figures["parity.tolerance"] = options.tolerance
     figures["parity.cached_steps"] = options.steps

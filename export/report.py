@@ -17,11 +17,13 @@ def summary_lines(manifest: Manifest, profile: DeviceProfile | None) -> list[str
         before = figures.get(f"{key}.fp32_bytes")
         change = f" (fp32 {before / 2**20:.1f} MB)" if before else ""
         lines.append(f"  {key:<15} {graph.file:<22} {graph.weights:<5} {size:8.1f} MB{change}")
-    lines.append(f"Parity with PyTorch (fp32 graphs, tolerance {figures.get('parity.tolerance', 0):g}):")
+    tolerance = figures.get("parity.tolerance", 0)
+    lines.append(f"Parity with PyTorch (fp32 graphs, tolerance {tolerance:g} x max(1, max|logit| / 10)):")
     for chain in ("detached", "split", "coupled"):
         if f"{chain}.logits_max_abs_diff" in figures:
             lines.append(
-                f"  {chain:<9} max |logit diff| {figures[f'{chain}.logits_max_abs_diff']:.2e}, "
+                f"  {chain:<9} max |logit diff| {figures[f'{chain}.logits_max_abs_diff']:.2e} "
+                f"(allowed {figures.get(f'{chain}.logits_bound', tolerance):.2e}), "
                 f"greedy agreement {figures[f'{chain}.greedy_agreement']:.1%}"
             )
     weights = {graph.weights for graph in manifest.graphs.values()} - {"fp32"}
