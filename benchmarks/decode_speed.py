@@ -244,12 +244,34 @@ def build_base(setup: Setup) -> Row:
     return Row(BASE_ROW, "base model (HF generate, KV cache)", _hf_generate(model, use_cache=True), 0)
 
 
-def build_published(setup: Setup, *, use_cache: bool) -> Row:
-    """Row (a): the authors' `shadow-peft` 0.1.1 package (wraps the base's layers in place)."""
+def published_model(base: torch.nn.Module) -> torch.nn.Module:
+    """The authors' `shadow-peft` 0.1.1 on ``base`` (1-layer shadow, r=16, gate 10); wraps its layers in place."""
     from shadow_peft import ShadowConfig, ShadowForCausalLM, get_shadow_model
 
     config = ShadowConfig(num_shadow_layers=1, injection_hidden_size=16, gate_hidden_size=10)
-    model = ShadowForCausalLM(get_shadow_model(setup.fresh_base(), config)).eval()
+    return ShadowForCausalLM(get_shadow_model(base, config))
+
+
+def peft_tuner_model(base: torch.nn.Module) -> torch.nn.Module:
+    """peft 0.21.2's `shadow` tuner on ``base``: blocks 1..L-1, r=16, gate 10, 1 shadow layer."""
+    from peft import ShadowConfig as PeftShadowConfig
+    from peft import get_peft_model
+
+    config = PeftShadowConfig(
+        task_type="CAUSAL_LM",
+        r=16,
+        update_hidden_size=10,
+        shadow_num_hidden_layers=1,
+        shadow_alpha=0.1,
+        shadow_dropout=0.2,
+        target_modules=[f"model.layers.{i}" for i in range(1, base.config.num_hidden_layers)],
+    )
+    return get_peft_model(base, config)
+
+
+def build_published(setup: Setup, *, use_cache: bool) -> Row:
+    """Row (a): the authors' `shadow-peft` 0.1.1 package (wraps the base's layers in place)."""
+    model = published_model(setup.fresh_base()).eval()
     kind = "KV cache" if use_cache else "full recompute per token"
     row_id = "a-cached" if use_cache else "a-uncached"
     trainable = _trainable(model.peft_model)
@@ -263,21 +285,7 @@ def build_peft_tuner(setup: Setup) -> Row:
     `layers_to_transform` is ignored when `target_modules` is left at None. Its update MLPs use
     GELU and biases and cannot be made bias-free, so it has slightly more parameters.
     """
-    from peft import ShadowConfig as PeftShadowConfig
-    from peft import get_peft_model
-
-    base = setup.fresh_base()
-    num_layers = base.config.num_hidden_layers
-    config = PeftShadowConfig(
-        task_type="CAUSAL_LM",
-        r=16,
-        update_hidden_size=10,
-        shadow_num_hidden_layers=1,
-        shadow_alpha=0.1,
-        shadow_dropout=0.2,
-        target_modules=[f"model.layers.{i}" for i in range(1, num_layers)],
-    )
-    model = get_peft_model(base, config).eval()
+    model = peft_tuner_model(setup.fresh_base()).eval()
     return Row(
         "b-cached", "peft 0.21.2 shadow tuner (ShadowCache)", _hf_generate(model, use_cache=True), _trainable(model)
     )

@@ -126,30 +126,9 @@ def build_model(job: Job, base: torch.nn.Module) -> torch.nn.Module:
         from shadowpeft import ShadowConfig, get_shadow_model
 
         return get_shadow_model(base, ShadowConfig())
-    if job.method == "published":  # configured as decode_speed.build_published (whose Row hides the model)
-        from shadow_peft import ShadowConfig, ShadowForCausalLM, get_shadow_model
-
-        config = ShadowConfig(num_shadow_layers=1, injection_hidden_size=16, gate_hidden_size=10)
-        return ShadowForCausalLM(get_shadow_model(base, config))
-    return _peft_tuner(base)
-
-
-def _peft_tuner(base: torch.nn.Module) -> torch.nn.Module:
-    """The peft tuner configured as decode_speed.build_peft_tuner does (blocks 1..L-1, r=16, gate 10)."""
-    from peft import ShadowConfig as PeftShadowConfig
-    from peft import get_peft_model
-
-    layers = base.config.num_hidden_layers
-    config = PeftShadowConfig(
-        task_type="CAUSAL_LM",
-        r=16,
-        update_hidden_size=10,
-        shadow_num_hidden_layers=1,
-        shadow_alpha=0.1,
-        shadow_dropout=0.2,
-        target_modules=[f"model.layers.{i}" for i in range(1, layers)],
-    )
-    return get_peft_model(base, config)
+    if job.method == "published":
+        return decode_speed.published_model(base)
+    return decode_speed.peft_tuner_model(base)
 
 
 def run_job(job: Job, work: Path) -> dict[str, Any]:
