@@ -11,7 +11,8 @@ from transformers import PreTrainedTokenizerBase
 from shadowpeft.export.graphs import kv_layout
 from shadowpeft.export.io_names import GraphIO
 from shadowpeft.export.quantize import agreement
-from shadowpeft.export.validate import ChainRunner, chains_for, positions_for
+from shadowpeft.export.validate import ChainRunner, chains_for
+from shadowpeft.runtime.decode import positions_for
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.tasks import ShadowForCausalLM
 

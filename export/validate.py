@@ -32,6 +32,7 @@ from shadowpeft.export.io_names import (
     GraphIO,
 )
 from shadowpeft.export.plan import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW
+from shadowpeft.runtime.decode import positions_for  # the runtime's own rule, so parity tests it
 from shadowpeft.tasks import ShadowForCausalLM
 
 __all__ = ["FP32_LOGIT_TOLERANCE", "ChainRunner", "ParityResult", "check_parity", "chains_for", "prompt_batch"]
@@ -85,13 +86,6 @@ def prompt_batch(vocab: int, *, lengths: tuple[int, ...] = (7, 4), seed: int = 1
         ids[row, width - length :] = rng.integers(0, vocab, length)
         mask[row, width - length :] = 1
     return ids, mask
-
-
-def positions_for(mask: np.ndarray, new_tokens: int) -> np.ndarray:
-    """Position ids of the last ``new_tokens`` columns: real tokens count from 0, padding gets 1."""
-    positions = np.cumsum(mask, axis=1) - 1
-    positions[mask == 0] = 1
-    return positions[:, -new_tokens:].astype(np.int64)
 
 
 class ChainRunner:

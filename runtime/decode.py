@@ -22,7 +22,7 @@ HEAD_GRAPH = "device/head"
 
 
 def positions_for(mask: np.ndarray, new_tokens: int) -> np.ndarray:
-    """Position ids of the last ``new_tokens`` columns of ``mask`` (B, P+T): real tokens count from 0."""
+    """Position ids of the last ``new_tokens`` columns of ``mask`` (B, P+T): real tokens from 0, padding 1."""
     positions = np.cumsum(mask, axis=1) - 1
     positions[mask == 0] = 1
     return positions[:, -new_tokens:].astype(np.int64)
