@@ -296,7 +296,8 @@ def measure_split(job: Job) -> Measured:
     from shadowpeft.runtime.generate import Generator
     from shadowpeft.runtime.sampling import SamplingConfig
 
-    export = open_export(job.exports[job.row.target], threads=job.threads)
+    # As in shadow-serve and shadow-run coupled: no spin-waiting (runtime.export_dir.session_options).
+    export = open_export(job.exports[job.row.target], threads=job.threads, spin_wait=False)
     n = job.new_tokens
     with serving(export) as port:
         transport = delayed_transport(job.row.delay_ms / 1000.0) if job.row.delay_ms else None

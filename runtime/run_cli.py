@@ -70,7 +70,14 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
     profile = load_device_profile(options.pop("device")) if options.get("device") else None
     options.pop("device", None)
     providers = tuple(options.pop("providers")) or None
-    export = open_export(export_dir, profile=profile, threads=options.pop("threads"), providers=providers)
+    # Spinning only pays in detached mode; otherwise the process waits on the server between runs.
+    export = open_export(
+        export_dir,
+        profile=profile,
+        threads=options.pop("threads"),
+        providers=providers,
+        spin_wait=mode == "detached",
+    )
     tokenizer = RuntimeTokenizer.from_export(export.root, export.manifest)
     client = _client(server, token, wire, timeout) if mode != "detached" else None
     chat = options.pop("chat")

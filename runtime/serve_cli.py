@@ -96,7 +96,8 @@ def _serve(export_dir: Path, host: str, port: int, token: str | None, options: d
     level = options["log_level"]
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     profile = load_device_profile(options["device"]) if options["device"] else None
-    export = open_export(export_dir, profile=profile, threads=options["threads"])
+    # No spin-waiting: the server idles between requests (runtime.export_dir.session_options).
+    export = open_export(export_dir, profile=profile, threads=options["threads"], spin_wait=False)
     max_tokens = options["max_tokens_per_session"] or _default_max_tokens(export.root, export.manifest, profile)
     limits = SessionLimits(options["max_sessions"], max_tokens, options["idle_ttl"])
     app = create_app(export, ServerConfig(token, limits, options["max_body_bytes"]))

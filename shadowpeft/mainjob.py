@@ -332,7 +332,8 @@ def serve_and_run(
     """Start the server; run the prompts detached, coupled, then auto (stopping the server half-way)."""
     profile = load_device_profile(settings.device)
     threads = settings.threads or max(1, min(profile.intra_op_threads, os.cpu_count() or 1))
-    export = open_export(work / "export", profile=profile, threads=threads)
+    # No spin-waiting: the device sessions share the cores with the local server.
+    export = open_export(work / "export", profile=profile, threads=threads, spin_wait=False)
     tokenizer = RuntimeTokenizer.from_export(export.root, export.manifest)
     prompts = [tokenizer.encode(example.prompt) for example in examples]
     answers = [example.completion for example in examples]

@@ -51,3 +51,38 @@ def test_providers_fall_back_to_cpu_and_threads_come_from_the_profile(toy_export
 def test_coupled_mode_without_a_server_is_a_usage_error(toy_export):
     result = CliRunner().invoke(main, [str(toy_export.export), "-p", "red", "--mode", "coupled"])
     assert result.exit_code == 2 and "--server" in result.output
+
+
+def test_spin_waiting_is_on_by_default_and_off_on_request(toy_export):
+    from shadowpeft.runtime.export_dir import session_options
+
+    key = "session.intra_op.allow_spinning"
+    assert session_options(2, spin_wait=False).get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: onnxruntime's default, spin
+        session_options(2).get_session_config_entry(key)
+    export = open_export(toy_export.export, threads=1, spin_wait=False)
+    assert export.spin_wait is False and open_export(toy_export.export).spin_wait is True
+    assert export.session("device/shadow").get_session_options().get_session_config_entry(key) == "0"
+
+
+@pytest.mark.parametrize("mode", ["detached", "coupled", "auto"])
+def test_only_detached_runs_spin_and_the_server_never_does(toy_export, monkeypatch, mode):
+    """Threads that spin while the process waits on the network steal the cores a colocated
+    server (or the device's own next run) needs; see runtime.export_dir.session_options."""
+    import shadowpeft.runtime.export_dir as export_dir
+    import shadowpeft.runtime.server as server
+    from shadowpeft.runtime.serve_cli import main as serve_main
+
+    opened = []
+
+    def recording_open(*args, **kwargs):
+        opened.append(kwargs.get("spin_wait", True))
+        raise SystemExit(0)  # stop before any generation or serving
+
+    monkeypatch.setattr(export_dir, "open_export", recording_open)
+    CliRunner().invoke(
+        main, [str(toy_export.export), "-p", "red", "--no-chat", "--mode", mode, "--server", "http://x"]
+    )
+    monkeypatch.setattr(server, "run_server", lambda *a, **k: None)
+    CliRunner().invoke(serve_main, [str(toy_export.export), "--no-auth"])
+    assert opened == [mode == "detached", False]
