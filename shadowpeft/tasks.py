@@ -14,8 +14,8 @@ from transformers.utils import ModelOutput
 from shadowpeft.cache import ShadowCache
 from shadowpeft.config import ShadowConfig
 from shadowpeft.errors import ShadowConfigError
-from shadowpeft.model import MODES, Mode, ShadowModel
-from shadowpeft.training import combined_loss, shifted_cross_entropy
+from shadowpeft.model import MODES, Mode, ShadowModel, ShadowStates
+from shadowpeft.training import combined_loss, labelled_cross_entropy, shifted_cross_entropy
 
 
 @dataclass
@@ -107,6 +107,9 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
         """One forward. ``labels`` gives ``loss = CE_base + lambda * CE_shadow`` (attached) or ``CE_shadow``.
 
         ``logits_to_keep=k > 0`` computes logits for the last ``k`` positions only (``generate`` uses 1).
+        In training mode with ``labels`` the heads run only at positions that take a loss (see
+        :func:`~shadowpeft.training.labelled_cross_entropy`) and ``logits``/``shadow_logits`` are
+        ``None``; call in eval mode, or without labels, for logits.
         """
         check_hf_flags(hf_flags)
         mode = mode or self.inference_mode
@@ -121,6 +124,10 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
             use_cache=use_cache,
             mode=mode,
         )
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need logits for every position; leave logits_to_keep=0 when training.")
+        if labels is not None and self.training:
+            return self._training_loss(out, labels, mode)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         want_shadow = labels is not None or return_shadow_logits or mode == "detached"
         shadow_logits = self.shadow_head(out.s0[:, keep]) if want_shadow else None
@@ -132,14 +139,23 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
             logits=logits, shadow_logits=shadow_logits, past_key_values=out.cache, shadow_states=out.s0
         )
         if labels is not None:
-            if logits_to_keep:
-                raise ValueError("labels need logits for every position; leave logits_to_keep=0 when training.")
             result.shadow_loss = shifted_cross_entropy(shadow_logits, labels)
             if mode == "detached":
                 result.loss = result.shadow_loss
             else:
                 result.base_loss = shifted_cross_entropy(logits, labels)
                 result.loss = combined_loss(result.base_loss, result.shadow_loss, self.shadow_config.aux_loss_weight)
+        return result
+
+    def _training_loss(self, out: ShadowStates, labels: Tensor, mode: Mode) -> ShadowCausalLMOutput:
+        """The loss of :meth:`forward` with each head run only where a label is taken; no logits."""
+        result = ShadowCausalLMOutput(past_key_values=out.cache, shadow_states=out.s0)
+        result.shadow_loss = labelled_cross_entropy(self.shadow_head, out.s0, labels)
+        if mode == "detached":
+            result.loss = result.shadow_loss
+            return result
+        result.base_loss = labelled_cross_entropy(self.base.get_output_embeddings(), out.hidden, labels)
+        result.loss = combined_loss(result.base_loss, result.shadow_loss, self.shadow_config.aux_loss_weight)
         return result
 
     def generate(self, *args: object, mode: Mode | None = None, **kwargs: object) -> Tensor:

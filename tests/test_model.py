@@ -124,6 +124,44 @@ def test_loss_is_base_plus_lambda_shadow(perturbed):
     torch.testing.assert_close(detached.loss, shadow_ce)
 
 
+@pytest.mark.parametrize("train_shadow_head", [False, True])
+@pytest.mark.parametrize("mode", ["attached", "detached"])
+def test_training_loss_runs_the_heads_only_where_labels_are_taken(mode, train_shadow_head):
+    """Training mode skips the (B, T, V) logits: same loss and gradients as the eval-mode full path."""
+    model = perturb(get_shadow_model(tiny_base("qwen3"), no_dropout_config(train_shadow_head=train_shadow_head)))
+    ids, mask = padded_batch(side="right")
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # a masked prompt
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(training):
+        model.train(training)
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=labels, mode=mode)
+        out.loss.backward()
+        return out, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in trainable]
+
+    rows = []
+    hooks = [
+        head.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[:-1]))
+        for head in {model.shadow_head, model.base.lm_head}
+    ]
+    full, full_grads = loss_and_grads(False)
+    assert full.logits is not None and rows and all(r == ids.shape for r in rows)
+    rows.clear()
+    fast, fast_grads = loss_and_grads(True)
+    for hook in hooks:
+        hook.remove()
+    taken = int((labels[:, 1:] != -100).sum())
+    assert rows == [(taken,)] * (1 if mode == "detached" else 2)
+    assert fast.logits is None and fast.shadow_logits is None
+    torch.testing.assert_close(fast.loss, full.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast.shadow_loss, full.shadow_loss, rtol=1e-6, atol=1e-6)
+    assert sum(g.abs().sum() for g in fast_grads) > 0
+    for got, expected in zip(fast_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_gradients_reach_only_shadow_parameters(arch):
     model = perturb(get_shadow_model(tiny_base(arch), no_dropout_config())).train()
     base_before = {n: p.detach().clone() for n, p in model.base.named_parameters()}
