@@ -40,7 +40,7 @@ from shadowpeft.export.context import explicit_context
 from shadowpeft.export.graphs import HeadWeight, example_past, kv_layout
 from shadowpeft.export.io_names import SHADOW_STATES, GraphIO, detached_shadow_io
 from shadowpeft.export.onnx_export import export_graph, external_data_files
-from shadowpeft.export.pipeline import ExportOptions, export_checkpoint
+from shadowpeft.export.pipeline import ExportOptions, export_checkpoint, quantization_name
 from shadowpeft.export.quantize import quantize_graph
 from shadowpeft.jobs import load_base
 from shadowpeft.runtime.export_dir import session_options
@@ -169,8 +169,7 @@ def derive_export(src: Path, dst: Path, *, weights: str) -> Path:
         graphs[key] = dataclasses.replace(
             spec, weights=weights, sha256=sha, external_data=data, opset=_default_opset(dst / spec.file)
         )
-    quantization = "int8-dynamic" if weights == "int8" else "int4-block32-acc4"
-    dataclasses.replace(manifest, graphs=graphs, quantization=quantization).write(dst)
+    dataclasses.replace(manifest, graphs=graphs, quantization=quantization_name(weights)).write(dst)
     return dst
 
 

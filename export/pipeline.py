@@ -27,12 +27,12 @@ from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_
 from shadowpeft.export.ort_format import ORT_KEY_PREFIX, convert_to_ort
 from shadowpeft.export.plan import GraphJob, graph_jobs, keys_for
 from shadowpeft.export.quality import memory_figures, quantized_agreement
-from shadowpeft.export.quantize import quantize_graph
+from shadowpeft.export.quantize import INT8_BLOCK_SIZE, quantize_graph
 from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.manifest import SCHEMA_VERSION, GraphSpec, Manifest, file_sha256
 
-__all__ = ["STAGES", "ExportOptions", "export_checkpoint"]
+__all__ = ["STAGES", "ExportOptions", "export_checkpoint", "quantization_name"]
 
 STAGES = ("load", "trace", "export", "validate", "quantize", "write")
 Progress = Callable[[str, str], None]  # (stage, detail)
@@ -205,7 +205,7 @@ def _manifest(
         hidden_size=model.hidden_size,
         tokenizer_files=tokenizer_files,
         device_profile=options.profile.name if options.profile is not None else None,
-        quantization=_quantization_name(weights, options.profile),
+        quantization=quantization_name(weights, options.profile),
         validation=figures,
     )
 
@@ -228,11 +228,12 @@ def _default_opset(path: Path) -> int:
     return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
-def _quantization_name(weights: str, profile: DeviceProfile | None) -> str:
+def quantization_name(weights: str, profile: DeviceProfile | None = None) -> str:
+    """The manifest's ``quantization`` for on-device graphs of ``weights``, e.g. ``int8-block64-acc4``."""
     if weights == "fp32":
         return "none"
     if weights == "int8":
-        return "int8-dynamic"
+        return f"int8-block{INT8_BLOCK_SIZE}-acc4"
     block = profile.int4_block_size if profile is not None else 32
     level = profile.int4_accuracy_level if profile is not None else 4
     return f"int4-block{block}-acc{level}"

@@ -49,7 +49,7 @@ def test_split_coupled_int8_for_a_laptop_profile(toy, tmp_path):
         "cloud/backbone": "fp32",
         "coupled": "int8",
     }
-    assert manifest.quantization == "int8-dynamic" and manifest.device_profile == "x86-64-laptop"
+    assert manifest.quantization == "int8-block64-acc4" and manifest.device_profile == "x86-64-laptop"
     assert manifest.base_model == str(toy["base"])
     figures = manifest.validation
     for chain in ("detached", "split", "coupled"):
