@@ -134,6 +134,11 @@ def test_training_cost_smoke(training_run: tuple[ModuleType, int, dict, Path]) -
     assert rows["lora"]["rank"] == record["ranks"]["lora"]["rank"] and rows["dora"]["rank"] >= 1
     assert rows["shadow"]["trainable_params"] == record["ranks"]["shadow_adapter_params"]
     assert record["target"]["value"] > 0 and record["denormal"]["ratio"] > 0
+    for name, row in rows.items():  # the shadow loss's head is timed in the ShadowPEFT rows only
+        assert (row["aux_head_s"] is not None) is name.startswith("shadow"), name
+    assert rows["shadow"]["aux_head_s"] > 0 and record["target"]["aux_head_s"] == rows["shadow"]["aux_head_s"]
+    assert record["target"]["value_without_aux_head"] < record["target"]["value"]
+    assert "The shadow loss's head alone" in (out / "training_cost_smoke.md").read_text(encoding="utf-8")
     assert record["machine"]["cpu_model"] and record["command"].startswith("python benchmarks/training_cost.py")
     assert (out / "training_cost_smoke.md").read_text(encoding="utf-8").startswith("# Training cost")
     assert (out / "training_cost_smoke.png").stat().st_size > 0

@@ -15,7 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from shadowpeft.export import quantize
 from shadowpeft.export.errors import QuantizationError
-from shadowpeft.export.quantize import INT8_BLOCK_SIZE, agreement, quantize_graph, unquantized_matmul_weights
+from shadowpeft.export.quantize import (
+    INT8_BLOCK_SIZE,
+    MIN_QUANTIZED_DIM,
+    agreement,
+    quantize_graph,
+    unquantized_matmul_weights,
+)
 
 D, HIDDEN, VOCAB = 64, 256, 128
 
@@ -243,6 +249,34 @@ def test_large_output_goes_to_external_data(fp32: Path, tmp_path: Path, monkeypa
     assert locations == {"q.onnx.data"}
     assert result.bytes_after == result.path.stat().st_size + (tmp_path / "q.onnx.data").stat().st_size
     assert agreement(_runner(fp32), _runner(result.path), _feeds(1)).top1 >= MIN_TOP1["int8"]
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_low_rank_adapter_weights_stay_fp32(tmp_path: Path, weights: str) -> None:
+    """A rank-16 down/up pair (the shadow's injections) stays fp32; the head beside it is quantized."""
+    rng = np.random.default_rng(0)
+    tensors = {"down": (D, 16), "up": (16, D), "head_w": (D, VOCAB)}
+    initializers = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in tensors.items()]
+    nodes = [
+        helper.make_node("MatMul", ["x", "down"], ["low"], name="down_proj"),
+        helper.make_node("MatMul", ["low", "up"], ["delta"], name="up_proj"),
+        helper.make_node("Add", ["x", "delta"], ["h"], name="add"),
+        helper.make_node("MatMul", ["h", "head_w"], ["logits"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "adapter",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", D])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", VOCAB])],
+        initializers,
+    )
+    src = tmp_path / "adapter.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), src)
+    result = quantize_graph(src, tmp_path / "q.onnx", weights=weights)
+    model = onnx.load(result.path)
+    assert result.quantized_matmuls == 1 and MIN_QUANTIZED_DIM > 16
+    assert sorted(_weight_bearing_matmuls(model)) == ["down_proj", "up_proj"]
+    assert [n.name for n in model.graph.node if n.op_type == "MatMulNBits"] == ["head_Q" + weights[-1]]
 
 
 def test_hidden_weights_are_listed() -> None:
