@@ -14,7 +14,11 @@ Every row trains through the project's harness (shadowpeft.trainer.run_training:
 AdamW, constant learning rate) on `shakespeare` (language modelling, 64-token rows), batch 8,
 fp32, from a fresh adapter and the same seed. A forward pre-hook on the model stamps the start of
 each step; step k takes stamp(k+1) - stamp(k) (forward, backward, clipping, optimizer step, data).
-The first ``--warmup-steps`` are dropped and the median of the next ``--steps`` is reported.
+The first ``--warmup-steps`` are dropped; the next ``--steps`` count. The rows are run ``--rounds``
+times (2 by default), all rows in order and then again, each run a fresh process, and the median
+over every counted step of every round is reported with each round's own median: on the shared
+2-core machine one row's s/step moved by up to 25% between runs minutes apart, and interleaving
+spreads such drift over all rows instead of the ones that happened to run during it.
 Peak memory is the peak resident set (VmHWM) of the row's process; the resident set after the
 model is built is reported beside it.
 
@@ -27,7 +31,7 @@ the effect.
 
 Usage::
 
-    python benchmarks/training_cost.py                        # SmolLM2, roughly 8 minutes on 2 idle cores
+    python benchmarks/training_cost.py                        # SmolLM2, roughly 16 minutes on 2 idle cores
     python benchmarks/training_cost.py --smoke --out /tmp/x   # toy Llama of tests/toy.py, under 2 minutes
 """
 
@@ -237,6 +241,7 @@ class Options:
     seq_len: int
     threads: int
     command: str
+    rounds: int = 1
 
 
 @contextlib.contextmanager
@@ -263,6 +268,19 @@ def run_row(job: Job, scratch: Path) -> tuple[dict[str, Any] | None, str | None]
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
         return None, f"exit code {done.returncode}: {tail}"
     return json.loads(out_path.read_text(encoding="utf-8")), None
+
+
+def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row's results over the rounds: measured steps pooled, first steps and memory from round 1."""
+    first = results[0]
+    aux = [r["aux_head_s"] for r in results if r["aux_head_s"] is not None]
+    return {
+        **first,
+        "measured_s": [t for r in results for t in r["measured_s"]],
+        "round_medians_s": [statistics.median(r["measured_s"]) for r in results],
+        "aux_head_s": statistics.median(aux) if aux else None,
+        "peak_rss_kb": max((r["peak_rss_kb"] for r in results if r["peak_rss_kb"] is not None), default=None),
+    }
 
 
 def summarise(result: dict[str, Any], ranks: dict[str, Any]) -> dict[str, Any]:
@@ -334,13 +352,14 @@ def markdown_report(record: dict[str, Any]) -> str:
         f"{m['platform']}; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
         f"shadow-peft {m['shadow-peft']}  ",
         f"Settings: data `{s['data']}`, batch {s['batch_size']} x {s['seq_len']} tokens, fp32, {s['threads']} torch "
-        f"threads, median of {s['steps']} steps after {s['warmup_steps']} warm-up steps, constant LR "
+        f"threads, {s['rounds']} interleaved rounds (rows run in order, then again), median of {s['steps']} steps "
+        f"per round after {s['warmup_steps']} warm-up steps, pooled over the rounds, constant LR "
         "(accuracy.py's per-method rates), denormals flushed except where marked.",
         "",
         *[line for w in record["warnings"] for line in (f"**Warning:** {w}.", "")],
-        "| row | method | trainable params | s/step | vs first | min-max s/step | first 5 steps, s | "
-        "peak RSS MB | RSS after build MB | batch widths |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---|",
+        "| row | method | trainable params | s/step | vs first | per-round medians, s | min-max s/step | "
+        "first 5 steps, s | peak RSS MB | RSS after build MB | batch widths |",
+        "|---|---|---:|---:|---:|---|---:|---|---:|---:|---|",
     ]
     first = record["rows"][0]["s_per_step"] if record["rows"] else 1.0
     for r in record["rows"]:
@@ -348,7 +367,8 @@ def markdown_report(record: dict[str, Any]) -> str:
         early = ", ".join(f"{x:.2f}" for x in r["first_steps_s"])
         lines.append(
             f"| {r['row']} | {r['label']}{rank} | {r['trainable_params']:,} | {r['s_per_step']:.3f} | "
-            f"{r['s_per_step'] / first:.3f}x | {r['s_per_step_min']:.3f}-{r['s_per_step_max']:.3f} | {early} | "
+            f"{r['s_per_step'] / first:.3f}x | {', '.join(f'{x:.3f}' for x in r['round_medians_s'])} | "
+            f"{r['s_per_step_min']:.3f}-{r['s_per_step_max']:.3f} | {early} | "
             f"{_num(r['peak_rss_mb'])} | {_num(r['rss_loaded_mb'])} | {r['batch_widths']} |"
         )
     t = record["target"]
@@ -428,25 +448,40 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
     """Train every row in its own process and build the record."""
     started = time.perf_counter()
     rows, failed, contended = [], {}, []
+    results: dict[str, list[dict[str, Any]]] = {row: [] for row in opts.rows}
     with assets(opts.smoke) as (base, data, scratch):
         ranks = accuracy.matched_ranks(base, accuracy.ShadowConfig())
-        for i, row in enumerate(opts.rows):
-            method = "shadow" if row.startswith("shadow") else row
-            rank = ranks[row]["rank"] if row in ("lora", "dora") else None
-            lr = accuracy.DEFAULT_LR.get(method, accuracy.DEFAULT_LR["shadow"])
-            job = Job(
-                row, base, data, opts.steps, opts.warmup_steps, opts.batch_size, opts.seq_len, opts.threads, rank, lr
-            )
-            busy = decode_speed.busy_cores(0.1 if opts.smoke else 0.5)
-            if busy is not None and busy >= decode_speed.BUSY_CORES:
-                contended.append(f"{row} ({busy:.2f})")
-            result, error = run_row(job, scratch)
-            if result is None:
-                failed[row] = error
-                click.echo(f"[row {i + 1}/{len(opts.rows)}] {row}: FAILED", err=True)
-                continue
-            rows.append(summarise(result, ranks))
-            click.echo(f"[row {i + 1}/{len(opts.rows)}] {row}: {rows[-1]['s_per_step']:.3f} s/step", err=True)
+        for round_index in range(opts.rounds):  # rows interleaved, so a drift of the machine hits them all
+            for i, row in enumerate(opts.rows):
+                if row in failed:
+                    continue
+                method = "shadow" if row.startswith("shadow") else row
+                rank = ranks[row]["rank"] if row in ("lora", "dora") else None
+                lr = accuracy.DEFAULT_LR.get(method, accuracy.DEFAULT_LR["shadow"])
+                job = Job(
+                    row,
+                    base,
+                    data,
+                    opts.steps,
+                    opts.warmup_steps,
+                    opts.batch_size,
+                    opts.seq_len,
+                    opts.threads,
+                    rank,
+                    lr,
+                )
+                busy = decode_speed.busy_cores(0.1 if opts.smoke else 0.5)
+                if busy is not None and busy >= decode_speed.BUSY_CORES:
+                    contended.append(f"{row} ({busy:.2f})")
+                result, error = run_row(job, scratch)
+                where = f"[round {round_index + 1}/{opts.rounds}, row {i + 1}/{len(opts.rows)}] {row}"
+                if result is None:
+                    failed[row] = error
+                    click.echo(f"{where}: FAILED", err=True)
+                    continue
+                results[row].append(result)
+                click.echo(f"{where}: {statistics.median(result['measured_s']):.3f} s/step", err=True)
+        rows = [summarise(merge_rounds(results[row]), ranks) for row in opts.rows if row not in failed]
     return {
         "benchmark": "training_cost",
         "smoke": opts.smoke,
@@ -456,7 +491,7 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
         "elapsed_s": time.perf_counter() - started,
         "settings": {
             "data": "toy lm (tests/toy.py)" if opts.smoke else data,
-            **{k: getattr(opts, k) for k in ("steps", "warmup_steps", "batch_size", "seq_len", "threads")},
+            **{k: getattr(opts, k) for k in ("steps", "warmup_steps", "batch_size", "seq_len", "threads", "rounds")},
             "lr": accuracy.DEFAULT_LR,
         },
         "ranks": ranks,
@@ -496,6 +531,9 @@ def _row_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     "--seq-len", type=click.IntRange(min=2), default=64, show_default=True, help="Tokens per row (max_length)."
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [physical cores; smoke 1].")
+@click.option(
+    "--rounds", type=click.IntRange(min=1), default=None, help="Passes over the rows, interleaved [2; smoke 1]."
+)
 @click.option("--worker-job", nargs=2, type=click.Path(dir_okay=False, path_type=Path), hidden=True)
 @click.pass_context
 def cli(ctx: click.Context, worker_job: tuple[Path, Path] | None, **o: Any) -> None:
@@ -514,6 +552,7 @@ def cli(ctx: click.Context, worker_job: tuple[Path, Path] | None, **o: Any) -> N
         seq_len=o["seq_len"],
         threads=o["threads"] or (1 if smoke else decode_speed.physical_cores()),
         command=ctx.obj,
+        rounds=o["rounds"] or (1 if smoke else 2),
     )
     record = run_benchmark(opts)
     stem = "training_cost_smoke" if smoke else "training_cost"
