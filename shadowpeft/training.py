@@ -27,7 +27,7 @@ def labelled_cross_entropy(head: nn.Module, states: Tensor, labels: Tensor) -> T
 
     Same value and gradients (up to float summation order), without the (B, T, V) logits: the head
     sees the N positions whose next label is not -100. With a 49k vocabulary the two heads over every
-    position cost about a third of an SFT step on SmolLM2, and SFT masks most positions (the prompt).
+    position are about a third of an SFT step's FLOPs on SmolLM2 (estimated), and SFT masks the prompt.
 
     Args:
         head: Maps (N, d) states to (N, V) logits (the base ``lm_head`` or the shadow head).
