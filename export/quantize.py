@@ -75,7 +75,7 @@ INT8_BLOCK_SIZE = 64
 #: each, 2 busy cores).
 MIN_QUANTIZED_DIM = 64
 #: Op types that carry a quantized MatMul weight in an output graph.
-QUANTIZED_MATMUL_OPS = frozenset({"MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"})
+QUANTIZED_MATMUL_OPS = frozenset({"MatMulNBits"})
 
 _SUPPORTED = ("fp32", "int8", "int4")
 _ONNX_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
@@ -324,22 +324,11 @@ def _warn_unquantizable(model: onnx.ModelProto, weights: str, src: Path) -> None
 def _int8(model: onnx.ModelProto, scratch: Path, *, symmetric: bool) -> onnx.ModelProto:
     # MatMul weights: 8-bit MatMulNBits (block-wise weights; accuracy_level 4 quantizes the activation
     # per block too, see the module docstring for why not quantize_dynamic's per-tensor scale).
-    quantizer = _nbits_quantizer()(
-        model,
-        bits=8,
-        block_size=INT8_BLOCK_SIZE,
-        accuracy_level=4,
-        is_symmetric=symmetric,
-        op_types_to_quantize=("MatMul",),
-        quant_axes=(("MatMul", 0),),
-        nodes_to_exclude=_small_matmuls(model),
-    )
-    with np.errstate(divide="ignore", invalid="ignore"):  # its np.where divides all-zero blocks before masking them
-        quantizer.process()
+    model = _nbits(model, bits=8, block_size=INT8_BLOCK_SIZE, accuracy_level=4, symmetric=symmetric, gather=False)
     # Embedding tables: int8 per tensor, dequantized after the Gather (only the looked-up rows).
     out = scratch / "int8.onnx"
     quantize_dynamic(
-        quantizer.model.model,
+        model,
         out,
         op_types_to_quantize=["Gather"],
         per_channel=True,
@@ -353,14 +342,25 @@ def _int8(model: onnx.ModelProto, scratch: Path, *, symmetric: bool) -> onnx.Mod
 
 
 def _int4(model: onnx.ModelProto, *, block_size: int, accuracy_level: int, symmetric: bool) -> onnx.ModelProto:
-    options = {"block_size": block_size, "accuracy_level": accuracy_level, "is_symmetric": symmetric}
+    return _nbits(
+        model, bits=4, block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric, gather=True
+    )
+
+
+def _nbits(
+    model: onnx.ModelProto, *, bits: int, block_size: int, accuracy_level: int, symmetric: bool, gather: bool
+) -> onnx.ModelProto:
+    """MatMul weights (and, with ``gather``, embedding tables) through onnxruntime's MatMulNBitsQuantizer."""
+    ops, axes = (("MatMul", "Gather"), (("MatMul", 0), ("Gather", 1))) if gather else (("MatMul",), (("MatMul", 0),))
     quantizer = _nbits_quantizer()(
         model,
-        bits=4,
-        op_types_to_quantize=("MatMul", "Gather"),
-        quant_axes=(("MatMul", 0), ("Gather", 1)),
+        bits=bits,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        is_symmetric=symmetric,
+        op_types_to_quantize=ops,
+        quant_axes=axes,
         nodes_to_exclude=_small_matmuls(model),
-        **options,
     )
     with np.errstate(divide="ignore", invalid="ignore"):  # its np.where divides all-zero blocks before masking them
         quantizer.process()
