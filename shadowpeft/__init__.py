@@ -16,6 +16,7 @@ _LAZY = {
     "BackboneConfig": "shadowpeft.config",
     "InjectionConfig": "shadowpeft.config",
     "UpdateConfig": "shadowpeft.config",
+    "DistillConfig": "shadowpeft.config",
     "ShadowConfigError": "shadowpeft.errors",
     "CheckpointError": "shadowpeft.errors",
     "ShadowModel": "shadowpeft.model",
@@ -38,6 +39,7 @@ __all__ = [
     "BackboneConfig",
     "InjectionConfig",
     "UpdateConfig",
+    "DistillConfig",
     "ShadowConfigError",
     "CheckpointError",
     "ShadowModel",
@@ -58,7 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from shadowpeft.backbone import pinv_projection_init
     from shadowpeft.cache import ShadowCache
     from shadowpeft.checkpoint import load_shadow, save_shadow
-    from shadowpeft.config import BackboneConfig, InjectionConfig, ShadowConfig, UpdateConfig
+    from shadowpeft.config import BackboneConfig, DistillConfig, InjectionConfig, ShadowConfig, UpdateConfig
     from shadowpeft.errors import CheckpointError, ShadowConfigError
     from shadowpeft.generate import greedy_decode
     from shadowpeft.model import ShadowModel

@@ -48,12 +48,45 @@ def implicit_shadow_config(base_backbone_config: Any, spec: ArchSpec, cfg: Backb
 
 
 def build_implicit_backbone(base_backbone: nn.Module, spec: ArchSpec, cfg: BackboneConfig) -> nn.Module:
-    """A randomly initialised ``cfg.num_layers``-layer copy of ``base_backbone``'s class, sharing its embeddings."""
+    """A ``cfg.num_layers``-layer copy of ``base_backbone``'s class, sharing its embeddings.
+
+    Randomly initialised, or, with ``cfg.base_layers``, initialised from those base layers and the
+    base's other non-embedding parts (final norm; GPT-2's learned positions) by :func:`copy_base_layers`.
+    """
     shadow_config = implicit_shadow_config(base_backbone.config, spec, cfg)
     shadow = type(base_backbone)(shadow_config)
     spec.remove_embedding(shadow)
     ref = spec.embedding(base_backbone).weight
-    return shadow.to(device=ref.device, dtype=ref.dtype)
+    shadow = shadow.to(device=ref.device, dtype=ref.dtype)
+    if cfg.base_layers is not None:
+        copy_base_layers(base_backbone, shadow, spec, cfg.base_layers)
+    return shadow
+
+
+@torch.no_grad()
+def copy_base_layers(base_backbone: nn.Module, shadow: nn.Module, spec: ArchSpec, layers: tuple[int, ...]) -> None:
+    """Load base layer ``layers[j]`` into shadow layer ``j``, and every other part but the token table.
+
+    The other parts are the final norm, rotary tables and, for GPT-2, the learned positions: the
+    shadow then computes exactly the base truncated to ``layers`` (METHOD.md section 9, lever c).
+
+    Raises:
+        ShadowConfigError: an index outside the base's layers.
+    """
+    base_layers, shadow_layers = spec.layers(base_backbone), spec.layers(shadow)
+    bad = [i for i in layers if not 0 <= i < len(base_layers)]
+    if bad:
+        raise ShadowConfigError(
+            f"--shadow-init base:{','.join(map(str, layers))}: layer(s) {bad} out of range; the base has "
+            f"{len(base_layers)} decoder layers (indices 0..{len(base_layers) - 1})."
+        )
+    for j, i in enumerate(layers):
+        shadow_layers[j].load_state_dict(base_layers[i].state_dict())
+    skip = {spec.layers_attr, spec.embed_attr}
+    for name, child in shadow.named_children():
+        source = getattr(base_backbone, name, None)
+        if name not in skip and isinstance(source, nn.Module):
+            child.load_state_dict(source.state_dict())
 
 
 def explicit_backbone(

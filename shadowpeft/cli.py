@@ -12,8 +12,17 @@ import click
 
 from shadowpeft.errors import CheckpointError, DataError, ShadowConfigError
 
+# Kept in step with shadowpeft.recipes (checked by a test) so that `--help` does not import torch.
+RECIPE_NAMES = ("paper", "edge")
+DEFAULT_RECIPE = "paper"
+
 _SHADOW_OPTIONS = [
-    click.option("--shadow-layers", default=1, show_default=True, type=click.IntRange(1, 64)),
+    click.option(
+        "--shadow-layers",
+        default=None,
+        type=click.IntRange(1, 64),
+        help="Shadow decoder layers [1; with --shadow-init base:...: its length].",
+    ),
     click.option("--shadow-mlp", default=None, type=click.IntRange(1), help="Shadow MLP width [base's]."),
     click.option("--shadow-heads", default=None, type=click.IntRange(1), help="Shadow attention heads [base's]."),
     click.option("--shadow-kv-heads", default=None, type=click.IntRange(1), help="Shadow KV heads [base's]."),
@@ -21,7 +30,44 @@ _SHADOW_OPTIONS = [
     click.option("--gate-width", default=10, show_default=True, type=click.IntRange(2), help="Update width g."),
     click.option("--alpha", default=0.1, show_default=True, type=click.FloatRange(0), help="Injection scale."),
     click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
-    click.option("--aux-weight", default=0.05, show_default=True, type=click.FloatRange(0), help="lambda."),
+    click.option("--aux-weight", default=None, type=click.FloatRange(0), help="lambda [the recipe's]."),
+    click.option(
+        "--shadow-init",
+        default=None,
+        help="random, or base:I,J,... (ranges I-J too): copy those base layers and the final norm [the recipe's].",
+    ),
+]
+_LEVER_OPTIONS = [
+    click.option(
+        "--method",
+        default="shadow",
+        show_default=True,
+        type=click.Choice(["shadow", "lora", "dora", "detached-alone"]),
+        help="ShadowPEFT, a LoRA/DoRA baseline at the shadow's budget, or the detached architecture trained alone.",
+    ),
+    click.option(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        show_default=True,
+        type=click.Choice(list(RECIPE_NAMES)),
+        help="Lever defaults: paper (METHOD.md) or edge (for detached use); the options below override them.",
+    ),
+    click.option(
+        "--shadow-lr-mult", default=None, type=click.FloatRange(0, min_open=True), help="Shadow backbone LR x."
+    ),
+    click.option(
+        "--distill", default=None, type=click.FloatRange(0), help="Weight of KL(attached || detached) in the aux term."
+    ),
+    click.option(
+        "--distill-temperature", default=None, type=click.FloatRange(0, min_open=True), help="KL temperature."
+    ),
+    click.option(
+        "--refine-fraction",
+        default=None,
+        type=click.FloatRange(0, 1, max_open=True),
+        help="Fraction of --steps spent on a detached refinement at the end (injections and updates frozen).",
+    ),
+    click.option("--lora-rank", default=None, type=click.IntRange(1), help="LoRA/DoRA rank [matched to the shadow]."),
 ]
 _TRAIN_OPTIONS = [
     click.option(
@@ -74,15 +120,39 @@ def _shadow_config(o: dict[str, Any]) -> Any:
 
     return ShadowConfig(
         backbone=BackboneConfig(
-            num_layers=o["shadow_layers"],
+            num_layers=o["shadow_layers"] or 1,
             intermediate_size=o["shadow_mlp"],
             num_attention_heads=o["shadow_heads"],
             num_key_value_heads=o["shadow_kv_heads"],
         ),
         injection=InjectionConfig(rank=o["rank"], alpha=o["alpha"], dropout=o["dropout"]),
         update=UpdateConfig(gate_width=o["gate_width"], dropout=o["dropout"]),
-        aux_loss_weight=o["aux_weight"],
     )
+
+
+def _levers(o: dict[str, Any], *, recipe: str) -> Any:
+    """The recipe's levers with every lever option the user gave."""
+    from shadowpeft.errors import ShadowConfigError
+    from shadowpeft.recipes import resolve_levers
+
+    levers = resolve_levers(
+        recipe,
+        {
+            "aux_loss_weight": o["aux_weight"],
+            "shadow_lr_multiplier": o.get("shadow_lr_mult"),
+            "distill_weight": o.get("distill"),
+            "distill_temperature": o.get("distill_temperature"),
+            "shadow_init": o["shadow_init"],
+            "refine_fraction": o.get("refine_fraction"),
+        },
+    )
+    layers = levers.base_layers
+    if layers is not None and o["shadow_layers"] not in (None, len(layers)):
+        raise ShadowConfigError(
+            f"--shadow-layers {o['shadow_layers']} but --shadow-init {levers.shadow_init} copies {len(layers)} "
+            "layer(s); drop --shadow-layers (the layer list sets it)."
+        )
+    return levers
 
 
 def _settings(o: dict[str, Any]) -> Any:
@@ -107,6 +177,7 @@ def _settings(o: dict[str, Any]) -> Any:
 def _train(o: dict[str, Any], *, detached_only: bool) -> None:
     from shadowpeft.jobs import train_job
 
+    recipe = o.get("recipe") or "paper"  # pretrain-shadow: only --shadow-init and --aux-weight apply
     summary = train_job(
         base=o["base"],
         data=o["data"],
@@ -118,6 +189,10 @@ def _train(o: dict[str, Any], *, detached_only: bool) -> None:
         resume=o["resume"],
         detached_only=detached_only,
         max_examples=o["max_examples"],
+        method=o.get("method"),
+        recipe=recipe,
+        levers=_levers(o, recipe=recipe),
+        lora_rank=o.get("lora_rank"),
     )
     _echo_summary(summary, o["out"])
 
@@ -236,6 +311,7 @@ def decode_demo(prompt: str | None, max_new_tokens: int, shadow_layers: int, thr
 @main.command()
 @_apply(_TRAIN_OPTIONS)
 @_apply(_SHADOW_OPTIONS)
+@_apply(_LEVER_OPTIONS)
 @click.option(
     "--init-shadow",
     default=None,
@@ -244,7 +320,12 @@ def decode_demo(prompt: str | None, max_new_tokens: int, shadow_layers: int, thr
 )
 @friendly_errors
 def train(**o: Any) -> None:
-    """Train a ShadowPEFT adapter: loss = CE(base) + lambda * CE(shadow); base frozen.
+    """Train a ShadowPEFT adapter (loss = CE(base) + lambda * aux; base frozen), or a baseline (--method).
+
+    \b
+    Recipes (--recipe) set the detached-quality levers; each lever option overrides its recipe value:
+      paper  lambda 0.05, random 1-layer shadow (METHOD.md defaults)
+      edge   shadow copied from base layers 0-3, lambda 1, distillation (for detached use)
 
     DATA schemas (JSONL): {"prompt","completion"} (prompt masked from the loss), {"text","label"}
     (classification: base + shadow classifier heads), {"text"} (language modelling).

@@ -26,6 +26,10 @@ class BackboneConfig:
         num_attention_heads: Attention-head override.
         num_key_value_heads: KV-head override; must divide the attention heads.
         head_dim: Head-dimension override.
+        base_layers: Initialise the shadow from these base decoder layers (in this order) plus the
+            base final norm, instead of at random: a pretrained shadow that needs no second model
+            (``--shadow-init base:0,1,2,3``). Needs ``num_layers == len(base_layers)`` and no shape
+            override. With the injection at identity, detached logits equal the truncated base's.
     """
 
     num_layers: int = 1
@@ -33,6 +37,11 @@ class BackboneConfig:
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     head_dim: int | None = None
+    base_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base_layers, list):  # read back from JSON
+            object.__setattr__(self, "base_layers", tuple(self.base_layers))
 
     def problems(self) -> list[str]:
         out = []
@@ -42,6 +51,30 @@ class BackboneConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 out.append(f"backbone.{name}={value!r}: must be None (keep the base's) or an integer >= 1")
+        return out + self._base_layer_problems()
+
+    def _base_layer_problems(self) -> list[str]:
+        layers = self.base_layers
+        if layers is None:
+            return []
+        if not isinstance(layers, tuple) or not layers or not all(_is_int(i) and i >= 0 for i in layers):
+            return [f"backbone.base_layers={layers!r}: must be a non-empty list of base layer indices >= 0"]
+        out = []
+        if self.num_layers != len(layers):
+            out.append(
+                f"backbone.num_layers={self.num_layers!r} but base_layers names {len(layers)} layer(s); "
+                "leave --shadow-layers at its default with --shadow-init (the layer list sets it)"
+            )
+        overrides = [
+            name
+            for name in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+            if getattr(self, name) is not None
+        ]
+        if overrides:
+            out.append(
+                f"backbone.base_layers copies base layers, whose shapes are the base's; drop the override(s) "
+                f"{', '.join(overrides)}"
+            )
         return out
 
 
@@ -81,6 +114,28 @@ class UpdateConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distil the attached model's next-token (or class) distribution into the detached head.
+
+    The auxiliary term becomes ``lambda * (CE_shadow + weight * T^2 * KL(p_attached^T || p_detached^T))``
+    at the supervised positions, with ``p^T = softmax(logits / T)`` and the attached side detached from
+    the graph (METHOD.md section 9, lever b). ``weight = 0`` (the default) is the paper's loss exactly.
+    """
+
+    weight: float = 0.0
+    temperature: float = 1.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if not _is_real(self.weight) or not (self.weight >= 0) or math.isinf(self.weight):
+            out.append(f"distill.weight={self.weight!r}: must be a finite number >= 0 (0 turns distillation off)")
+        t = self.temperature
+        if not _is_real(t) or not (t > 0) or math.isinf(t):
+            out.append(f"distill.temperature={t!r}: must be a finite number > 0")
+        return out
+
+
+@dataclass(frozen=True)
 class ShadowConfig:
     """Configuration of a ShadowPEFT adapter.
 
@@ -93,6 +148,7 @@ class ShadowConfig:
             aliasing the frozen base head.
         share_embeddings: For an explicit shadow, drop its embedding table and feed it the base
             embeddings (requires equal hidden sizes). Implicit shadows always share.
+        distill: Distillation of the attached distribution into the detached head (off by default).
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -101,12 +157,19 @@ class ShadowConfig:
     aux_loss_weight: float = 0.05
     train_shadow_head: bool = False
     share_embeddings: bool = False
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         problems = self.backbone.problems() + self.injection.problems() + self.update.problems()
+        problems += self.distill.problems()
         w = self.aux_loss_weight
         if not _is_real(w) or not (w >= 0) or math.isinf(w):
             problems.append(f"aux_loss_weight={w!r}: must be a finite number >= 0")
+        elif w == 0 and _is_real(self.distill.weight) and self.distill.weight > 0:
+            problems.append(
+                f"distill.weight={self.distill.weight!r} with aux_loss_weight=0: the distillation term is scaled "
+                "by lambda, so it would do nothing; set --aux-weight above 0 or drop --distill"
+            )
         for name in ("train_shadow_head", "share_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r}: must be true or false")
@@ -115,7 +178,12 @@ class ShadowConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShadowConfig:
         """Build from a nested dict (as written by :meth:`to_dict`); unknown keys are an error."""
-        nested = {"backbone": BackboneConfig, "injection": InjectionConfig, "update": UpdateConfig}
+        nested = {
+            "backbone": BackboneConfig,
+            "injection": InjectionConfig,
+            "update": UpdateConfig,
+            "distill": DistillConfig,
+        }
         _check_keys("ShadowConfig", data, {f.name for f in fields(cls)})
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
@@ -167,6 +235,19 @@ class ShadowConfig:
                 f"base model has {n!r} decoder layers: ShadowPEFT injects before layers 1..L-1, so it needs "
                 "a base with at least 2 decoder layers"
             )
+        layers = self.backbone.base_layers
+        if layers is not None and not implicit:
+            problems.append(
+                "backbone.base_layers (--shadow-init base:...) builds the shadow from base layers, but an explicit "
+                "shadow model was given; drop one of the two"
+            )
+        elif layers is not None and n is not None:
+            bad = [i for i in layers if i >= n]
+            if bad:
+                problems.append(
+                    f"backbone.base_layers={list(layers)!r}: layer(s) {bad} out of range; the base has {n} decoder "
+                    f"layers (indices 0..{n - 1})"
+                )
         if implicit:
             problems += self._head_problems(base_config)
         _raise_if(problems, "ShadowConfig does not fit this base model")

@@ -13,26 +13,38 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from shadowpeft.assets import resolve_base
 from shadowpeft.checkpoint import CONFIG_NAME, load_pretrained_shadow_into, load_shadow, save_shadow
 from shadowpeft.config import ShadowConfig
 from shadowpeft.datasets import TaskData, load_task_data
-from shadowpeft.errors import AssetError, CheckpointError
+from shadowpeft.errors import AssetError, CheckpointError, ShadowConfigError
 from shadowpeft.evaluation import EvalResult, evaluate
 from shadowpeft.model import ShadowModel
+from shadowpeft.params import expected_parameter_counts
+from shadowpeft.recipes import RECIPES, Levers, apply_levers
 from shadowpeft.tasks import get_shadow_model
-from shadowpeft.trainer import TrainSettings, TrainSummary, adapter_to_float32, run_training
+from shadowpeft.trainer import (
+    TrainSettings,
+    TrainSummary,
+    adapter_to_float32,
+    detached_training,
+    latest_checkpoint,
+    run_training,
+)
 
 logger = logging.getLogger(__name__)
 
 RUN_NAME = "training.json"
+METHODS = ("shadow", "lora", "dora", "detached-alone")
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,9 @@ class RunRecord:
     detached_only: bool
     settings: dict[str, Any]
     summary: dict[str, Any]
+    method: str = "shadow"  # records from before --method are ShadowPEFT runs
+    recipe: dict[str, Any] = field(default_factory=lambda: {"name": "paper", "levers": Levers().to_dict()})
+    lora_rank: int | None = None
 
     @classmethod
     def read(cls, directory: Path) -> RunRecord | None:
@@ -91,6 +106,18 @@ def load_base(name_or_path: str, *, kind: str, labels: tuple[str, ...] = (), bf1
             "(config.json + weights + tokenizer) or the built-in name smollm2-135m-instruct."
         ) from err
     return model, tokenizer
+
+
+def check_config_fits(base: str, config: ShadowConfig) -> None:
+    """Check ``config`` against the base's ``config.json`` alone (cheap), as the model would on construction.
+
+    An unreadable config is left for :func:`load_base` to report with its own message.
+    """
+    try:
+        base_config = AutoConfig.from_pretrained(resolve_base(base), local_files_only=True)
+    except (OSError, ValueError, AssetError):
+        return
+    config.check_against(base_config, implicit=True)
 
 
 def check_output(out: Path, *, overwrite: bool, resume: bool) -> Path:
@@ -144,22 +171,67 @@ def work_directory(work: Path, *, resume: bool) -> Iterator[Path]:
         raise
 
 
-def latest_checkpoint(work: Path) -> str | None:
-    """The newest ``checkpoint-<step>`` under ``work``, if any."""
-    found = sorted((p for p in work.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[-1]))
-    return str(found[-1]) if found else None
-
-
-def publish(model: ShadowModel, work: Path, out: Path, record: RunRecord) -> None:
+def publish(model: nn.Module, work: Path, out: Path, record: RunRecord) -> None:
     """Save the finished adapter and its run record, then move it to ``out`` in one rename."""
     final = work / "final"
-    save_shadow(model, final, base_ref=record.base, overwrite=True)
+    if isinstance(model, ShadowModel):
+        save_shadow(model, final, base_ref=record.base, overwrite=True)
+    else:  # a peft LoRA/DoRA baseline: peft's own adapter format
+        model.save_pretrained(str(final))
     (final / RUN_NAME).write_text(json.dumps(asdict(record), indent=2) + "\n", encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(final, out)
     shutil.rmtree(work)
+
+
+def check_method(
+    method: str, *, lora_rank: int | None, init_shadow: Path | None = None, refine_steps: int = 0
+) -> None:
+    """Refuse a method name or a combination of options that does not fit the method.
+
+    Raises:
+        ShadowConfigError: naming the option to drop.
+    """
+    if method not in METHODS:
+        raise ShadowConfigError(f"Unknown method {method!r}. Known: {', '.join(METHODS)}.")
+    shadow = method in ("shadow", "detached-alone")
+    if shadow and lora_rank is not None:
+        raise ShadowConfigError(f"--lora-rank applies to --method lora or dora, not {method!r}; drop it.")
+    if not shadow and (init_shadow is not None or refine_steps):
+        raise ShadowConfigError(
+            f"--init-shadow and a detached refinement (--refine-fraction) apply to ShadowPEFT, not --method "
+            f"{method}; drop them."
+        )
+
+
+def build_method(
+    method: str, base_model: nn.Module, config: ShadowConfig, *, kind: str, lora_rank: int | None
+) -> tuple[nn.Module, tuple[str | None, ...], int | None]:
+    """The model a ``--method`` trains, the modes it is evaluated in, and the LoRA rank used (if any).
+
+    ``shadow`` and ``detached-alone`` wrap the base with a shadow built from ``config``; LoRA and DoRA
+    take ``lora_rank``, or the rank whose size is closest to that shadow adapter's (a matched budget).
+
+    Raises:
+        ShadowConfigError: an unknown method, or a LoRA rank given to a shadow method.
+    """
+    check_method(method, lora_rank=lora_rank)
+    if method in ("shadow", "detached-alone"):
+        model = get_shadow_model(base_model, config)
+        return model, (("detached",) if method == "detached-alone" else ("attached", "detached")), None
+    from shadowpeft.baselines import build_baseline, matched_lora_rank
+
+    dora = method == "dora"
+    rank = (
+        lora_rank
+        or matched_lora_rank(
+            base_model.config, expected_parameter_counts(base_model.config, config).total, dora=dora
+        ).rank
+    )
+    task = "sequence-classification" if kind == "classification" else "causal-lm"
+    return build_baseline(base_model, method, rank=rank, task=task), (None,), rank
 
 
 def train_job(
@@ -174,25 +246,38 @@ def train_job(
     resume: bool = False,
     detached_only: bool = False,
     max_examples: int | None = None,
+    method: str | None = None,
+    recipe: str | None = None,
+    levers: Levers | None = None,
+    lora_rank: int | None = None,
 ) -> TrainSummary:
-    """Train a ShadowPEFT adapter on ``data`` and publish it to ``out``.
+    """Train ``method`` on ``data`` and publish the checkpoint to ``out``.
 
-    ``detached_only`` trains the shadow alone with the LM/classification loss on its own head
-    (``pretrain-shadow``); otherwise the loss is ``CE_base + lambda * CE_shadow``.
+    Methods: ``shadow`` (loss ``CE_base + lambda * aux``), ``detached-alone`` (the detached architecture
+    alone: base embeddings, shadow backbone, shadow head, no base layer; ``detached_only`` is the same,
+    as ``pretrain-shadow`` uses it), and the ``lora`` / ``dora`` baselines at the shadow's budget.
+    ``levers`` (from ``recipe``) are applied to ``config`` and ``settings`` and recorded in
+    ``training.json``; without them the config and settings are used as given.
     """
+    method = method or ("detached-alone" if detached_only else "shadow")
+    detached_only = method == "detached-alone"
+    if levers is not None:
+        config, settings = apply_levers(levers, config, settings)
+    check_method(method, lora_rank=lora_rank, init_shadow=init_shadow, refine_steps=settings.refine_steps)
     # The split is fixed (hash salt 0): --seed changes initialisation and data order, never which rows are test rows.
     task = load_task_data(data, max_examples=max_examples)
     work = check_output(out, overwrite=overwrite, resume=resume)
+    if method in ("shadow", "detached-alone"):
+        check_config_fits(base, config)  # before the weights load: a wrong layer index fails at once
     torch.manual_seed(settings.seed)
     base_model, tokenizer = load_base(base, kind=task.kind, labels=task.labels, bf16=settings.bf16)
-    model = get_shadow_model(base_model, config)
-    if settings.bf16:
-        adapter_to_float32(model)
-    if init_shadow is not None:
-        load_pretrained_shadow_into(model, init_shadow)
-    model.inference_mode = "detached" if detached_only else "attached"
-    modes = ("detached",) if detached_only else ("attached", "detached")
-    with work_directory(work, resume=resume):
+    model, modes, rank = build_method(method, base_model, config, kind=task.kind, lora_rank=lora_rank)
+    if isinstance(model, ShadowModel):
+        if settings.bf16:
+            adapter_to_float32(model)
+        if init_shadow is not None:
+            load_pretrained_shadow_into(model, init_shadow)
+    with work_directory(work, resume=resume), detached_training(model) if detached_only else nullcontext():
         summary = run_training(
             model,
             task,
@@ -203,7 +288,6 @@ def train_job(
             eval_modes=modes,
             resume_from=latest_checkpoint(work) if resume else None,
         )
-        model.inference_mode = "attached"
         if is_main_process():  # other ranks of a distributed run hold the same weights
             record = RunRecord(
                 task.kind,
@@ -214,9 +298,34 @@ def train_job(
                 detached_only,
                 asdict(settings),
                 summary.to_dict(),
+                method=method,
+                recipe=recipe_record(recipe, levers, config, settings),
+                lora_rank=rank,
             )
             publish(model, work, out, record)
     return summary
+
+
+def recipe_record(recipe: str | None, levers: Levers | None, config: ShadowConfig, settings: TrainSettings) -> dict:
+    """``{"name", "levers"}`` for training.json: the levers a run used, named by the recipe they match.
+
+    Runs given a config directly (no ``levers``) record the levers read off that config, named
+    ``paper`` when they are the paper's and ``custom`` otherwise.
+    """
+    if levers is None:
+        layers = config.backbone.base_layers
+        levers = Levers(
+            aux_loss_weight=config.aux_loss_weight,
+            shadow_lr_multiplier=settings.shadow_lr_multiplier,
+            distill_weight=config.distill.weight,
+            distill_temperature=config.distill.temperature,
+            shadow_init="random" if layers is None else "base:" + ",".join(map(str, layers)),
+            refine_fraction=settings.refine_steps / settings.max_steps,
+        )
+    named = recipe if recipe is not None and RECIPES[recipe].levers == levers else None
+    if named is None:
+        named = next((name for name, r in RECIPES.items() if r.levers == levers), "custom")
+    return {"name": named, "levers": levers.to_dict()}
 
 
 def _named_base(checkpoint: Path) -> str | None:
@@ -232,24 +341,77 @@ def _named_base(checkpoint: Path) -> str | None:
 
 
 def eval_job(
-    *, checkpoint: Path, data: str | None, modes: tuple[str, ...], limit: int | None = None, base: str | None = None
+    *,
+    checkpoint: Path,
+    data: str | None,
+    modes: tuple[str, ...] | None = None,
+    limit: int | None = None,
+    base: str | None = None,
 ) -> list[EvalResult]:
-    """Evaluate a saved adapter on the test split of ``data`` (default: the data it was trained on)."""
+    """Evaluate a saved checkpoint of any method on the test split of ``data`` (default: its training data).
+
+    ``modes`` defaults to what the method has: attached and detached for ``shadow``, detached for
+    ``detached-alone``; LoRA/DoRA checkpoints have no modes and are evaluated once.
+
+    Raises:
+        CheckpointError: the checkpoint does not say what to evaluate on or which base to load, or a
+            mode the method does not have was asked for.
+    """
+    loaded = load_for_eval(checkpoint, data=data, base=base)
+    modes = loaded.check_modes(modes)
+    return [
+        evaluate(loaded.model, loaded.task, loaded.tokenizer, mode=mode, max_length=loaded.max_length, limit=limit)
+        for mode in modes
+    ]
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint ready to evaluate: its model, task, tokenizer and what its method can run."""
+
+    model: nn.Module
+    task: TaskData
+    tokenizer: Any
+    method: str
+    max_length: int
+    source: Path
+
+    @property
+    def modes(self) -> tuple[str | None, ...]:
+        return {"shadow": ("attached", "detached"), "detached-alone": ("detached",)}.get(self.method, (None,))
+
+    def check_modes(self, asked: tuple[str, ...] | None) -> tuple[str | None, ...]:
+        """``asked`` if the method has those modes (its own modes when None)."""
+        if not asked:
+            return self.modes
+        missing = [mode for mode in asked if mode not in self.modes]
+        if missing:
+            has = ", ".join(m for m in self.modes if m) or "none (evaluated once)"
+            raise CheckpointError(
+                f"{self.source} is a {self.method} checkpoint; it has no {', '.join(missing)} mode (modes: {has}). "
+                "Drop --mode."
+            )
+        return asked
+
+
+def load_for_eval(checkpoint: Path, *, data: str | None, base: str | None) -> LoadedCheckpoint:
+    """Load a checkpoint of any method with its base and test data, as ``shadowpeft eval`` does."""
     record = RunRecord.read(checkpoint)
     data = data or (record.data if record else None)
     if data is None:
         raise CheckpointError(f"{checkpoint} has no {RUN_NAME}; pass --data to say what to evaluate on.")
     task: TaskData = load_task_data(data)
-    header = (
-        json.loads((checkpoint / CONFIG_NAME).read_text(encoding="utf-8"))
-        if (checkpoint / CONFIG_NAME).is_file()
-        else {}
-    )
-    base_ref = base or (record.base if record else None) or header.get("base", {}).get("name_or_path")
+    method = record.method if record else "shadow"
+    base_ref = base or (record.base if record else None) or _named_base(checkpoint)
     if not base_ref:
         raise CheckpointError(f"{checkpoint} does not name its base model; pass --base.")
     labels = record.labels if record else task.labels
     base_model, tokenizer = load_base(base_ref, kind=task.kind, labels=labels)
-    model = load_shadow(base_model, checkpoint)
+    if method in ("lora", "dora"):
+        from peft import PeftModel
+
+        model: nn.Module = PeftModel.from_pretrained(base_model, str(checkpoint))
+    else:
+        model = load_shadow(base_model, checkpoint)
     max_length = record.max_length if record else 128
-    return [evaluate(model, task, tokenizer, mode=mode, max_length=max_length, limit=limit) for mode in modes]
+    return LoadedCheckpoint(model, task, tokenizer, method, max_length, checkpoint)

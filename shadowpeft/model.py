@@ -214,6 +214,19 @@ class ShadowModel(nn.Module):
             h, s = shadow_block(idx, h, s, parts=parts, ctx=ctx, cache=kv)
         return spec.final_norm(bb)(h)
 
+    # ----- distillation ------------------------------------------------------------------------------
+    @property
+    def distilling(self) -> bool:
+        """Whether training distils the attached distribution into the detached head (METHOD.md section 9, b)."""
+        return self.shadow_config.distill.weight > 0
+
+    def teacher_states(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
+        """The attached final-normed hidden (B, T, d), without gradient: the teacher of detached training."""
+        with torch.no_grad():
+            hidden = self.run(input_ids, attention_mask=attention_mask, position_ids=position_ids).hidden
+        assert hidden is not None  # attached mode always returns it
+        return hidden
+
     # ----- parameters ------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """Adapter weights keyed as the published package does (``shadow_model.``, ``shadow_injection_model.``...)."""

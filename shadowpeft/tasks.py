@@ -15,7 +15,14 @@ from shadowpeft.cache import ShadowCache
 from shadowpeft.config import ShadowConfig
 from shadowpeft.errors import ShadowConfigError
 from shadowpeft.model import MODES, Mode, ShadowModel, ShadowStates
-from shadowpeft.training import combined_loss, labelled_cross_entropy, shifted_cross_entropy
+from shadowpeft.training import (
+    auxiliary_loss,
+    combined_loss,
+    distillation_loss,
+    labelled_cross_entropy,
+    labelled_states,
+    shifted_cross_entropy,
+)
 
 
 @dataclass
@@ -29,6 +36,7 @@ class ShadowCausalLMOutput(ModelOutput):
     base_loss: Tensor | None = None
     shadow_loss: Tensor | None = None
     shadow_states: Tensor | None = None
+    distill_loss: Tensor | None = None
 
 
 @dataclass
@@ -38,6 +46,7 @@ class ShadowSequenceClassifierOutput(ModelOutput):
     shadow_logits: Tensor | None = None
     base_loss: Tensor | None = None
     shadow_loss: Tensor | None = None
+    distill_loss: Tensor | None = None
 
 
 class ShadowForCausalLM(ShadowModel, GenerationMixin):
@@ -127,7 +136,10 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
         if labels is not None and logits_to_keep:
             raise ValueError("labels need logits for every position; leave logits_to_keep=0 when training.")
         if labels is not None and self.training:
-            return self._training_loss(out, labels, mode)
+            teacher = None
+            if mode == "detached" and self.distilling:
+                teacher = self.teacher_states(input_ids, attention_mask, position_ids)
+            return self._training_loss(out, labels, mode, teacher)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         want_shadow = labels is not None or return_shadow_logits or mode == "detached"
         shadow_logits = self.shadow_head(out.s0[:, keep]) if want_shadow else None
@@ -147,8 +159,17 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
                 result.loss = combined_loss(result.base_loss, result.shadow_loss, self.shadow_config.aux_loss_weight)
         return result
 
-    def _training_loss(self, out: ShadowStates, labels: Tensor, mode: Mode) -> ShadowCausalLMOutput:
-        """The loss of :meth:`forward` with each head run only where a label is taken; no logits."""
+    def _training_loss(
+        self, out: ShadowStates, labels: Tensor, mode: Mode, teacher: Tensor | None = None
+    ) -> ShadowCausalLMOutput:
+        """The loss of :meth:`forward` with each head run only where a label is taken; no logits.
+
+        With distillation on, the detached head also learns the attached next-token distribution at
+        the same positions: from this forward's base hidden (attached), or from ``teacher``, the
+        attached hidden computed without gradient (detached refinement).
+        """
+        if self.distilling:
+            return self._distilled_loss(out, labels, mode, teacher)
         result = ShadowCausalLMOutput(past_key_values=out.cache, shadow_states=out.s0)
         result.shadow_loss = labelled_cross_entropy(self.shadow_head, out.s0, labels)
         if mode == "detached":
@@ -156,6 +177,28 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
             return result
         result.base_loss = labelled_cross_entropy(self.base.get_output_embeddings(), out.hidden, labels)
         result.loss = combined_loss(result.base_loss, result.shadow_loss, self.shadow_config.aux_loss_weight)
+        return result
+
+    def _distilled_loss(
+        self, out: ShadowStates, labels: Tensor, mode: Mode, teacher: Tensor | None
+    ) -> ShadowCausalLMOutput:
+        """``CE_base + lambda * (CE_shadow + w * T^2 KL)`` attached; ``CE_shadow + w * T^2 KL`` detached."""
+        distill = self.shadow_config.distill
+        result = ShadowCausalLMOutput(past_key_values=out.cache, shadow_states=out.s0)
+        rows, targets = labelled_states(out.s0, labels)  # (N, d), (N,)
+        student = self.shadow_head(rows)  # (N, V)
+        result.shadow_loss = F.cross_entropy(student.float(), targets)
+        hidden = out.hidden if mode == "attached" else teacher
+        if hidden is None:
+            raise ValueError("detached training with distillation needs the attached hidden state as teacher")
+        base_logits = self.base.get_output_embeddings()(labelled_states(hidden, labels)[0])  # (N, V)
+        result.distill_loss = distillation_loss(student, base_logits, distill.temperature)
+        aux = auxiliary_loss(result.shadow_loss, result.distill_loss, distill_weight=distill.weight)
+        if mode == "detached":
+            result.loss = aux
+            return result
+        result.base_loss = F.cross_entropy(base_logits.float(), targets)
+        result.loss = combined_loss(result.base_loss, aux, self.shadow_config.aux_loss_weight)
         return result
 
     def generate(self, *args: object, mode: Mode | None = None, **kwargs: object) -> Tensor:
@@ -207,13 +250,24 @@ class ShadowForSequenceClassification(ShadowModel):
         shadow_logits = self.shadow_classifier_head(out.s0[rows, last])
         logits = shadow_logits if mode == "detached" else self.classifier_head(out.hidden[rows, last])
         result = ShadowSequenceClassifierOutput(logits=logits, shadow_logits=shadow_logits)
-        if labels is not None:
-            result.shadow_loss = F.cross_entropy(shadow_logits.float(), labels)
+        if labels is None:
+            return result
+        result.shadow_loss = F.cross_entropy(shadow_logits.float(), labels)
+        aux = result.shadow_loss
+        if self.training and self.distilling:
             if mode == "detached":
-                result.loss = result.shadow_loss
+                teacher = self.teacher_states(input_ids, attention_mask, position_ids)[rows, last]
+                teacher_logits = self.classifier_head(teacher).detach()
             else:
-                result.base_loss = F.cross_entropy(logits.float(), labels)
-                result.loss = combined_loss(result.base_loss, result.shadow_loss, self.shadow_config.aux_loss_weight)
+                teacher_logits = logits
+            distill = self.shadow_config.distill
+            result.distill_loss = distillation_loss(shadow_logits, teacher_logits, distill.temperature)
+            aux = auxiliary_loss(aux, result.distill_loss, distill_weight=distill.weight)
+        if mode == "detached":
+            result.loss = aux
+        else:
+            result.base_loss = F.cross_entropy(logits.float(), labels)
+            result.loss = combined_loss(result.base_loss, aux, self.shadow_config.aux_loss_weight)
         return result
 
 

@@ -8,9 +8,11 @@ changes how a ShadowPEFT model is saved and restored: adapter weights and heads 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from shadowpeft.checkpoint import load_weights_into, save_shadow
 from shadowpeft.datasets import TaskData
 from shadowpeft.encoding import PadCollator, encode_task
+from shadowpeft.errors import ShadowConfigError
 from shadowpeft.evaluation import EvalResult, evaluate
 from shadowpeft.model import ShadowModel
 from shadowpeft.params import count_parameters
@@ -50,6 +53,11 @@ class TrainSettings:
         seed: Seed for data order and fresh weights.
         bf16: Run the frozen base in bfloat16 under autocast; adapter weights stay fp32.
         max_grad_norm: Gradient clipping.
+        shadow_lr_multiplier: The shadow backbone's learning rate is ``learning_rate`` times this
+            (METHOD.md section 9, lever a); injections, updates and heads keep ``learning_rate``.
+        refine_steps: Of ``max_steps``, how many go to a detached refinement after attached training
+            (lever d): the shadow backbone and its head train on the detached loss alone, with the
+            injections, updates and the base classifier head frozen. 0: attached training only.
     """
 
     max_steps: int = 100
@@ -67,6 +75,24 @@ class TrainSettings:
     seed: int = 0
     bf16: bool = False
     max_grad_norm: float = 1.0
+    shadow_lr_multiplier: float = 1.0
+    refine_steps: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.shadow_lr_multiplier > 0:
+            problems.append(f"shadow_lr_multiplier={self.shadow_lr_multiplier!r}: must be > 0")
+        if not 0 <= self.refine_steps < self.max_steps:
+            problems.append(
+                f"refine_steps={self.refine_steps!r}: must be in [0, max_steps={self.max_steps}) so that some "
+                "attached training comes first"
+            )
+        if problems:
+            raise ShadowConfigError("Invalid training settings: " + "; ".join(problems))
+
+    @property
+    def attached_steps(self) -> int:
+        return self.max_steps - self.refine_steps
 
 
 @dataclass
@@ -87,9 +113,31 @@ class TrainSummary:
 
 
 class ShadowTrainer(Trainer):
-    """Trainer that saves and restores only what a ShadowPEFT run trains."""
+    """Trainer that saves and restores only what a ShadowPEFT run trains.
+
+    With ``shadow_lr_multiplier != 1`` the shadow backbone's parameters get their own AdamW group at
+    ``learning_rate * shadow_lr_multiplier`` (the schedule scales every group alike).
+    """
 
     base_ref: str | None = None
+    shadow_lr_multiplier: float = 1.0
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        target = self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False)
+        if self.shadow_lr_multiplier == 1.0 or not isinstance(target, ShadowModel):
+            return optimizer
+        # Split each group in place (the optimizer holds no state before the first step).
+        backbone = {id(p) for p in target.shadow_model.parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            rest = [p for p in group["params"] if id(p) not in backbone]
+            shadow = [p for p in group["params"] if id(p) in backbone]
+            groups += [{**settings, "params": rest}] if rest else []
+            groups += [{**settings, "params": shadow, "lr": group["lr"] * self.shadow_lr_multiplier}] if shadow else []
+        optimizer.param_groups = groups
+        return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -162,18 +210,71 @@ def run_training(
 ) -> TrainSummary:
     """Train ``model`` (a ShadowModel or a peft baseline) on ``task.train``; evaluate on ``task.test``.
 
+    With ``settings.refine_steps`` the last steps are a detached refinement (see :class:`TrainSettings`),
+    a second Trainer run with its own optimizer and checkpoints under ``work_dir/refine``.
+
     Args:
         model: The model to train; only parameters with ``requires_grad`` are updated.
         task: Examples and their kind.
         tokenizer: The base model's tokenizer (chat template applied to prompts when present).
         settings: Optimisation settings.
         work_dir: Where resumable checkpoints go (``checkpoint-<step>``).
-        resume_from: A ``checkpoint-<step>`` directory to continue from.
+        resume_from: A ``checkpoint-<step>`` directory to continue from (the refinement, if any,
+            then resumes from its own latest checkpoint).
         base_ref: Base model reference written into ShadowPEFT checkpoints.
         eval_modes: Modes for the final metrics (``None`` for models without modes).
     """
+    if settings.refine_steps and not isinstance(model, ShadowModel):
+        raise ShadowConfigError("A detached refinement (refine_steps > 0) needs a ShadowPEFT model, not a baseline.")
     train_rows = encode_task(task, tokenizer, split="train", max_length=settings.max_length)
     eval_rows = encode_task(task, tokenizer, split="test", max_length=settings.max_length) if task.test else []
+    phases = [(replace(settings, max_steps=settings.attached_steps, refine_steps=0), work_dir, resume_from)]
+    if settings.refine_steps:
+        refine_dir = work_dir / "refine"
+        refine = replace(settings, max_steps=settings.refine_steps, refine_steps=0)
+        phases.append((refine, refine_dir, latest_checkpoint(refine_dir) if resume_from else None))
+    history: list[tuple[int, float]] = []
+    elapsed, done, offset = 0.0, 0, 0
+    for index, (phase, directory, resume) in enumerate(phases):
+        with detached_training(model) if index else contextlib.nullcontext():
+            trainer, phase_history, seconds = _train_phase(
+                model, train_rows, eval_rows, tokenizer, phase, directory, resume, base_ref
+            )
+        history += [(offset + step, loss) for step, loss in phase_history]
+        elapsed += seconds
+        done += max(trainer.state.global_step - (_step_of(resume) if resume else 0), 0)
+        offset += trainer.state.global_step
+    trainable, total = count_parameters(model)
+    summary = TrainSummary(
+        steps=offset,
+        final_loss=history[-1][1] if history else float("nan"),
+        first_loss=history[0][1] if history else None,
+        seconds_per_step=elapsed / max(done, 1),
+        trainable_params=trainable,
+        total_params=total,
+        loss_history=history,
+    )
+    if task.test and trainer.args.should_save:
+        for mode in eval_modes:
+            summary.metrics.append(
+                evaluate(
+                    model, task, tokenizer, mode=mode, max_length=settings.max_length, limit=settings.eval_examples
+                )
+            )
+    return summary
+
+
+def _train_phase(
+    model: nn.Module,
+    train_rows: list,
+    eval_rows: list,
+    tokenizer: Any,
+    settings: TrainSettings,
+    work_dir: Path,
+    resume_from: str | None,
+    base_ref: str | None,
+) -> tuple[ShadowTrainer, list[tuple[int, float]], float]:
+    """One Trainer run: the trainer, its (step, loss) log and its wall time."""
     history = _LossHistory()
     trainer = ShadowTrainer(
         model=model,
@@ -184,30 +285,46 @@ def run_training(
         callbacks=[history],
     )
     trainer.base_ref = base_ref
+    trainer.shadow_lr_multiplier = settings.shadow_lr_multiplier
     # Our losses are already means over the micro-batch; let the Trainer scale for accumulation.
     trainer.model_accepts_loss_kwargs = False
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
-    elapsed = time.perf_counter() - start
-    done = max(trainer.state.global_step - (_step_of(resume_from) if resume_from else 0), 1)
-    trainable, total = count_parameters(model)
-    summary = TrainSummary(
-        steps=trainer.state.global_step,
-        final_loss=history.history[-1][1] if history.history else float(result.training_loss),
-        first_loss=history.history[0][1] if history.history else None,
-        seconds_per_step=elapsed / done,
-        trainable_params=trainable,
-        total_params=total,
-        loss_history=history.history,
-    )
-    if task.test and trainer.args.should_save:
-        for mode in eval_modes:
-            summary.metrics.append(
-                evaluate(
-                    model, task, tokenizer, mode=mode, max_length=settings.max_length, limit=settings.eval_examples
-                )
-            )
-    return summary
+    seconds = time.perf_counter() - start
+    if not history.history:
+        history.history.append((trainer.state.global_step, float(result.training_loss)))
+    return trainer, history.history, seconds
+
+
+@contextlib.contextmanager
+def detached_training(model: ShadowModel) -> Iterator[None]:
+    """Train the detached path only: detached mode, injections, updates and the base classifier head frozen.
+
+    The shadow backbone, its projection and the shadow heads stay as they were (trainable when they
+    were). Restores the mode and every ``requires_grad`` flag on exit.
+    """
+    frozen = [model.shadow_injection_model, model.shadow_update_model]
+    frozen += [model.classifier_head] if hasattr(model, "classifier_head") else []
+    flags = {id(p): p.requires_grad for module in frozen for p in module.parameters()}
+    previous_mode = model.inference_mode
+    for module in frozen:
+        module.requires_grad_(False)
+    model.inference_mode = "detached"
+    try:
+        yield
+    finally:
+        model.inference_mode = previous_mode
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(flags[id(p)])
+
+
+def latest_checkpoint(work: Path) -> str | None:
+    """The newest ``checkpoint-<step>`` under ``work``, if any."""
+    if not work.is_dir():
+        return None
+    found = sorted((p for p in work.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[-1]))
+    return str(found[-1]) if found else None
 
 
 def _step_of(checkpoint: str) -> int:
