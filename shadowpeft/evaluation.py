@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,38 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+@dataclass(frozen=True)
+class ExampleScores:
+    """Per-example correctness and confidence of one model (in one ``mode``) on one split.
+
+    Attributes:
+        mode: ``attached``, ``detached`` or ``None`` (a plain HF / peft model).
+        correct: Whether each example was answered correctly, in split order.
+        confidence: The model's confidence in each answer, in [0, 1]: the largest class probability
+            (classification) or the probability of the first generated token (generation).
+    """
+
+    mode: str | None
+    correct: tuple[bool, ...]
+    confidence: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.correct) != len(self.confidence):
+            raise ValueError(
+                f"ExampleScores has {len(self.correct)} correctness flags but {len(self.confidence)} confidences; "
+                "give one of each per example."
+            )
+
+    @property
+    def examples(self) -> int:
+        return len(self.correct)
+
+    @property
+    def accuracy(self) -> float:
+        """Share of correct examples; 0.0 when there are none."""
+        return sum(self.correct) / max(len(self.correct), 1)
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -54,20 +87,82 @@ def evaluate(
     max_new_tokens: int | None = None,
     limit: int | None = None,
 ) -> EvalResult:
-    """Evaluate ``model`` on ``task.test`` (the first ``limit`` examples when given).
+    """Evaluate ``model`` on ``task.test`` (its :func:`evaluation_subset` of ``limit`` examples when given).
 
     Classification: argmax of the class logits. Generation: greedy decode and exact match of the
     stripped, lower-cased text with the completion. LM: ``exp`` of the mean token CE.
     """
+    with _eval_mode(model):
+        subset = TaskData(task.name, task.kind, (), evaluation_subset(task.test, limit), task.labels)
+        if task.kind == "lm":
+            return _perplexity(model, subset, tokenizer, mode, max_length, batch_size)
+        # Without confidence generate() is called as before, so wrappers whose generate returns only the
+        # token ids (benchmarks/accuracy.py's OnDevice) keep working.
+        args = (model, subset, tokenizer, mode, max_length, batch_size, max_new_tokens)
+        correct, _ = _score_subset(*args, with_confidence=False)
+        return EvalResult("accuracy", sum(correct) / max(len(correct), 1), len(correct), mode)
+
+
+@torch.inference_mode()
+def score_examples(
+    model: nn.Module,
+    task: TaskData,
+    tokenizer: Any,
+    *,
+    mode: str | None = None,
+    max_length: int = 128,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+) -> ExampleScores:
+    """Score each example of ``task.test`` (the :func:`evaluation_subset` of ``limit`` when given).
+
+    Classification: correct when the argmax of the class logits is the label; confidence is the
+    largest softmax probability of the class logits. Generation: greedy decode, correct on an exact
+    match (:func:`normalise_answer`); confidence is the probability of the first generated token,
+    the largest softmax probability of the first decoding step's raw logits.
+
+    Args:
+        model: A ShadowPEFT model (pass ``mode``) or any HF / peft model (``mode=None``).
+        task: A classification or generation task.
+        tokenizer: The model's tokenizer.
+        mode: ``attached`` or ``detached`` for ShadowPEFT models.
+        max_length: Tokens kept per input.
+        batch_size: Examples per forward / generate call.
+        max_new_tokens: Generation budget; by default the longest completion plus 2 tokens.
+        limit: Score a fixed random subset of this many examples.
+
+    Raises:
+        ValueError: ``task`` is a language-modelling task, which has no per-example answer to be confident in.
+    """
+    if task.kind not in ("classification", "generation"):
+        raise ValueError(
+            f"score_examples needs a classification or generation task; {task.name!r} is {task.kind!r}. "
+            "Language modelling has no per-example answer (and so no confidence); use evaluate() for perplexity."
+        )
+    with _eval_mode(model):
+        subset = TaskData(task.name, task.kind, (), evaluation_subset(task.test, limit), task.labels)
+        args = (model, subset, tokenizer, mode, max_length, batch_size, max_new_tokens)
+        correct, confidence = _score_subset(*args, with_confidence=True)
+    assert confidence is not None  # asked for
+    return ExampleScores(mode, tuple(correct), tuple(confidence))
+
+
+def _score_subset(
+    model, task, tokenizer, mode, max_length, batch_size, max_new_tokens, *, with_confidence: bool
+) -> tuple[list[bool], list[float] | None]:
+    """Per-example correctness, and confidence when asked (always computed for classification: it is free)."""
+    if task.kind == "classification":
+        return _classification_scores(model, task, tokenizer, mode, max_length, batch_size)
+    return _generation_scores(model, task, tokenizer, mode, max_length, batch_size, max_new_tokens, with_confidence)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        subset = TaskData(task.name, task.kind, (), evaluation_subset(task.test, limit), task.labels)
-        if task.kind == "classification":
-            return _classification_accuracy(model, subset, tokenizer, mode, max_length, batch_size)
-        if task.kind == "generation":
-            return _generation_accuracy(model, subset, tokenizer, mode, max_length, batch_size, max_new_tokens)
-        return _perplexity(model, subset, tokenizer, mode, max_length, batch_size)
+        yield
     finally:
         model.train(was_training)
 
@@ -88,16 +183,23 @@ def _on_device(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, to
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _classification_accuracy(model, task, tokenizer, mode, max_length, batch_size) -> EvalResult:
+def _classification_scores(model, task, tokenizer, mode, max_length, batch_size) -> tuple[list[bool], list[float]]:
     rows = encode_task(task, tokenizer, split="test", max_length=max_length)
     collate = PadCollator.for_tokenizer(tokenizer, side="right")
-    correct = 0
+    correct: list[bool] = []
+    confidence: list[float] = []
     for batch in _batches(rows, batch_size):
         inputs = _on_device(collate(list(batch)), model)
         labels = inputs.pop("labels")
-        logits = model(**inputs, **_mode_kwargs(mode)).logits
-        correct += int((logits.argmax(-1) == labels).sum())
-    return EvalResult("accuracy", correct / max(len(rows), 1), len(rows), mode)
+        logits = model(**inputs, **_mode_kwargs(mode)).logits  # (B, C)
+        correct += (logits.argmax(-1) == labels).tolist()
+        confidence += _top_probability(logits)
+    return correct, confidence
+
+
+def _top_probability(logits: torch.Tensor) -> list[float]:
+    """Largest softmax probability per row of (B, V) logits, computed in float32."""
+    return logits.float().softmax(-1).amax(-1).tolist()
 
 
 def normalise_answer(text: str) -> str:
@@ -105,13 +207,20 @@ def normalise_answer(text: str) -> str:
     return text.strip().split("\n")[0].strip().strip(".").lower()
 
 
-def _generation_accuracy(model, task, tokenizer, mode, max_length, batch_size, max_new_tokens) -> EvalResult:
+def _generation_scores(
+    model, task, tokenizer, mode, max_length, batch_size, max_new_tokens, with_confidence: bool
+) -> tuple[list[bool], list[float] | None]:
     examples: tuple[GenerationExample, ...] = task.test
+    if not examples:
+        return [], [] if with_confidence else None
     if max_new_tokens is None:
         longest = max(len(tokenizer(e.completion).input_ids) for e in examples)
         max_new_tokens = longest + 2
     collate = PadCollator.for_tokenizer(tokenizer, side="left")
-    correct = 0
+    # The raw logits of the first decoding step give the first token's probability.
+    extra = {"output_logits": True, "return_dict_in_generate": True} if with_confidence else {}
+    correct: list[bool] = []
+    confidence: list[float] = []
     for batch in _batches(examples, batch_size):
         # The same prompt tokens as training (encoding.encode_prompt), left-padded for batched generation.
         inputs = _on_device(collate([encode_prompt(e.prompt, tokenizer, max_length=max_length) for e in batch]), model)
@@ -120,13 +229,22 @@ def _generation_accuracy(model, task, tokenizer, mode, max_length, batch_size, m
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=collate.pad_token_id,
+            **extra,
             **_mode_kwargs(mode),
         )
-        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(
-            normalise_answer(t) == normalise_answer(e.completion) for t, e in zip(texts, batch, strict=True)
-        )
-    return EvalResult("accuracy", correct / max(len(examples), 1), len(examples), mode)
+        sequences = out  # (B, T + new)
+        if with_confidence:
+            if isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"{type(model).__name__}.generate returned a tensor although return_dict_in_generate=True; "
+                    "score_examples needs the GenerateOutput (sequences and logits). Pass those arguments through "
+                    "and return the output object unchanged."
+                )
+            confidence += _top_probability(out.logits[0])  # the first step's raw logits: (B, V)
+            sequences = out.sequences
+        texts = tokenizer.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        correct += [normalise_answer(t) == normalise_answer(e.completion) for t, e in zip(texts, batch, strict=True)]
+    return correct, confidence if with_confidence else None
 
 
 def _perplexity(model, task, tokenizer, mode, max_length, batch_size) -> EvalResult:
