@@ -246,6 +246,13 @@ def main() -> None:
     "--keep-export/--no-keep-export", default=False, show_default=True, help="Keep the graphs in OUT/export."
 )
 @click.option("--threads", default=None, type=click.IntRange(1, 512), help="torch + onnxruntime threads [all cores].")
+@click.option(
+    "--recipe",
+    default=DEFAULT_RECIPE,
+    show_default=True,
+    type=click.Choice(list(RECIPE_NAMES)),
+    help="Training recipe (see `shadowpeft train --help`).",
+)
 @friendly_errors
 def demo(**options: Any) -> None:
     """The main job: train a shadow on the embedded SmolLM2, export it split (int8 device graphs), serve the
@@ -350,21 +357,68 @@ def pretrain_shadow(**o: Any) -> None:
     "modes",
     multiple=True,
     type=click.Choice(["attached", "detached"]),
-    help="Repeat for both [attached and detached].",
+    help="Repeat for both [every mode the checkpoint's method has].",
 )
-@click.option("--limit", default=None, type=click.IntRange(1), help="Evaluate the first N test examples.")
+@click.option(
+    "--limit", default=None, type=click.IntRange(1), help="Evaluate a fixed random subset of N test examples."
+)
 @click.option("--base", default=None, help="Override the base model the checkpoint names.")
+@click.option(
+    "--selective",
+    is_flag=True,
+    help="Escalation report: per detached-confidence threshold, the share answered locally, their accuracy and "
+    "the combined accuracy when the rest go to the attached model; saves the chosen threshold.",
+)
+@click.option(
+    "--tolerance",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="--selective: accuracy the combined model may lose against attached (0.01 = 1 point).",
+)
+@click.option(
+    "--save-threshold/--no-save-threshold",
+    default=True,
+    show_default=True,
+    help="--selective: write the chosen threshold to CHECKPOINT/escalation.json.",
+)
 @friendly_errors
 def eval_command(
-    checkpoint: Path, data: str | None, modes: tuple[str, ...], limit: int | None, base: str | None
+    checkpoint: Path,
+    data: str | None,
+    modes: tuple[str, ...],
+    limit: int | None,
+    base: str | None,
+    selective: bool,
+    tolerance: float,
+    save_threshold: bool,
 ) -> None:
-    """Accuracy (classification, label generation) or perplexity (LM) on the test split."""
-    from shadowpeft.jobs import eval_job
+    """Accuracy (classification, label generation) or perplexity (LM) on the test split, of any --method."""
+    from shadowpeft.jobs import eval_job, selective_job
 
-    for result in eval_job(
-        checkpoint=checkpoint, data=data, modes=modes or ("attached", "detached"), limit=limit, base=base
-    ):
-        click.echo(result.describe())
+    if not selective:
+        for result in eval_job(checkpoint=checkpoint, data=data, modes=modes or None, limit=limit, base=base):
+            click.echo(result.describe())
+        return
+    if modes:
+        raise click.BadParameter("--selective always scores both modes; drop --mode.", param_hint="--mode")
+    from shadowpeft.selective import format_selective_table
+
+    record, rows = selective_job(
+        checkpoint=checkpoint, data=data, limit=limit, base=base, tolerance=tolerance, save=save_threshold
+    )
+    chosen = next(row for row in rows if row.threshold == record.threshold)
+    click.echo(format_selective_table(rows, record.attached_accuracy, chosen))
+    click.echo(
+        f"attached {100 * record.attached_accuracy:.2f}%, detached {100 * record.detached_accuracy:.2f}% on "
+        f"{record.examples} examples; detached expected calibration error {record.detached_ece:.3f} "
+        f"(confidence: {record.confidence})"
+    )
+    click.echo(
+        f"threshold {record.threshold:.4f}: {100 * record.local_fraction:.1f}% answered locally, combined "
+        f"{100 * record.combined_accuracy:.2f}%"
+        + (f" -> saved to {checkpoint}/escalation.json" if save_threshold else "")
+    )
 
 
 @main.command("fetch-data")

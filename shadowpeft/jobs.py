@@ -27,10 +27,11 @@ from shadowpeft.checkpoint import CONFIG_NAME, load_pretrained_shadow_into, load
 from shadowpeft.config import ShadowConfig
 from shadowpeft.datasets import TaskData, load_task_data
 from shadowpeft.errors import AssetError, CheckpointError, ShadowConfigError
-from shadowpeft.evaluation import EvalResult, evaluate
+from shadowpeft.evaluation import EvalResult, evaluate, score_examples
 from shadowpeft.model import ShadowModel
 from shadowpeft.params import expected_parameter_counts
 from shadowpeft.recipes import RECIPES, Levers, apply_levers
+from shadowpeft.selective import CONFIDENCE_MEASURES, EscalationRecord, SelectiveRow, escalation_record
 from shadowpeft.tasks import get_shadow_model
 from shadowpeft.trainer import (
     TrainSettings,
@@ -179,6 +180,9 @@ def publish(model: nn.Module, work: Path, out: Path, record: RunRecord) -> None:
     else:  # a peft LoRA/DoRA baseline: peft's own adapter format
         model.save_pretrained(str(final))
     (final / RUN_NAME).write_text(json.dumps(asdict(record), indent=2) + "\n", encoding="utf-8")
+    escalation = record.summary.get("escalation")
+    if escalation:
+        EscalationRecord.from_dict(escalation).save(final)
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -363,6 +367,52 @@ def eval_job(
         evaluate(loaded.model, loaded.task, loaded.tokenizer, mode=mode, max_length=loaded.max_length, limit=limit)
         for mode in modes
     ]
+
+
+def selective_job(
+    *,
+    checkpoint: Path,
+    data: str | None,
+    limit: int | None = None,
+    base: str | None = None,
+    tolerance: float = 0.01,
+    save: bool = True,
+) -> tuple[EscalationRecord, list[SelectiveRow]]:
+    """Score a ShadowPEFT checkpoint attached and detached per example and choose its escalation threshold.
+
+    The threshold keeps the largest share of examples local (detached confidence at or above it) while
+    the combined accuracy stays within ``tolerance`` of attached; with ``save`` it is written to
+    ``<checkpoint>/escalation.json`` (replacing the one training saved), where ``shadow-export`` finds it.
+
+    Raises:
+        CheckpointError: not a ShadowPEFT checkpoint with both modes, or a task without per-example answers.
+    """
+    loaded = load_for_eval(checkpoint, data=data, base=base)
+    if loaded.method != "shadow":
+        raise CheckpointError(
+            f"--selective compares the detached and attached modes of a ShadowPEFT checkpoint; {checkpoint} is a "
+            f"{loaded.method} checkpoint."
+        )
+    if loaded.task.kind not in CONFIDENCE_MEASURES:
+        raise CheckpointError(
+            f"--selective needs a classification or generation task; {loaded.task.name!r} is {loaded.task.kind!r} "
+            "(language modelling has no per-example answer to escalate)."
+        )
+    scores = {
+        mode: score_examples(
+            loaded.model, loaded.task, loaded.tokenizer, mode=mode, max_length=loaded.max_length, limit=limit
+        )
+        for mode in ("attached", "detached")
+    }
+    record, rows = escalation_record(
+        scores["attached"],
+        scores["detached"],
+        confidence_name=CONFIDENCE_MEASURES[loaded.task.kind],
+        tolerance=tolerance,
+    )
+    if save:
+        record.save(checkpoint)
+    return record, rows
 
 
 @dataclass

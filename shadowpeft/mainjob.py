@@ -59,6 +59,7 @@ from shadowpeft.mainjob_report import (
 )
 from shadowpeft.mainjob_server import BackboneServer, ServerStartError, backbone_server
 from shadowpeft.params import count_parameters
+from shadowpeft.recipes import DEFAULT_RECIPE, RECIPES
 from shadowpeft.runtime.client import BackboneClient
 from shadowpeft.runtime.devices import DeviceProfile, load_device_profile
 from shadowpeft.runtime.errors import (
@@ -130,7 +131,8 @@ class MainJobSettings:
             a thread that waits for a descheduled partner at every barrier wastes its time slice.
         server_start_timeout_s: How long to wait for ``/v2/health/ready``.
         keep_export: Keep the exported graphs under ``out/export`` (the cloud graph is fp32: ~540 MB for SmolLM2).
-        shadow: The shadow's configuration (library defaults).
+        shadow: The shadow's configuration (library defaults); the recipe's levers apply on top.
+        recipe: Training recipe (:mod:`shadowpeft.recipes`): ``edge`` (for detached use) or ``paper``.
         seed: Training seed.
         progress_bars: Show tqdm bars for the runtime runs.
     """
@@ -150,6 +152,7 @@ class MainJobSettings:
     server_start_timeout_s: float = 180.0
     keep_export: bool = False
     shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    recipe: str = DEFAULT_RECIPE
     seed: int = 0
     progress_bars: bool = True
 
@@ -160,6 +163,8 @@ class MainJobSettings:
             + (("max_length", 8), ("eval_examples", 1), ("server_start_timeout_s", 1))
             if not getattr(self, name) >= low
         ]
+        if self.recipe not in RECIPES:
+            problems.append(f"recipe={self.recipe!r}: must be one of {', '.join(RECIPES)}")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads={self.threads!r}: must be None or >= 1")
         if problems:
@@ -314,7 +319,13 @@ def train_shadow(settings: MainJobSettings, data_ref: str, checkpoint: Path) -> 
     torch.set_flush_denormal(True)
     try:
         return train_job(
-            base=settings.base, data=data_ref, out=checkpoint, config=settings.shadow, settings=train_settings
+            base=settings.base,
+            data=data_ref,
+            out=checkpoint,
+            config=settings.shadow,
+            settings=train_settings,
+            recipe=settings.recipe,
+            levers=RECIPES[settings.recipe].levers,
         )
     finally:
         torch.set_flush_denormal(previous)

@@ -47,6 +47,7 @@ class TrainFigures:
     accuracy: dict[str, float]
     eval_examples: int
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    escalation: dict[str, Any] | None = None  # selective.EscalationRecord.to_dict()
 
     @classmethod
     def from_summary(cls, summary: Any) -> TrainFigures:
@@ -61,6 +62,7 @@ class TrainFigures:
             accuracy={m.mode: m.value for m in summary.metrics if m.metric == "accuracy" and m.mode},
             eval_examples=max((m.examples for m in summary.metrics), default=0),
             loss_history=[(int(step), float(loss)) for step, loss in summary.loss_history],
+            escalation=summary.escalation,
         )
 
     def describe(self) -> str:
@@ -312,6 +314,21 @@ def _accuracy_lines(report: MainJobReport) -> list[str]:
         f"| onnxruntime, device graphs {weights} | {runs['coupled'].prompts} | "
         f"{_pct(runs['coupled'].exact_match)} coupled | {_pct(runs['detached'].exact_match)} | "
         f"{_pct(runs['auto'].exact_match)} |",
+        *_escalation_lines(report.train.escalation),
+    ]
+
+
+def _escalation_lines(escalation: dict[str, Any] | None) -> list[str]:
+    """Where the detached model's confidence would send each held-out example (PyTorch, the saved threshold)."""
+    if not escalation:
+        return []
+    e = escalation
+    return [
+        "",
+        f"Escalation by detached confidence ({e['confidence']} >= {e['threshold']:.3f}, chosen on the "
+        f"{e['examples']} PyTorch examples): {_pct(e['local_fraction'])} answered on the device, combined accuracy "
+        f"{_pct(e['combined_accuracy'])} (attached {_pct(e['attached_accuracy'])}, detached "
+        f"{_pct(e['detached_accuracy'])}; detached calibration error {e['detached_ece']:.3f}).",
     ]
 
 

@@ -24,9 +24,10 @@ from shadowpeft.checkpoint import load_weights_into, save_shadow
 from shadowpeft.datasets import TaskData
 from shadowpeft.encoding import PadCollator, encode_task
 from shadowpeft.errors import ShadowConfigError
-from shadowpeft.evaluation import EvalResult, evaluate
+from shadowpeft.evaluation import EvalResult, evaluate, score_examples
 from shadowpeft.model import ShadowModel
 from shadowpeft.params import count_parameters
+from shadowpeft.selective import CONFIDENCE_MEASURES, escalation_record
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class TrainSummary:
     total_params: int
     metrics: list[EvalResult] = field(default_factory=list)
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    escalation: dict[str, Any] | None = None  # selective.EscalationRecord.to_dict(), when both modes ran
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,13 +257,44 @@ def run_training(
         loss_history=history,
     )
     if task.test and trainer.args.should_save:
-        for mode in eval_modes:
+        final_evaluation(model, task, tokenizer, settings, eval_modes, summary)
+    return summary
+
+
+def final_evaluation(
+    model: nn.Module,
+    task: TaskData,
+    tokenizer: Any,
+    settings: TrainSettings,
+    modes: tuple[str | None, ...],
+    summary: TrainSummary,
+) -> None:
+    """Fill ``summary.metrics`` (one per mode) and, with both modes, ``summary.escalation``.
+
+    With an attached and a detached mode on a classification or generation task, both are scored
+    per example, and the escalation threshold (the largest local share whose combined accuracy stays
+    within 1 point of attached, :mod:`shadowpeft.selective`) is chosen on these test examples.
+    """
+    selective = set(modes) == {"attached", "detached"} and task.kind in CONFIDENCE_MEASURES
+    if not selective:
+        for mode in modes:
             summary.metrics.append(
                 evaluate(
                     model, task, tokenizer, mode=mode, max_length=settings.max_length, limit=settings.eval_examples
                 )
             )
-    return summary
+        return
+    scores = {
+        mode: score_examples(
+            model, task, tokenizer, mode=mode, max_length=settings.max_length, limit=settings.eval_examples
+        )
+        for mode in modes
+    }
+    summary.metrics += [EvalResult("accuracy", s.accuracy, s.examples, mode) for mode, s in scores.items()]
+    record, _ = escalation_record(
+        scores["attached"], scores["detached"], confidence_name=CONFIDENCE_MEASURES[task.kind]
+    )
+    summary.escalation = record.to_dict()
 
 
 def _train_phase(

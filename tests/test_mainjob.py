@@ -53,6 +53,7 @@ def _settings(toy: dict[str, Path], out: Path, **overrides) -> MainJobSettings:
         threads=1,
         server_start_timeout_s=120,
         progress_bars=False,
+        recipe="paper",  # edge copies base layers 0-3; the toy base has 3
     )
     return MainJobSettings(**{**options, **overrides})
 
@@ -98,6 +99,11 @@ def test_report_directory_holds_summary_plots_and_checkpoint(finished):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["job"] == JOB_NAME and summary["schema_version"] == 1
     assert "Accuracy on held-out examples" in (out / "summary.md").read_text()
+    # The escalation line: what the detached confidence keeps on the device, at the threshold training saved.
+    escalation = json.loads((out / "checkpoint" / "escalation.json").read_text())
+    assert summary["train"]["escalation"] == escalation
+    assert f"{100 * escalation['local_fraction']:.1f}% answered on the device" in (out / "summary.md").read_text()
+    assert summary["settings"]["recipe"] == "paper"
 
 
 def test_three_modes_and_the_fallback(finished):
@@ -259,3 +265,5 @@ def test_sentiment_as_label_generation(tmp_path):
 def test_settings_are_checked():
     with pytest.raises(MainJobError, match="prompts=1: must be >= 2"):
         MainJobSettings(prompts=1)
+    with pytest.raises(MainJobError, match="recipe='fast': must be one of paper, edge"):
+        MainJobSettings(recipe="fast")

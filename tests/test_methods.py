@@ -234,3 +234,45 @@ def test_distillation_with_a_frozen_teacher_trains(toy, tmp_path):
         levers=Levers(aux_loss_weight=1.0, distill_weight=1.0, refine_fraction=1 / 3),
     )
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in summary.loss_history)
+
+
+@pytest.mark.parametrize("data", ["generation", "classification"])
+def test_training_saves_the_escalation_threshold(toy, tmp_path, data):
+    from shadowpeft.selective import EscalationRecord
+
+    out = tmp_path / "shadow"
+    summary = train_job(base=str(toy["base"]), data=str(toy[data]), out=out, config=ShadowConfig(), settings=FAST)
+    record = EscalationRecord.read(out)
+    assert record is not None and record.to_dict() == summary.escalation
+    accuracy = {m.mode: m.value for m in summary.metrics}
+    assert record.attached_accuracy == accuracy["attached"] and record.detached_accuracy == accuracy["detached"]
+    assert record.combined_accuracy >= record.attached_accuracy - 0.01 - 1e-9
+    assert record.confidence == ("class-probability" if data == "classification" else "first-token-probability")
+
+
+def test_eval_selective_prints_the_sweep_and_saves_the_threshold(toy, tmp_path):
+    from shadowpeft.selective import EscalationRecord
+
+    out = tmp_path / "shadow"
+    train_job(base=str(toy["base"]), data=str(toy["classification"]), out=out, config=ShadowConfig(), settings=FAST)
+    (out / "escalation.json").unlink()
+    runner = CliRunner()
+    kept = runner.invoke(main, ["eval", "--checkpoint", str(out), "--selective", "--no-save-threshold"])
+    assert kept.exit_code == 0, kept.output
+    assert "answered locally" in kept.output and "calibration error" in kept.output
+    assert not (out / "escalation.json").exists()
+    saved = runner.invoke(main, ["eval", "--checkpoint", str(out), "--selective", "--tolerance", "0.5"])
+    assert saved.exit_code == 0, saved.output
+    record = EscalationRecord.read(out)
+    assert record is not None and record.tolerance == 0.5
+    assert f"threshold {record.threshold:.4f}" in saved.output
+
+
+def test_eval_selective_refuses_what_it_cannot_score(toy, tmp_path):
+    out = tmp_path / "lora"
+    assert _train(toy, out, "--method", "lora", "--recipe", "paper")[0] == 0
+    runner = CliRunner()
+    lora = runner.invoke(main, ["eval", "--checkpoint", str(out), "--selective"])
+    assert lora.exit_code == 1 and "is a lora checkpoint" in lora.output
+    mode = runner.invoke(main, ["eval", "--checkpoint", str(out), "--selective", "--mode", "detached"])
+    assert mode.exit_code == 2 and "drop --mode" in mode.output
