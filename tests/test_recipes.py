@@ -14,7 +14,7 @@ from shadowpeft.config import BackboneConfig, DistillConfig
 from shadowpeft.errors import ShadowConfigError
 from shadowpeft.recipes import RECIPES, Levers, apply_levers, parse_shadow_init, resolve_levers
 from shadowpeft.trainer import ShadowTrainer, TrainSettings, detached_training, training_arguments
-from shadowpeft.training import combined_loss, distillation_loss, shifted_cross_entropy
+from shadowpeft.training import combined_loss, distillation_loss, labelled_cross_entropy, shifted_cross_entropy
 from tests.conftest import ARCHS, no_dropout_config, perturb, tiny_base
 
 
@@ -200,3 +200,29 @@ def test_training_settings_refuse_a_refinement_without_attached_steps():
         TrainSettings(max_steps=10, refine_steps=10)
     with pytest.raises(ShadowConfigError, match="shadow_lr_multiplier"):
         TrainSettings(shadow_lr_multiplier=0.0)
+
+
+def test_paper_recipe_loss_and_gradients_are_todays_bit_for_bit():
+    """The paper recipe runs the loss as it was before recipes: CE of each head at the labelled positions."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (2, 9))
+    labels = _labels(ids)
+    model = perturb(get_shadow_model(tiny_base("llama"), no_dropout_config())).train()
+    config, _ = apply_levers(RECIPES["paper"].levers, no_dropout_config(), TrainSettings())
+    twin = perturb(get_shadow_model(tiny_base("llama"), config)).train()
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    states = twin.run(ids)  # the formula written out, as the code computed it before the levers existed
+    reference = combined_loss(
+        labelled_cross_entropy(twin.base.get_output_embeddings(), states.hidden, labels),
+        labelled_cross_entropy(twin.shadow_head, states.s0, labels),
+        0.05,
+    )
+    reference.backward()
+    assert torch.equal(loss, reference)
+    grads = [
+        (n, p.grad, q.grad) for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True)
+    ]
+    assert any(g is not None for _, g, _ in grads)
+    for name, a, b in grads:
+        assert (a is None and b is None) or torch.equal(a, b), name
