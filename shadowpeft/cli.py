@@ -14,7 +14,7 @@ from shadowpeft.errors import CheckpointError, DataError, ShadowConfigError
 
 # Kept in step with shadowpeft.recipes (checked by a test) so that `--help` does not import torch.
 RECIPE_NAMES = ("paper", "edge")
-DEFAULT_RECIPE = "paper"
+DEFAULT_RECIPE = "edge"
 
 _SHADOW_OPTIONS = [
     click.option(
@@ -53,7 +53,7 @@ _LEVER_OPTIONS = [
         help="Lever defaults: paper (METHOD.md) or edge (for detached use); the options below override them.",
     ),
     click.option(
-        "--shadow-lr-mult", default=None, type=click.FloatRange(0, min_open=True), help="Shadow backbone LR x."
+        "--shadow-lr-mult", default=None, type=click.FloatRange(0, min_open=True), help="Shadow backbone LR factor."
     ),
     click.option(
         "--distill", default=None, type=click.FloatRange(0), help="Weight of KL(attached || detached) in the aux term."
@@ -332,7 +332,7 @@ def train(**o: Any) -> None:
     \b
     Recipes (--recipe) set the detached-quality levers; each lever option overrides its recipe value:
       paper  lambda 0.05, random 1-layer shadow (METHOD.md defaults)
-      edge   shadow copied from base layers 0-3, lambda 1, distillation (for detached use)
+      edge   shadow copied from base layers 0-7, lambda 1, shadow LR x0.2 (for detached use)
 
     DATA schemas (JSONL): {"prompt","completion"} (prompt masked from the loss), {"text","label"}
     (classification: base + shadow classifier heads), {"text"} (language modelling).

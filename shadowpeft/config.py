@@ -246,7 +246,8 @@ class ShadowConfig:
             if bad:
                 problems.append(
                     f"backbone.base_layers={list(layers)!r}: layer(s) {bad} out of range; the base has {n} decoder "
-                    f"layers (indices 0..{n - 1})"
+                    f"layers (indices 0..{n - 1}). Pick indices below {n} with --shadow-init base:..., or use "
+                    "--recipe paper (a random shadow)"
                 )
         if implicit:
             problems += self._head_problems(base_config)

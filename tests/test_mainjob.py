@@ -53,7 +53,7 @@ def _settings(toy: dict[str, Path], out: Path, **overrides) -> MainJobSettings:
         threads=1,
         server_start_timeout_s=120,
         progress_bars=False,
-        recipe="paper",  # edge copies base layers 0-3; the toy base has 3
+        recipe="paper",  # edge copies base layers 0-7; the toy base has 3
     )
     return MainJobSettings(**{**options, **overrides})
 
