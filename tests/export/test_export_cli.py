@@ -170,3 +170,21 @@ def test_published_shadow_peft_checkpoint_exports_with_base(toy, tmp_path):
     manifest = verify_files(out)
     assert manifest.base_model == str(toy["base"])
     assert manifest.validation["detached.logits_max_abs_diff"] <= 1e-4
+
+
+def test_a_multi_layer_shadow_copied_from_base_layers_exports_with_parity(toy, tmp_path):
+    """The edge recipe's shadow (several layers, initialised from base layers) goes through every graph."""
+    from shadowpeft.config import BackboneConfig, ShadowConfig
+
+    config = ShadowConfig(backbone=BackboneConfig(num_layers=2, base_layers=(0, 1)), aux_loss_weight=1.0)
+    model = perturb(get_shadow_model(AutoModelForCausalLM.from_pretrained(toy["base"]), config))
+    save_shadow(model, tmp_path / "ckpt", base_ref=str(toy["base"]))
+    out = tmp_path / "export"
+    result = run(tmp_path / "ckpt", "-o", out, "--split", "--coupled")
+    assert result.exit_code == 0, result.output
+    manifest = verify_files(out)
+    shadow_inputs = [t.name for t in manifest.graphs["device/shadow"].inputs if t.name.startswith("past_key_values")]
+    assert len(shadow_inputs) == 4  # key and value of each of the 2 shadow layers
+    for chain in ("detached", "split", "coupled"):
+        assert manifest.validation[f"{chain}.logits_max_abs_diff"] <= 1e-4
+        assert manifest.validation[f"{chain}.greedy_agreement"] == 1.0
