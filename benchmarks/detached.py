@@ -441,6 +441,12 @@ def write_outputs(out: Path, data: dict[str, Any], command: str) -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--report-only", is_flag=True, help="Re-render the markdown and PNG from the JSON.")
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(1),
+    help="torch threads [torch's default]. 1 keeps runs steady when the machine does other work too.",
+)
 def main(
     resume: bool,
     seeds: int,
@@ -449,8 +455,11 @@ def main(
     batch_size: int,
     out: Path,
     report_only: bool,
+    threads: int | None,
 ) -> None:
     """Train every (task, row, seed) and write detached.{json,md,png}; resumable."""
+    if threads:
+        torch.set_num_threads(threads)
     edge = RECIPES["edge"].levers
     tasks = tuple(t for t in BENCH_DEFAULTS if not only_tasks or t.name in only_tasks)
     chosen = tuple(r.name for r in rows(edge) if not only_rows or r.name in only_rows)
