@@ -328,7 +328,12 @@ def render_markdown(data: dict[str, Any], command: str) -> str:
         "",
         "Accuracy in %, mean ± sample std over seeds (n). ratio = detached / attached. params = trainable "
         "parameters including trained heads. local / combined: at the threshold the run saved (largest local "
-        "share with combined accuracy within 1 point of attached, chosen on the same evaluation examples).",
+        "share with combined accuracy within 1 point of attached, chosen on the same evaluation examples). "
+        "Budgets: `lora` / `dora` take the rank matched to the paper shadow's trainable parameters, "
+        "`lora@edge` / `dora@edge` the rank matched to edge's (a lever that grows the shadow is compared at its "
+        "own budget); the LoRA/DoRA attached column is their accuracy (they have no detached mode). "
+        "`detached-alone` is edge's shadow trained alone (no attached mode). `paper+X` adds one lever of "
+        "edge to paper (distillation needs lambda > 0, so it is shown on top of the lambda lever).",
         "",
     ]
     for task in settings["tasks"]:

@@ -268,6 +268,11 @@ def train_job(
     if levers is not None:
         config, settings = apply_levers(levers, config, settings)
     check_method(method, lora_rank=lora_rank, init_shadow=init_shadow, refine_steps=settings.refine_steps)
+    if init_shadow is not None and config.backbone.base_layers is not None:
+        raise ShadowConfigError(
+            f"--init-shadow {init_shadow} and --shadow-init base:... both say where the shadow starts; keep one "
+            "(for a pretrain-shadow checkpoint: --recipe paper, or --shadow-init random)."
+        )
     # The split is fixed (hash salt 0): --seed changes initialisation and data order, never which rows are test rows.
     task = load_task_data(data, max_examples=max_examples)
     work = check_output(out, overwrite=overwrite, resume=resume)

@@ -198,6 +198,7 @@ def test_refinement_changes_the_shadow_but_not_the_injections(toy, tmp_path, mon
         (["--shadow-init", "base:0-1", "--shadow-layers", "3"], "drop --shadow-layers"),
         (["--method", "shadow", "--lora-rank", "4"], "--lora-rank applies to --method lora or dora"),
         (["--method", "lora", "--refine-fraction", "0.5"], "apply to ShadowPEFT"),
+        (["--shadow-init", "base:0", "--init-shadow", "."], "both say where the shadow starts"),
     ],
 )
 def test_bad_levers_give_one_clear_error_and_write_nothing(toy, tmp_path, extra, expected):
