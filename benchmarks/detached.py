@@ -317,6 +317,8 @@ def render_markdown(data: dict[str, Any], command: str) -> str:
         f"torch {m['torch']}, transformers {m['transformers']}. Started {data['started']}, last written "
         f"{data.get('updated', '-')}.",
         "",
+        *[f"Note: {note}" for note in data.get("notes", [])],
+        "",
         "Tasks: "
         + "; ".join(
             f"{t['name']} ({t['data']}): {t['steps']} steps, max_length {t['max_length']}, "
@@ -402,12 +404,15 @@ def render_png(data: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
-def run_benchmark(settings: BenchSettings, out: Path, *, resume: bool, command: str) -> dict[str, Any]:
+def run_benchmark(
+    settings: BenchSettings, out: Path, *, resume: bool, command: str, notes: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Run every planned (seed, task, row) not yet recorded, rewriting the results after each; returns them."""
     all_rows = {r.name: r for r in rows(settings.edge_levers)}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "detached.json"
     data = load_results(path, settings, resume=resume)
+    data.setdefault("notes", []).extend(notes)
     torch.set_flush_denormal(True)  # one policy for every row (see benchmarks/README.md, training cost)
     # Per seed: the rows the targets need on every task first, then the lever rows.
     plan = [
@@ -447,6 +452,9 @@ def write_outputs(out: Path, data: dict[str, Any], command: str) -> None:
 @click.option("--out", default=RESULTS, show_default=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--report-only", is_flag=True, help="Re-render the markdown and PNG from the JSON.")
 @click.option(
+    "--note", "notes", multiple=True, help="A remark stored with the results (e.g. that the machine was shared)."
+)
+@click.option(
     "--threads",
     default=None,
     type=click.IntRange(1),
@@ -461,6 +469,7 @@ def main(
     out: Path,
     report_only: bool,
     threads: int | None,
+    notes: tuple[str, ...],
 ) -> None:
     """Train every (task, row, seed) and write detached.{json,md,png}; resumable."""
     if threads:
@@ -472,9 +481,10 @@ def main(
     command = "python benchmarks/detached.py " + " ".join(sys.argv[1:])
     if report_only:
         data = load_results(out / "detached.json", settings, resume=True)
+        data.setdefault("notes", []).extend(notes)
         write_outputs(out, data, command)
     else:
-        data = run_benchmark(settings, out, resume=resume, command=command)
+        data = run_benchmark(settings, out, resume=resume, command=command, notes=notes)
     click.echo(render_markdown(data, command))
 
 

@@ -59,6 +59,11 @@ PROBES: dict[str, tuple] = {
         {"learning_rate": 6e-4},
         "detached-alone",
     ),
+    "alone-init12-lr6e-4": (
+        dict(backbone=BackboneConfig(12, base_layers=tuple(range(12)))),
+        {"learning_rate": 6e-4},
+        "detached-alone",
+    ),
     "init8-lambda1-lr0.2": (
         dict(aux_loss_weight=1.0, backbone=BackboneConfig(8, base_layers=tuple(range(8)))),
         {"shadow_lr_multiplier": 0.2},
