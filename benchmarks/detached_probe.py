@@ -64,6 +64,10 @@ PROBES: dict[str, tuple] = {
         {"learning_rate": 6e-4},
         "detached-alone",
     ),
+    "init12-lambda1-lr0.2": (
+        dict(aux_loss_weight=1.0, backbone=BackboneConfig(12, base_layers=tuple(range(12)))),
+        {"shadow_lr_multiplier": 0.2},
+    ),
     "init8-lambda1-lr0.2": (
         dict(aux_loss_weight=1.0, backbone=BackboneConfig(8, base_layers=tuple(range(8)))),
         {"shadow_lr_multiplier": 0.2},
