@@ -279,12 +279,11 @@ def targets(data: dict[str, Any]) -> list[str]:
             ok = "met" if edge["ratio"] >= ratio else "MISSED"
             lines.append(f"{task}: edge detached/attached {edge['ratio']:.3f} (target >= {ratio}): {ok}")
         if edge and edge["attached"] is not None:
-            budget = "lora@edge" if (task, "lora@edge") in s else "lora"
-            best = max(
-                (s[(task, m)]["attached"] for m in (budget, budget.replace("lora", "dora")) if (task, m) in s),
-                default=None,
-            )
-            if best is not None:
+            own = ("lora@edge", "dora@edge") if "lora@edge" in data["settings"]["rows"] else ("lora", "dora")
+            best = max((s[(task, m)]["attached"] for m in own if (task, m) in s), default=None)
+            if best is None:
+                lines.append(f"{task}: edge attached vs LoRA/DoRA at edge's budget ({', '.join(own)}): not run yet")
+            else:
                 gap = (edge["attached"] - best) * 100
                 ok = "met" if gap >= -1.0 else "MISSED"
                 lines.append(
@@ -360,11 +359,14 @@ def render_markdown(data: dict[str, Any], command: str) -> str:
             )
         out.append("")
     out += ["## Targets (edge)", ""] + [f"- {line}" for line in targets(data) or ["nothing measured yet"]]
-    out += ["", "## Command", "", f"    {command}", ""]
+    commands = data.get("commands") or [command]
+    out += ["", "## Commands (in the order they ran)", "", *[f"    {c}" for c in commands], ""]
     return "\n".join(out)
 
 
 def render_png(data: dict[str, Any], path: Path) -> None:
+    """Per task: attached vs detached accuracy of every row with both, the Pareto front over them, and
+    lines for the rows with one mode only (LoRA/DoRA: attached; detached-alone: detached)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,24 +376,33 @@ def render_png(data: dict[str, Any], path: Path) -> None:
     tasks = [t["name"] for t in data["settings"]["tasks"]]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        points = []
+        both = []
         for (t, method), g in s.items():
             if t != task:
                 continue
-            x = g["attached"] if g["attached"] is not None else 0.0
-            y = g["detached"] if g["detached"] is not None else 0.0
-            points.append((x, y, method))
-            ax.scatter([100 * x], [100 * y], s=30)
-            ax.annotate(method, (100 * x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            x, y = g["attached"], g["detached"]
+            if x is not None and y is not None:
+                both.append((100 * x, 100 * y, method))
+                ax.scatter([100 * x], [100 * y], s=30)
+                ax.annotate(method, (100 * x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            elif x is not None:
+                ax.axvline(100 * x, ls=":", lw=0.9, color="grey")
+                ax.annotate(f"{method} (attached only)", (100 * x, 0.03), fontsize=7, rotation=90, color="grey",
+                            xycoords=("data", "axes fraction"))  # fmt: skip
+            elif y is not None:
+                ax.axhline(100 * y, ls=":", lw=0.9, color="grey")
+                ax.annotate(f"{method} (detached only)", (1, 100 * y), fontsize=7, color="grey",
+                            xycoords=("axes fraction", "data"), ha="right", va="bottom")  # fmt: skip
         front = sorted(
-            (p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)),
-            key=lambda p: p[0],
+            (p for p in both if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in both)), key=lambda p: p[0]
         )
         if front:
-            ax.plot([100 * p[0] for p in front], [100 * p[1] for p in front], "k--", lw=0.8, label="Pareto front")
-            ax.legend(fontsize=7, loc="lower right")
+            ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+            ax.legend(fontsize=7, loc="lower left")
+        if not any(t == task for t, _ in s):
+            ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(task)
-        ax.set_xlabel("attached accuracy % (LoRA/DoRA: their accuracy; detached-alone: 0)")
+        ax.set_xlabel("attached accuracy %")
         ax.set_ylabel("detached accuracy %")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -413,6 +424,7 @@ def run_benchmark(
     path = out / "detached.json"
     data = load_results(path, settings, resume=resume)
     data.setdefault("notes", []).extend(notes)
+    data.setdefault("commands", []).append(command)
     torch.set_flush_denormal(True)  # one policy for every row (see benchmarks/README.md, training cost)
     # Per seed: the rows the targets need on every task first, then the lever rows.
     plan = [
