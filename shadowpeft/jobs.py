@@ -27,17 +27,18 @@ from shadowpeft.checkpoint import CONFIG_NAME, load_pretrained_shadow_into, load
 from shadowpeft.config import ShadowConfig
 from shadowpeft.datasets import TaskData, load_task_data
 from shadowpeft.errors import AssetError, CheckpointError, ShadowConfigError
-from shadowpeft.evaluation import EvalResult, evaluate, score_examples
+from shadowpeft.evaluation import EvalResult, evaluate
 from shadowpeft.model import ShadowModel
 from shadowpeft.params import expected_parameter_counts
 from shadowpeft.recipes import RECIPES, Levers, apply_levers
-from shadowpeft.selective import CONFIDENCE_MEASURES, EscalationRecord, SelectiveRow, escalation_record
+from shadowpeft.selective import CONFIDENCE_MEASURES, EscalationRecord, SelectiveRow
 from shadowpeft.tasks import get_shadow_model
 from shadowpeft.trainer import (
     TrainSettings,
     TrainSummary,
     adapter_to_float32,
     detached_training,
+    escalation_scores,
     latest_checkpoint,
     run_training,
 )
@@ -403,17 +404,8 @@ def selective_job(
             f"--selective needs a classification or generation task; {loaded.task.name!r} is {loaded.task.kind!r} "
             "(language modelling has no per-example answer to escalate)."
         )
-    scores = {
-        mode: score_examples(
-            loaded.model, loaded.task, loaded.tokenizer, mode=mode, max_length=loaded.max_length, limit=limit
-        )
-        for mode in ("attached", "detached")
-    }
-    record, rows = escalation_record(
-        scores["attached"],
-        scores["detached"],
-        confidence_name=CONFIDENCE_MEASURES[loaded.task.kind],
-        tolerance=tolerance,
+    _, record, rows = escalation_scores(
+        loaded.model, loaded.task, loaded.tokenizer, max_length=loaded.max_length, limit=limit, tolerance=tolerance
     )
     if save:
         record.save(checkpoint)

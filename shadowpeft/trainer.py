@@ -24,10 +24,10 @@ from shadowpeft.checkpoint import load_weights_into, save_shadow
 from shadowpeft.datasets import TaskData
 from shadowpeft.encoding import PadCollator, encode_task
 from shadowpeft.errors import ShadowConfigError
-from shadowpeft.evaluation import EvalResult, evaluate, score_examples
+from shadowpeft.evaluation import EvalResult, ExampleScores, evaluate, score_examples
 from shadowpeft.model import ShadowModel
 from shadowpeft.params import count_parameters
-from shadowpeft.selective import CONFIDENCE_MEASURES, escalation_record
+from shadowpeft.selective import CONFIDENCE_MEASURES, EscalationRecord, SelectiveRow, escalation_record
 
 logger = logging.getLogger(__name__)
 
@@ -284,17 +284,31 @@ def final_evaluation(
                 )
             )
         return
-    scores = {
-        mode: score_examples(
-            model, task, tokenizer, mode=mode, max_length=settings.max_length, limit=settings.eval_examples
-        )
-        for mode in modes
-    }
-    summary.metrics += [EvalResult("accuracy", s.accuracy, s.examples, mode) for mode, s in scores.items()]
-    record, _ = escalation_record(
-        scores["attached"], scores["detached"], confidence_name=CONFIDENCE_MEASURES[task.kind]
+    scores, record, _ = escalation_scores(
+        model, task, tokenizer, max_length=settings.max_length, limit=settings.eval_examples
     )
+    summary.metrics += [EvalResult("accuracy", s.accuracy, s.examples, mode) for mode, s in scores.items()]
     summary.escalation = record.to_dict()
+
+
+def escalation_scores(
+    model: nn.Module,
+    task: TaskData,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    limit: int | None,
+    tolerance: float = 0.01,
+) -> tuple[dict[str, ExampleScores], EscalationRecord, list[SelectiveRow]]:
+    """Score ``model`` attached and detached per example and choose the escalation threshold from them."""
+    scores = {
+        mode: score_examples(model, task, tokenizer, mode=mode, max_length=max_length, limit=limit)
+        for mode in ("attached", "detached")
+    }
+    record, rows = escalation_record(
+        scores["attached"], scores["detached"], confidence_name=CONFIDENCE_MEASURES[task.kind], tolerance=tolerance
+    )
+    return scores, record, rows
 
 
 def _train_phase(
