@@ -47,12 +47,12 @@ from torch import nn
 from transformers import AutoConfig
 
 from shadowpeft import ShadowConfig, count_parameters, expected_parameter_counts, get_shadow_model, save_shadow
-from shadowpeft.baselines import baseline_parameter_counts, build_baseline, matched_lora_rank
-from shadowpeft.checkpoint import head_modules, load_pretrained_shadow_into
-from shadowpeft.datasets import TaskData, load_task_data
-from shadowpeft.evaluation import evaluate
-from shadowpeft.jobs import load_base
-from shadowpeft.trainer import TrainSettings, TrainSummary, adapter_to_float32, run_training
+from shadowpeft.checkpoint.store import head_modules, load_pretrained_shadow_into
+from shadowpeft.train.baselines import baseline_parameter_counts, build_baseline, matched_lora_rank
+from shadowpeft.train.datasets import TaskData, load_task_data
+from shadowpeft.train.evaluation import evaluate
+from shadowpeft.train.jobs import load_base
+from shadowpeft.train.trainer import TrainSettings, TrainSummary, adapter_to_float32, run_training
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -188,7 +188,7 @@ def build_model(unit: Unit, task: TaskData, setup: Setup, settings: BenchSetting
 class OnDevice(nn.Module):
     """Moves ``evaluate()``'s CPU batches to the model's device and its outputs back (bf16 autocast on request).
 
-    ``shadowpeft.evaluation.evaluate`` builds its batches on the CPU and compares them with CPU labels.
+    ``shadowpeft.train.evaluation.evaluate`` builds its batches on the CPU and compares them with CPU labels.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, *, bf16: bool) -> None:
@@ -365,7 +365,7 @@ def estimate_s(unit: Unit, settings: BenchSettings, setup: Setup) -> float:
 
 def matched_ranks(base_path: str, shadow_config: ShadowConfig) -> dict[str, Any]:
     """The shadow's adapter size on this base and the LoRA / DoRA ranks closest to it."""
-    from shadowpeft.assets import resolve_base
+    from shadowpeft.checkpoint.assets import resolve_base
 
     config = AutoConfig.from_pretrained(resolve_base(base_path), local_files_only=True)
     target = expected_parameter_counts(config, shadow_config).total

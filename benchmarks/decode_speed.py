@@ -200,7 +200,7 @@ def smoke_setup(prompt_tokens: int) -> Setup:
 
 def smollm2_setup(prompt_tokens: int) -> Setup:
     """SmolLM2-135M-Instruct from the local cache (0.2 s per fresh copy) and a fixed text prompt."""
-    from shadowpeft.assets import SMOLLM2_NAME, load_smollm2
+    from shadowpeft.checkpoint.assets import SMOLLM2_NAME, load_smollm2
 
     _, tokenizer = load_smollm2()
     ids = tokenizer(PROMPT_TEXT, return_tensors="pt")["input_ids"]

@@ -40,11 +40,11 @@ import torch
 import transformers
 
 from shadowpeft import ShadowConfig
-from shadowpeft.jobs import train_job
-from shadowpeft.mainjob import sentiment_generation_file
-from shadowpeft.recipes import RECIPES, Levers
-from shadowpeft.selective import EscalationRecord
-from shadowpeft.trainer import TrainSettings
+from shadowpeft.demo.mainjob import sentiment_generation_file
+from shadowpeft.train.jobs import train_job
+from shadowpeft.train.recipes import RECIPES, Levers
+from shadowpeft.train.selective import EscalationRecord
+from shadowpeft.train.trainer import TrainSettings
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

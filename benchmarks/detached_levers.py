@@ -23,7 +23,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import detached as bench  # noqa: E402  (the sibling benchmark: its task specs and run_one)
 
-from shadowpeft.recipes import RECIPES  # noqa: E402
+from shadowpeft.train.recipes import RECIPES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "detached_levers.jsonl"
 EDGE = RECIPES["edge"].levers

@@ -23,9 +23,9 @@ import click
 import torch
 
 from shadowpeft.config import BackboneConfig, DistillConfig, ShadowConfig
-from shadowpeft.jobs import train_job
-from shadowpeft.mainjob import sentiment_generation_file
-from shadowpeft.trainer import TrainSettings
+from shadowpeft.demo.mainjob import sentiment_generation_file
+from shadowpeft.train.jobs import train_job
+from shadowpeft.train.trainer import TrainSettings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "detached_probe.jsonl"
 FOUR = (0, 1, 2, 3)

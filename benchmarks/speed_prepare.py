@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicCache
 
 from shadowpeft import ShadowConfig, get_shadow_model
 from shadowpeft.arch import spec_for
-from shadowpeft.checkpoint import save_shadow
+from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export.bundle import graph_files
 from shadowpeft.export.context import explicit_context
 from shadowpeft.export.graphs import HeadWeight, example_past, kv_layout
@@ -42,9 +42,9 @@ from shadowpeft.export.io_names import SHADOW_STATES, GraphIO, detached_shadow_i
 from shadowpeft.export.onnx_export import export_graph, external_data_files
 from shadowpeft.export.pipeline import ExportOptions, export_checkpoint, quantization_name
 from shadowpeft.export.quantize import quantize_graph
-from shadowpeft.jobs import load_base
 from shadowpeft.runtime.export_dir import session_options
 from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.train.jobs import load_base
 
 WEIGHTS = ("fp32", "int8", "int4")
 PLAIN_GRAPH = "base.onnx"

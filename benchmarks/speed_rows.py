@@ -150,7 +150,7 @@ def measure_torch(job: Job) -> Measured:
     """A decode_speed row: build it on a fresh base, warm up, time ``repeats`` times."""
     import torch
 
-    from shadowpeft.jobs import load_base
+    from shadowpeft.train.jobs import load_base
 
     speed = _load_sibling("decode_speed")
     input_ids = torch.tensor([job.prompt])

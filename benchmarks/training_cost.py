@@ -10,7 +10,7 @@ Rows (each in a process of its own, one after another; ratios against the first 
     peft-tuner         the ShadowPEFT tuner of `peft` 0.21.2 (as in decode_speed.py)
     shadow-no-flush    `shadow` again with denormal flushing off: the denormal trap
 
-Every row trains through the project's harness (shadowpeft.trainer.run_training: HF Trainer,
+Every row trains through the project's harness (shadowpeft.train.trainer.run_training: HF Trainer,
 AdamW, constant learning rate) on `shakespeare` (language modelling, 64-token rows), batch 8,
 fp32, from a fresh adapter and the same seed. A forward pre-hook on the model stamps the start of
 each step; step k takes stamp(k+1) - stamp(k) (forward, backward, clipping, optimizer step, data).
@@ -123,7 +123,7 @@ class Job:
 def build_model(job: Job, base: torch.nn.Module) -> torch.nn.Module:
     """The row's trainable model on a freshly loaded base."""
     if job.method in ("lora", "dora"):
-        from shadowpeft.baselines import build_baseline
+        from shadowpeft.train.baselines import build_baseline
 
         return build_baseline(base, job.method, rank=job.rank, task="causal-lm")
     if job.method == "shadow":
@@ -137,10 +137,10 @@ def build_model(job: Job, base: torch.nn.Module) -> torch.nn.Module:
 
 def run_job(job: Job, work: Path) -> dict[str, Any]:
     """Train ``warmup_steps + steps + 1`` steps, stamping each forward; returns step times and memory."""
-    from shadowpeft.datasets import load_task_data
-    from shadowpeft.jobs import load_base
     from shadowpeft.params import count_parameters
-    from shadowpeft.trainer import TrainSettings, run_training
+    from shadowpeft.train.datasets import load_task_data
+    from shadowpeft.train.jobs import load_base
+    from shadowpeft.train.trainer import TrainSettings, run_training
 
     torch.set_num_threads(job.threads)
     torch.set_flush_denormal(job.flush_denormal)

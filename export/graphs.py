@@ -23,8 +23,8 @@ from transformers.cache_utils import DynamicCache
 
 from shadowpeft.export.context import explicit_context
 from shadowpeft.export.io_names import StackLayout
+from shadowpeft.heads import ShadowForCausalLM
 from shadowpeft.modules import ShadowInjection
-from shadowpeft.tasks import ShadowForCausalLM
 
 __all__ = [
     "CloudBackboneGraph",

@@ -1,7 +1,7 @@
 """The load stage of an export: a checkpoint directory -> the causal-LM model and its tokenizer.
 
 The base model is found from the checkpoint's own reference (``shadow_config.json``), or from
-``--base``; :func:`shadowpeft.checkpoint.load_shadow` then checks the base fingerprint, so a
+``--base``; :func:`shadowpeft.checkpoint.store.load_shadow` then checks the base fingerprint, so a
 checkpoint never attaches silently to a different base.
 """
 
@@ -15,11 +15,11 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from shadowpeft.checkpoint import CONFIG_NAME, load_shadow
+from shadowpeft.checkpoint.fingerprint import fingerprint
+from shadowpeft.checkpoint.store import CONFIG_NAME, load_shadow
 from shadowpeft.errors import CheckpointError
-from shadowpeft.fingerprint import fingerprint
-from shadowpeft.jobs import load_base
-from shadowpeft.tasks import ShadowForCausalLM
+from shadowpeft.heads import ShadowForCausalLM
+from shadowpeft.train.jobs import load_base
 
 __all__ = ["LoadedCheckpoint", "load_checkpoint"]
 

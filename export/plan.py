@@ -21,8 +21,8 @@ from shadowpeft.export.graphs import (
     kv_layout,
 )
 from shadowpeft.export.io_names import GraphIO, cloud_backbone_io, coupled_io, detached_shadow_io, head_io
+from shadowpeft.heads import ShadowForCausalLM
 from shadowpeft.runtime.manifest import GraphRole
-from shadowpeft.tasks import ShadowForCausalLM
 
 __all__ = [
     "CLOUD_BACKBONE",

@@ -12,9 +12,9 @@ from shadowpeft.export.graphs import kv_layout
 from shadowpeft.export.io_names import GraphIO
 from shadowpeft.export.quantize import agreement
 from shadowpeft.export.validate import ChainRunner, chains_for
+from shadowpeft.heads import ShadowForCausalLM
 from shadowpeft.runtime.decode import positions_for
 from shadowpeft.runtime.devices import DeviceProfile
-from shadowpeft.tasks import ShadowForCausalLM
 
 __all__ = ["HELD_OUT_TEXT", "held_out_batch", "memory_figures", "quantized_agreement"]
 

@@ -32,8 +32,8 @@ from shadowpeft.export.io_names import (
     GraphIO,
 )
 from shadowpeft.export.plan import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW
+from shadowpeft.heads import ShadowForCausalLM
 from shadowpeft.runtime.decode import positions_for  # the runtime's own rule, so parity tests it
-from shadowpeft.tasks import ShadowForCausalLM
 
 __all__ = ["FP32_LOGIT_TOLERANCE", "ChainRunner", "ParityResult", "check_parity", "chains_for", "prompt_batch"]
 

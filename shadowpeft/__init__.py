@@ -20,17 +20,17 @@ _LAZY = {
     "ShadowConfigError": "shadowpeft.errors",
     "CheckpointError": "shadowpeft.errors",
     "ShadowModel": "shadowpeft.model",
-    "ShadowForCausalLM": "shadowpeft.tasks",
-    "ShadowForSequenceClassification": "shadowpeft.tasks",
-    "get_shadow_model": "shadowpeft.tasks",
+    "ShadowForCausalLM": "shadowpeft.heads",
+    "ShadowForSequenceClassification": "shadowpeft.heads",
+    "get_shadow_model": "shadowpeft.heads",
     "ShadowCache": "shadowpeft.cache",
-    "save_shadow": "shadowpeft.checkpoint",
-    "load_shadow": "shadowpeft.checkpoint",
+    "save_shadow": "shadowpeft.checkpoint.store",
+    "load_shadow": "shadowpeft.checkpoint.store",
     "count_parameters": "shadowpeft.params",
     "expected_parameter_counts": "shadowpeft.params",
     "ParameterCounts": "shadowpeft.params",
     "pinv_projection_init": "shadowpeft.backbone",
-    "greedy_decode": "shadowpeft.generate",
+    "greedy_decode": "shadowpeft.reference_decode",
 }
 
 __all__ = [
@@ -59,13 +59,13 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from shadowpeft.backbone import pinv_projection_init
     from shadowpeft.cache import ShadowCache
-    from shadowpeft.checkpoint import load_shadow, save_shadow
+    from shadowpeft.checkpoint.store import load_shadow, save_shadow
     from shadowpeft.config import BackboneConfig, DistillConfig, InjectionConfig, ShadowConfig, UpdateConfig
     from shadowpeft.errors import CheckpointError, ShadowConfigError
-    from shadowpeft.generate import greedy_decode
+    from shadowpeft.heads import ShadowForCausalLM, ShadowForSequenceClassification, get_shadow_model
     from shadowpeft.model import ShadowModel
     from shadowpeft.params import ParameterCounts, count_parameters, expected_parameter_counts
-    from shadowpeft.tasks import ShadowForCausalLM, ShadowForSequenceClassification, get_shadow_model
+    from shadowpeft.reference_decode import greedy_decode
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ import click
 
 from shadowpeft.errors import CheckpointError, DataError, ShadowConfigError
 
-# Kept in step with shadowpeft.recipes (checked by a test) so that `--help` does not import torch.
+# Kept in step with shadowpeft.train.recipes (checked by a test) so that `--help` does not import torch.
 RECIPE_NAMES = ("paper", "edge")
 DEFAULT_RECIPE = "edge"
 
@@ -133,7 +133,7 @@ def _shadow_config(o: dict[str, Any]) -> Any:
 def _levers(o: dict[str, Any], *, recipe: str) -> Any:
     """The recipe's levers with every lever option the user gave."""
     from shadowpeft.errors import ShadowConfigError
-    from shadowpeft.recipes import resolve_levers
+    from shadowpeft.train.recipes import resolve_levers
 
     levers = resolve_levers(
         recipe,
@@ -156,7 +156,7 @@ def _levers(o: dict[str, Any], *, recipe: str) -> Any:
 
 
 def _settings(o: dict[str, Any]) -> Any:
-    from shadowpeft.trainer import TrainSettings
+    from shadowpeft.train.trainer import TrainSettings
 
     return TrainSettings(
         max_steps=o["steps"],
@@ -175,7 +175,7 @@ def _settings(o: dict[str, Any]) -> Any:
 
 
 def _train(o: dict[str, Any], *, detached_only: bool) -> None:
-    from shadowpeft.jobs import train_job
+    from shadowpeft.train.jobs import train_job
 
     recipe = o.get("recipe") or "paper"  # pretrain-shadow: only --shadow-init and --aux-weight apply
     summary = train_job(
@@ -198,7 +198,7 @@ def _train(o: dict[str, Any], *, detached_only: bool) -> None:
 
 
 def _echo_summary(summary: Any, out: Path) -> None:
-    from shadowpeft.jobs import is_main_process
+    from shadowpeft.train.jobs import is_main_process
 
     if not is_main_process():
         return
@@ -259,8 +259,8 @@ def demo(**options: Any) -> None:
     backbone with shadow-serve on loopback, run held-out prompts detached, coupled and auto (stopping the
     server half-way), and write a report (summary.md, summary.json, plots) to OUT. Under 20 minutes on 2 cores.
     """
-    from shadowpeft.mainjob import MainJobError, MainJobSettings, run_main_job
-    from shadowpeft.mainjob_report import summary_table
+    from shadowpeft.demo.mainjob import MainJobError, MainJobSettings, run_main_job
+    from shadowpeft.demo.report import summary_table
 
     given = {key: value for key, value in options.items() if value is not None}
     try:
@@ -288,9 +288,9 @@ def decode_demo(prompt: str | None, max_new_tokens: int, shadow_layers: int, thr
     """
     import torch
 
-    from shadowpeft.assets import load_smollm2
+    from shadowpeft.checkpoint.assets import load_smollm2
     from shadowpeft.config import BackboneConfig, ShadowConfig
-    from shadowpeft.demo import DEFAULT_PROMPT, run_demo
+    from shadowpeft.demo.decode_demo import DEFAULT_PROMPT, run_demo
 
     if threads:
         torch.set_num_threads(threads)
@@ -394,7 +394,7 @@ def eval_command(
     save_threshold: bool,
 ) -> None:
     """Accuracy (classification, label generation) or perplexity (LM) on the test split, of any --method."""
-    from shadowpeft.jobs import eval_job, selective_job
+    from shadowpeft.train.jobs import eval_job, selective_job
 
     if not selective:
         for result in eval_job(checkpoint=checkpoint, data=data, modes=modes or None, limit=limit, base=base):
@@ -402,7 +402,7 @@ def eval_command(
         return
     if modes:
         raise click.BadParameter("--selective always scores both modes; drop --mode.", param_hint="--mode")
-    from shadowpeft.selective import format_selective_table
+    from shadowpeft.train.selective import format_selective_table
 
     record, rows = selective_job(
         checkpoint=checkpoint, data=data, limit=limit, base=base, tolerance=tolerance, save=save_threshold
@@ -426,7 +426,7 @@ def eval_command(
 @friendly_errors
 def fetch_data(name: str) -> None:
     """Download a built-in dataset that no wheel ships (intent: BIG-bench, 358 MB sdist, once)."""
-    from shadowpeft.corpora import fetch_intent
+    from shadowpeft.train.corpora import fetch_intent
 
     click.echo(f"saved: {fetch_intent()}")
 

@@ -59,11 +59,11 @@ def test_our_rows(smoke_run: tuple[int, dict, Path]) -> None:
     rows = _rows(record)
     if not all(row_id in rows for row_id in OUR_ROWS):
         try:
-            importlib.import_module("shadowpeft.tasks")
+            importlib.import_module("shadowpeft.heads")
         except ImportError as exc:
             assert rc != 0
-            pytest.skip(f"shadowpeft.tasks does not import yet ({exc}); row (c) cannot be measured")
-        pytest.fail(f"shadowpeft.tasks imports but row (c) is unavailable: {record['unavailable']}")
+            pytest.skip(f"shadowpeft.heads does not import yet ({exc}); row (c) cannot be measured")
+        pytest.fail(f"shadowpeft.heads imports but row (c) is unavailable: {record['unavailable']}")
     for row_id in OUR_ROWS:
         _assert_positive_finite(rows[row_id])
     assert rows["c-attached"]["tokens_match_base"] is True

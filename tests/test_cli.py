@@ -16,7 +16,7 @@ def test_bad_option_value_exits_2_with_the_allowed_range():
 
 
 def test_library_errors_become_one_clean_message(monkeypatch):
-    from shadowpeft import assets
+    from shadowpeft.checkpoint import assets
     from shadowpeft.errors import AssetError
 
     def missing(**kwargs):
@@ -32,7 +32,7 @@ def test_library_errors_become_one_clean_message(monkeypatch):
 
 
 def test_debug_env_reraises(monkeypatch):
-    from shadowpeft import assets
+    from shadowpeft.checkpoint import assets
     from shadowpeft.errors import AssetError
 
     monkeypatch.setattr(assets, "load_smollm2", lambda **kw: (_ for _ in ()).throw(AssetError("gone")))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shadowpeft.recipes import Levers
+from shadowpeft.train.recipes import Levers
 from tests.conftest import load_benchmark
 from tests.toy import save_toy_base, write_toy_data
 

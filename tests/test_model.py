@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from shadowpeft import ShadowConfig, get_shadow_model
 from shadowpeft.config import BackboneConfig
-from shadowpeft.tasks import ShadowForCausalLM, ShadowForSequenceClassification
-from shadowpeft.training import shifted_cross_entropy
+from shadowpeft.heads import ShadowForCausalLM, ShadowForSequenceClassification
+from shadowpeft.losses import shifted_cross_entropy
 from tests.conftest import ARCHS, no_dropout_config, padded_batch, perturb, tiny_base
 
 

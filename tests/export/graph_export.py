@@ -12,7 +12,7 @@ from shadowpeft.export.graphs import export_view
 from shadowpeft.export.io_names import GraphIO
 from shadowpeft.export.onnx_export import export_graph
 from shadowpeft.export.plan import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW, graph_jobs
-from shadowpeft.tasks import ShadowForCausalLM
+from shadowpeft.heads import ShadowForCausalLM
 
 ALL_GRAPHS = (DEVICE_SHADOW, DEVICE_HEAD, CLOUD_BACKBONE, COUPLED)
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from shadowpeft import get_shadow_model
-from shadowpeft.checkpoint import save_shadow
+from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export import pipeline
 from shadowpeft.export.cli import main
 from shadowpeft.runtime.manifest import MANIFEST_NAME, Manifest, verify_files

@@ -22,7 +22,7 @@ def toy_export(tmp_path_factory) -> ToyExport:
     from transformers import AutoModelForCausalLM
 
     from shadowpeft import get_shadow_model
-    from shadowpeft.checkpoint import save_shadow
+    from shadowpeft.checkpoint.store import save_shadow
     from shadowpeft.export.pipeline import ExportOptions, export_checkpoint
     from tests.conftest import perturb
     from tests.toy import save_toy_base

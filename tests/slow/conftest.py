@@ -6,7 +6,7 @@ import importlib.metadata
 
 import pytest
 
-from shadowpeft import assets
+from shadowpeft.checkpoint import assets
 
 
 def has_smollm2() -> bool:

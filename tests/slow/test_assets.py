@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from shadowpeft import assets
-from shadowpeft.assets import SMOLLM2_NAME, is_complete_asset_dir, load_smollm2, resolve_base, smollm2_dir
+from shadowpeft.checkpoint import assets
+from shadowpeft.checkpoint.assets import SMOLLM2_NAME, is_complete_asset_dir, load_smollm2, resolve_base, smollm2_dir
 from shadowpeft.errors import AssetError
 from tests.slow.conftest import requires_smollm2
 

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from shadowpeft import get_shadow_model
-from shadowpeft.checkpoint import save_shadow
+from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export.cli import main
 from shadowpeft.runtime.manifest import verify_files
 from tests.conftest import perturb

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shadowpeft import get_shadow_model
-from shadowpeft.checkpoint import save_shadow
+from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export.pipeline import ExportOptions, export_checkpoint
 from shadowpeft.runtime.export_dir import open_export
 from shadowpeft.runtime.generate import Generator

@@ -74,7 +74,7 @@ def test_parameter_counts_on_real_model(smollm2_fresh):
 
 
 def test_demo_job_runs_end_to_end(smollm2_fresh):
-    from shadowpeft.demo import DEFAULT_PROMPT, build_chat_prompt, run_demo
+    from shadowpeft.demo.decode_demo import DEFAULT_PROMPT, build_chat_prompt, run_demo
 
     base, tokenizer = smollm2_fresh
     report = run_demo(base, tokenizer, max_new_tokens=6)

@@ -25,7 +25,7 @@ from torch import Size, Tensor, nn
 
 from shadowpeft import __version__
 from shadowpeft.arch import spec_for
-from shadowpeft.checkpoint_files import (
+from shadowpeft.checkpoint.files import (
     CONFIG_NAME,
     check_target,
     commit,
@@ -34,9 +34,7 @@ from shadowpeft.checkpoint_files import (
     write_json,
     write_safetensors,
 )
-from shadowpeft.config import ShadowConfig
-from shadowpeft.errors import CheckpointError, ShadowConfigError, UnsupportedArchitectureError
-from shadowpeft.fingerprint import (
+from shadowpeft.checkpoint.fingerprint import (
     BaseFingerprint,
     architecture_config,
     base_differences,
@@ -45,9 +43,11 @@ from shadowpeft.fingerprint import (
     describe,
     fingerprint,
 )
+from shadowpeft.config import ShadowConfig
+from shadowpeft.errors import CheckpointError, ShadowConfigError, UnsupportedArchitectureError
+from shadowpeft.heads import ShadowForCausalLM, ShadowForSequenceClassification, get_shadow_model
+from shadowpeft.losses import mark_only_shadow_trainable
 from shadowpeft.model import ShadowModel
-from shadowpeft.tasks import ShadowForCausalLM, ShadowForSequenceClassification, get_shadow_model
-from shadowpeft.training import mark_only_shadow_trainable
 
 logger = logging.getLogger(__name__)
 

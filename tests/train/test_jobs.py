@@ -15,10 +15,10 @@ import torch
 from click.testing import CliRunner
 
 from shadowpeft import ShadowConfig
-from shadowpeft.checkpoint import load_pretrained_shadow_into, load_shadow
+from shadowpeft.checkpoint.store import load_pretrained_shadow_into, load_shadow
 from shadowpeft.cli import main
-from shadowpeft.jobs import eval_job, load_base, train_job
-from shadowpeft.trainer import TrainSettings
+from shadowpeft.train.jobs import eval_job, load_base, train_job
+from shadowpeft.train.trainer import TrainSettings
 from tests.toy import save_toy_base, write_toy_data
 
 FAST = TrainSettings(max_steps=60, learning_rate=1e-1, logging_steps=5, max_length=32, batch_size=8)
@@ -57,7 +57,7 @@ def test_resume_continues_from_the_saved_step(toy, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # stands in for a kill after the last checkpoint
 
-    monkeypatch.setattr("shadowpeft.jobs.publish", interrupted)
+    monkeypatch.setattr("shadowpeft.train.jobs.publish", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_job(base=str(toy["base"]), data=str(toy["lm"]), out=out, config=ShadowConfig(), settings=settings)
     work = out.with_name("adapter.partial")
@@ -258,7 +258,7 @@ def test_two_process_accelerate_launch(toy, tmp_path):
 
 
 def test_evaluation_subset_is_fixed_random_not_the_first_rows():
-    from shadowpeft.evaluation import evaluation_subset
+    from shadowpeft.train.evaluation import evaluation_subset
 
     rows = tuple(range(100))
     subset = evaluation_subset(rows, 10)

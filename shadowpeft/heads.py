@@ -14,8 +14,7 @@ from transformers.utils import ModelOutput
 from shadowpeft.cache import ShadowCache
 from shadowpeft.config import ShadowConfig
 from shadowpeft.errors import ShadowConfigError
-from shadowpeft.model import MODES, Mode, ShadowModel, ShadowStates
-from shadowpeft.training import (
+from shadowpeft.losses import (
     auxiliary_loss,
     combined_loss,
     distillation_loss,
@@ -23,6 +22,7 @@ from shadowpeft.training import (
     labelled_states,
     shifted_cross_entropy,
 )
+from shadowpeft.model import MODES, Mode, ShadowModel, ShadowStates
 
 
 @dataclass
@@ -117,7 +117,7 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
 
         ``logits_to_keep=k > 0`` computes logits for the last ``k`` positions only (``generate`` uses 1).
         In training mode with ``labels`` the heads run only at positions that take a loss (see
-        :func:`~shadowpeft.training.labelled_cross_entropy`) and ``logits``/``shadow_logits`` are
+        :func:`~shadowpeft.losses.labelled_cross_entropy`) and ``logits``/``shadow_logits`` are
         ``None``; call in eval mode, or without labels, for logits.
         """
         check_hf_flags(hf_flags)

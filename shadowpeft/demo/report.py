@@ -51,7 +51,7 @@ class TrainFigures:
 
     @classmethod
     def from_summary(cls, summary: Any) -> TrainFigures:
-        """From a :class:`~shadowpeft.trainer.TrainSummary`."""
+        """From a :class:`~shadowpeft.train.trainer.TrainSummary`."""
         return cls(
             steps=summary.steps,
             first_loss=summary.first_loss,

@@ -134,7 +134,7 @@ def attention_targets(base_config: Any) -> AttentionTargets:
         raise BaselineError(
             f"Unsupported model_type {model_type!r} for LoRA/DoRA baselines. Supported: "
             f"{', '.join(sorted(ATTENTION_TARGETS))} (add its attention projections to ATTENTION_TARGETS "
-            "in shadowpeft/baselines.py)."
+            "in shadowpeft/train/baselines.py)."
         )
     return targets
 
@@ -356,7 +356,7 @@ def _check_adapted(model: PeftModel, base_config: Any, targets: AttentionTargets
         raise BaselineError(
             f"{adapted} modules matched {targets.pattern!r} on {base_config.model_type!r}, expected {expected} "
             f"({base_config.num_hidden_layers} layers x {len(targets.projections)}); the module names of this "
-            "model differ from ATTENTION_TARGETS in shadowpeft/baselines.py."
+            "model differ from ATTENTION_TARGETS in shadowpeft/train/baselines.py."
         )
 
 

@@ -1,4 +1,4 @@
-"""The main job (shadowpeft/mainjob.py) end to end on the toy base: the same code path as ``shadowpeft demo``.
+"""The main job (shadowpeft/demo/mainjob.py) end to end on the toy base: the same code path as ``shadowpeft demo``.
 
 One run trains a toy shadow, exports it split with int8 device graphs, starts the real ``shadow-serve``
 subprocess, runs three prompts detached, coupled and auto (stopping the server half-way) and writes
@@ -21,13 +21,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shadowpeft import mainjob
 from shadowpeft.cli import main
-from shadowpeft.mainjob import MainJobError, MainJobSettings, run_main_job
-from shadowpeft.mainjob_report import JOB_NAME, PLOT_FILES
+from shadowpeft.demo import mainjob
+from shadowpeft.demo.mainjob import MainJobError, MainJobSettings, run_main_job
+from shadowpeft.demo.report import JOB_NAME, PLOT_FILES
 from shadowpeft.runtime.errors import RuntimeGenerationError
 from shadowpeft.runtime.export_dir import open_export
-from shadowpeft.trainer import TrainSummary
+from shadowpeft.train.trainer import TrainSummary
 from tests.toy import save_toy_base, write_toy_data
 
 STAGES = ("model", "data", "train", "export", "serve", "detached", "coupled", "auto", "report")
@@ -213,7 +213,7 @@ def test_server_stops_when_the_main_job_is_killed(finished, tmp_path):
     """SIGKILL runs no cleanup code: the kernel's parent-death signal stops the server instead."""
     _, out, _ = finished
     script = (
-        "import sys, time\nfrom pathlib import Path\nfrom shadowpeft.mainjob_server import BackboneServer\n"
+        "import sys, time\nfrom pathlib import Path\nfrom shadowpeft.demo.server import BackboneServer\n"
         "server = BackboneServer(Path(sys.argv[1]), threads=1, log_path=Path(sys.argv[2]))\n"
         "server.wait_ready(120)\nprint(server.pid, flush=True)\ntime.sleep(600)\n"
     )

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from shadowpeft.datasets import GenerationExample, TaskData
-from shadowpeft.encoding import PadCollator, encode_prompt, encode_task
+from shadowpeft.train.datasets import GenerationExample, TaskData
+from shadowpeft.train.encoding import PadCollator, encode_prompt, encode_task
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 from shadowpeft.config import DistillConfig, ShadowConfig
 from shadowpeft.errors import ShadowConfigError
-from shadowpeft.trainer import TrainSettings
+from shadowpeft.train.trainer import TrainSettings
 
 RANDOM_INIT = "random"
 _BASE_INIT = re.compile(r"base:(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)")
@@ -124,7 +124,9 @@ def resolve_levers(recipe: str, overrides: dict[str, Any]) -> Levers:
         ShadowConfigError: an unknown recipe or lever, or an invalid value.
     """
     if recipe not in RECIPES:
-        raise ShadowConfigError(f"Unknown recipe {recipe!r}. Known: {', '.join(RECIPES)} (see shadowpeft/recipes.py).")
+        raise ShadowConfigError(
+            f"Unknown recipe {recipe!r}. Known: {', '.join(RECIPES)} (see shadowpeft/train/recipes.py)."
+        )
     given = {key: value for key, value in overrides.items() if value is not None}
     unknown = sorted(set(given) - {f.name for f in dataclasses.fields(Levers)})
     if unknown:

@@ -1,4 +1,4 @@
-"""The main job on the embedded default: wrap SmolLM2-135M-Instruct with a shadow and decode.
+"""The decode demo (`shadowpeft decode-demo`): wrap SmolLM2-135M-Instruct with a shadow and decode.
 
 Loads the real model, wraps it with a ShadowPEFT adapter, reports parameter counts, and
 generates text attached and detached with the KV cache, timing prefill and per-token decode.
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from shadowpeft.config import ShadowConfig
+from shadowpeft.heads import ShadowForCausalLM, get_shadow_model
 from shadowpeft.model import Mode
 from shadowpeft.params import count_parameters
-from shadowpeft.tasks import ShadowForCausalLM, get_shadow_model
 
 logger = logging.getLogger(__name__)
 

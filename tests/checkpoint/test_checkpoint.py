@@ -19,9 +19,9 @@ from shadow_peft import prepare_shadow_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from shadowpeft import CheckpointError, get_shadow_model
-from shadowpeft import checkpoint_files as ckpt
-from shadowpeft.checkpoint import CONFIG_NAME, MODULES_NAME, WEIGHTS_NAME, load_shadow, save_shadow
-from shadowpeft.fingerprint import compare, fingerprint
+from shadowpeft.checkpoint import files as ckpt
+from shadowpeft.checkpoint.fingerprint import compare, fingerprint
+from shadowpeft.checkpoint.store import CONFIG_NAME, MODULES_NAME, WEIGHTS_NAME, load_shadow, save_shadow
 from tests.conftest import ARCH_CONFIGS, no_dropout_config, padded_batch, perturb, tiny_base
 from tests.tolerances import PUBLISHED_PARITY_FP32
 

@@ -3,7 +3,7 @@
 The Trainer supplies AdamW, the LR schedule with warmup, gradient accumulation, evaluation and
 checkpointing, mixed precision and multi-process runs (``accelerate launch``). ShadowTrainer only
 changes how a ShadowPEFT model is saved and restored: adapter weights and heads through
-:mod:`shadowpeft.checkpoint`, never the frozen base.
+:mod:`shadowpeft.checkpoint.store`, never the frozen base.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from shadowpeft.checkpoint import load_weights_into, save_shadow
-from shadowpeft.datasets import TaskData
-from shadowpeft.encoding import PadCollator, encode_task
+from shadowpeft.checkpoint.store import load_weights_into, save_shadow
 from shadowpeft.errors import ShadowConfigError
-from shadowpeft.evaluation import EvalResult, ExampleScores, evaluate, score_examples
 from shadowpeft.model import ShadowModel
 from shadowpeft.params import count_parameters
-from shadowpeft.selective import CONFIDENCE_MEASURES, EscalationRecord, SelectiveRow, escalation_record
+from shadowpeft.train.datasets import TaskData
+from shadowpeft.train.encoding import PadCollator, encode_task
+from shadowpeft.train.evaluation import EvalResult, ExampleScores, evaluate, score_examples
+from shadowpeft.train.selective import CONFIDENCE_MEASURES, EscalationRecord, SelectiveRow, escalation_record
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def final_evaluation(
 
     With an attached and a detached mode on a classification or generation task, both are scored
     per example, and the escalation threshold (the largest local share whose combined accuracy stays
-    within 1 point of attached, :mod:`shadowpeft.selective`) is chosen on these test examples.
+    within 1 point of attached, :mod:`shadowpeft.train.selective`) is chosen on these test examples.
     """
     selective = set(modes) == {"attached", "detached"} and task.kind in CONFIDENCE_MEASURES
     if not selective:

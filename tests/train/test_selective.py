@@ -1,4 +1,4 @@
-"""Selective prediction (shadowpeft.selective) and per-example scores (evaluation.score_examples)."""
+"""Selective prediction (shadowpeft.train.selective) and per-example scores (evaluation.score_examples)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from shadowpeft import get_shadow_model
-from shadowpeft.datasets import ClassificationExample, GenerationExample, TaskData, load_task_data
-from shadowpeft.encoding import encode_prompt, encode_task
 from shadowpeft.errors import CheckpointError
-from shadowpeft.evaluation import ExampleScores, evaluate, evaluation_subset, score_examples
-from shadowpeft.selective import (
+from shadowpeft.train.datasets import ClassificationExample, GenerationExample, TaskData, load_task_data
+from shadowpeft.train.encoding import encode_prompt, encode_task
+from shadowpeft.train.evaluation import ExampleScores, evaluate, evaluation_subset, score_examples
+from shadowpeft.train.selective import (
     ALL_ESCALATED,
     ESCALATION_NAME,
     EscalationRecord,
@@ -228,7 +228,7 @@ def test_selective_table_marks_the_chosen_row_and_stays_short() -> None:
 
 
 def test_selective_does_not_import_torch() -> None:
-    code = "import sys, shadowpeft.selective; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, shadowpeft.train.selective; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shadowpeft.datasets import ClassificationExample, GenerationExample, TaskData, TextExample
 from shadowpeft.errors import DataError
+from shadowpeft.train.datasets import ClassificationExample, GenerationExample, TaskData, TextExample
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 from shadowpeft import ShadowConfig, get_shadow_model
 from shadowpeft.config import BackboneConfig, DistillConfig
 from shadowpeft.errors import ShadowConfigError
-from shadowpeft.recipes import RECIPES, Levers, apply_levers, parse_shadow_init, resolve_levers
-from shadowpeft.trainer import ShadowTrainer, TrainSettings, detached_training, training_arguments
-from shadowpeft.training import combined_loss, distillation_loss, labelled_cross_entropy, shifted_cross_entropy
+from shadowpeft.losses import combined_loss, distillation_loss, labelled_cross_entropy, shifted_cross_entropy
+from shadowpeft.train.recipes import RECIPES, Levers, apply_levers, parse_shadow_init, resolve_levers
+from shadowpeft.train.trainer import ShadowTrainer, TrainSettings, detached_training, training_arguments
 from tests.conftest import ARCHS, no_dropout_config, perturb, tiny_base
 
 

@@ -22,18 +22,18 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from shadowpeft.assets import resolve_base
-from shadowpeft.checkpoint import CONFIG_NAME, load_pretrained_shadow_into, load_shadow, save_shadow
+from shadowpeft.checkpoint.assets import resolve_base
+from shadowpeft.checkpoint.store import CONFIG_NAME, load_pretrained_shadow_into, load_shadow, save_shadow
 from shadowpeft.config import ShadowConfig
-from shadowpeft.datasets import TaskData, load_task_data
 from shadowpeft.errors import AssetError, CheckpointError, ShadowConfigError
-from shadowpeft.evaluation import EvalResult, evaluate
+from shadowpeft.heads import get_shadow_model
 from shadowpeft.model import ShadowModel
 from shadowpeft.params import expected_parameter_counts
-from shadowpeft.recipes import RECIPES, Levers, apply_levers
-from shadowpeft.selective import CONFIDENCE_MEASURES, EscalationRecord, SelectiveRow
-from shadowpeft.tasks import get_shadow_model
-from shadowpeft.trainer import (
+from shadowpeft.train.datasets import TaskData, load_task_data
+from shadowpeft.train.evaluation import EvalResult, evaluate
+from shadowpeft.train.recipes import RECIPES, Levers, apply_levers
+from shadowpeft.train.selective import CONFIDENCE_MEASURES, EscalationRecord, SelectiveRow
+from shadowpeft.train.trainer import (
     TrainSettings,
     TrainSummary,
     adapter_to_float32,
@@ -226,7 +226,7 @@ def build_method(
     if method in ("shadow", "detached-alone"):
         model = get_shadow_model(base_model, config)
         return model, (("detached",) if method == "detached-alone" else ("attached", "detached")), None
-    from shadowpeft.baselines import build_baseline, matched_lora_rank
+    from shadowpeft.train.baselines import build_baseline, matched_lora_rank
 
     dora = method == "dora"
     rank = (

@@ -39,15 +39,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from shadowpeft import assets
+from shadowpeft.checkpoint import assets
 from shadowpeft.config import ShadowConfig
-from shadowpeft.corpora import SENTIMENT_LABELS, data_cache_dir, read_sentiment
-from shadowpeft.datasets import GenerationExample, TaskData, load_task_data
-from shadowpeft.evaluation import evaluation_subset, normalise_answer
-from shadowpeft.export.errors import ExportError
-from shadowpeft.export.pipeline import ExportOptions, export_checkpoint
-from shadowpeft.jobs import load_base, train_job
-from shadowpeft.mainjob_report import (
+from shadowpeft.demo.report import (
     JOB_NAME,
     GraphFigure,
     MainJobReport,
@@ -57,9 +51,10 @@ from shadowpeft.mainjob_report import (
     TrainFigures,
     write_report,
 )
-from shadowpeft.mainjob_server import BackboneServer, ServerStartError, backbone_server
+from shadowpeft.demo.server import BackboneServer, ServerStartError, backbone_server
+from shadowpeft.export.errors import ExportError
+from shadowpeft.export.pipeline import ExportOptions, export_checkpoint
 from shadowpeft.params import count_parameters
-from shadowpeft.recipes import DEFAULT_RECIPE, RECIPES
 from shadowpeft.runtime.client import BackboneClient
 from shadowpeft.runtime.devices import DeviceProfile, load_device_profile
 from shadowpeft.runtime.errors import (
@@ -74,7 +69,12 @@ from shadowpeft.runtime.generate import GenerationResult, Generator, TokenEvent
 from shadowpeft.runtime.manifest import Manifest
 from shadowpeft.runtime.sampling import SamplingConfig
 from shadowpeft.runtime.tokenizer import RuntimeTokenizer
-from shadowpeft.trainer import TrainSettings, TrainSummary
+from shadowpeft.train.corpora import SENTIMENT_LABELS, data_cache_dir, read_sentiment
+from shadowpeft.train.datasets import GenerationExample, TaskData, load_task_data
+from shadowpeft.train.evaluation import evaluation_subset, normalise_answer
+from shadowpeft.train.jobs import load_base, train_job
+from shadowpeft.train.recipes import DEFAULT_RECIPE, RECIPES
+from shadowpeft.train.trainer import TrainSettings, TrainSummary
 
 __all__ = ["MainJobError", "MainJobReport", "MainJobSettings", "BackboneServer", "run_main_job"]
 
@@ -132,7 +132,7 @@ class MainJobSettings:
         server_start_timeout_s: How long to wait for ``/v2/health/ready``.
         keep_export: Keep the exported graphs under ``out/export`` (the cloud graph is fp32: ~540 MB for SmolLM2).
         shadow: The shadow's configuration (library defaults); the recipe's levers apply on top.
-        recipe: Training recipe (:mod:`shadowpeft.recipes`): ``edge`` (for detached use) or ``paper``.
+        recipe: Training recipe (:mod:`shadowpeft.train.recipes`): ``edge`` (for detached use) or ``paper``.
         seed: Training seed.
         progress_bars: Show tqdm bars for the runtime runs.
     """
@@ -448,7 +448,7 @@ class RuntimeRunner:
 
 
 def summarize(mode: str, results: Sequence[GenerationResult], answers: Sequence[str]) -> ModeRun:
-    """Totals over the prompts of one mode; exact match as ``shadowpeft.evaluation`` scores it."""
+    """Totals over the prompts of one mode; exact match as ``shadowpeft.train.evaluation`` scores it."""
     steps = [len(r.token_ids) + (r.finish_reason == "eos") for r in results]  # an EOS step yields no token
     correct = sum(normalise_answer(r.text) == normalise_answer(a) for r, a in zip(results, answers, strict=True))
     return ModeRun(

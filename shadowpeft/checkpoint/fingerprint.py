@@ -1,7 +1,7 @@
 """Base-model fingerprint: which frozen backbone an adapter was trained on (DESIGN.md, "Artifacts").
 
 A ShadowPEFT adapter only makes sense on the exact base it was trained beside, so a checkpoint
-records three hashes of that base and :func:`shadowpeft.checkpoint.load_shadow` recomputes them:
+records three hashes of that base and :func:`shadowpeft.checkpoint.store.load_shadow` recomputes them:
 
 * ``config_sha256``: the architecture-defining config keys only (:data:`ARCHITECTURE_KEYS`), as
   canonical JSON. Bookkeeping keys (``dtype``, ``_name_or_path``, ``architectures``,

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from shadowpeft.assets import smollm2_dir
-from shadowpeft.datasets import ClassificationExample, GenerationExample, TaskData, TextExample
-from shadowpeft.encoding import (
+from shadowpeft.checkpoint.assets import smollm2_dir
+from shadowpeft.errors import DataError
+from shadowpeft.train.datasets import ClassificationExample, GenerationExample, TaskData, TextExample
+from shadowpeft.train.encoding import (
     IGNORE_INDEX,
     PadCollator,
     encode_classification,
@@ -23,7 +24,6 @@ from shadowpeft.encoding import (
     format_prompt,
     resolve_pad_token_id,
 )
-from shadowpeft.errors import DataError
 from tests.slow.conftest import requires_smollm2
 
 pytestmark = requires_smollm2
@@ -117,7 +117,7 @@ def test_encode_task_per_kind(tokenizer, caplog: pytest.LogCaptureFixture) -> No
     lm = TaskData("l", "lm", (TextExample("Once upon a time"),), (), ())
     assert encode_task(lm, tokenizer, split="test", max_length=16) == []
     gen = TaskData("g", "generation", (EXAMPLE,), (), ("play_music",))
-    with caplog.at_level(logging.WARNING, logger="shadowpeft.encoding"):
+    with caplog.at_level(logging.WARNING, logger="shadowpeft.train.encoding"):
         (features,) = encode_task(gen, tokenizer, split="train", max_length=12)
     assert "1 of 1 train prompts of 'g' were cut on the left to fit max_length=12" in caplog.text
     assert tokenizer.decode(completion_part(features)) == "play_music<|im_end|>"

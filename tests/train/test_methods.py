@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from shadowpeft import ShadowConfig
 from shadowpeft.cli import DEFAULT_RECIPE, RECIPE_NAMES, main
-from shadowpeft.jobs import eval_job, train_job
-from shadowpeft.recipes import DEFAULT_RECIPE as LIBRARY_DEFAULT
-from shadowpeft.recipes import RECIPES, Levers
-from shadowpeft.trainer import TrainSettings
+from shadowpeft.train.jobs import eval_job, train_job
+from shadowpeft.train.recipes import DEFAULT_RECIPE as LIBRARY_DEFAULT
+from shadowpeft.train.recipes import RECIPES, Levers
+from shadowpeft.train.trainer import TrainSettings
 from tests.toy import save_toy_base, write_toy_data
 
 FAST = TrainSettings(max_steps=12, learning_rate=1e-1, logging_steps=4, max_length=32, batch_size=8)
@@ -57,9 +57,9 @@ def test_every_method_trains_and_evaluates_from_the_cli(toy, tmp_path, method, d
 
 
 def test_lora_rank_is_matched_to_the_shadow_budget_unless_given(toy, tmp_path):
-    from shadowpeft.baselines import matched_lora_rank
-    from shadowpeft.jobs import load_base
     from shadowpeft.params import expected_parameter_counts
+    from shadowpeft.train.baselines import matched_lora_rank
+    from shadowpeft.train.jobs import load_base
 
     base, _ = load_base(str(toy["base"]), kind="generation")
     config = ShadowConfig()
@@ -72,7 +72,7 @@ def test_lora_rank_is_matched_to_the_shadow_budget_unless_given(toy, tmp_path):
 
 def test_detached_alone_never_runs_a_base_layer(toy, tmp_path, monkeypatch):
     calls = []
-    from shadowpeft import tasks
+    from shadowpeft import heads as tasks
 
     real = tasks.get_shadow_model
 
@@ -82,7 +82,7 @@ def test_detached_alone_never_runs_a_base_layer(toy, tmp_path, monkeypatch):
             layer.register_forward_hook(lambda *args: calls.append(1))
         return model
 
-    monkeypatch.setattr("shadowpeft.jobs.get_shadow_model", counting)
+    monkeypatch.setattr("shadowpeft.train.jobs.get_shadow_model", counting)
     summary = train_job(
         base=str(toy["base"]),
         data=str(toy["generation"]),
@@ -114,8 +114,8 @@ def test_detached_alone_trains_only_the_detached_architecture(toy, tmp_path):
         settings=FAST,
         method="detached-alone",
     )
-    from shadowpeft.jobs import load_base
     from shadowpeft.params import expected_parameter_counts
+    from shadowpeft.train.jobs import load_base
 
     base, _ = load_base(str(toy["base"]), kind="classification", labels=("blue", "green", "red"))
     counts = expected_parameter_counts(base.config, ShadowConfig())
@@ -147,7 +147,7 @@ def test_records_from_before_recipes_read_as_paper_shadow_runs(toy, tmp_path):
     for key in ("method", "recipe", "lora_rank"):
         record.pop(key)
     (out / "training.json").write_text(json.dumps(record))
-    from shadowpeft.jobs import RunRecord
+    from shadowpeft.train.jobs import RunRecord
 
     old = RunRecord.read(out)
     assert old.method == "shadow" and old.recipe["name"] == "paper"
@@ -159,7 +159,7 @@ def test_refinement_changes_the_shadow_but_not_the_injections(toy, tmp_path, mon
 
     from safetensors.torch import load_file
 
-    from shadowpeft import trainer
+    from shadowpeft.train import trainer
 
     snapshots = []
     real = trainer.detached_training
@@ -239,7 +239,7 @@ def test_distillation_with_a_frozen_teacher_trains(toy, tmp_path):
 
 @pytest.mark.parametrize("data", ["generation", "classification"])
 def test_training_saves_the_escalation_threshold(toy, tmp_path, data):
-    from shadowpeft.selective import EscalationRecord
+    from shadowpeft.train.selective import EscalationRecord
 
     out = tmp_path / "shadow"
     summary = train_job(base=str(toy["base"]), data=str(toy[data]), out=out, config=ShadowConfig(), settings=FAST)
@@ -252,7 +252,7 @@ def test_training_saves_the_escalation_threshold(toy, tmp_path, data):
 
 
 def test_eval_selective_prints_the_sweep_and_saves_the_threshold(toy, tmp_path):
-    from shadowpeft.selective import EscalationRecord
+    from shadowpeft.train.selective import EscalationRecord
 
     out = tmp_path / "shadow"
     train_job(base=str(toy["base"]), data=str(toy["classification"]), out=out, config=ShadowConfig(), settings=FAST)

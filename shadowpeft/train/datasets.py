@@ -11,7 +11,7 @@ classification  ``text``, ``label`` (str or int)  ``{"text": "great film", "labe
 lm              ``text``                          ``{"text": "Once upon a time"}``
 ==============  ================================  ========================================
 
-Built-in tasks (see :mod:`shadowpeft.corpora` for sources): ``sentiment`` (classification of
+Built-in tasks (see :mod:`shadowpeft.train.corpora` for sources): ``sentiment`` (classification of
 tweets), ``intent`` (generation: name the intent of an utterance) and ``shakespeare`` (lm).
 
 From rows to splits::
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from shadowpeft.corpora import read_intent, read_sentiment, read_shakespeare
 from shadowpeft.errors import DataError
+from shadowpeft.train.corpora import read_intent, read_sentiment, read_shakespeare
 
 logger = logging.getLogger(__name__)
 

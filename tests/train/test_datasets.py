@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from shadowpeft import corpora
-from shadowpeft.corpora import chunk_text, fetch_intent, intent_cache_path, parse_intent_task
-from shadowpeft.datasets import (
+from shadowpeft.errors import DataError
+from shadowpeft.train import corpora
+from shadowpeft.train.corpora import chunk_text, fetch_intent, intent_cache_path, parse_intent_task
+from shadowpeft.train.datasets import (
     BUILTIN_TASKS,
     ClassificationExample,
     GenerationExample,
@@ -25,7 +26,6 @@ from shadowpeft.datasets import (
     load_task_data,
     read_jsonl,
 )
-from shadowpeft.errors import DataError
 
 INTENTS = ("add_to_playlist", "book_restaurant", "get_weather", "play_music", "search_screening_event")
 
@@ -56,7 +56,7 @@ def classification_rows(n: int, *, start: int = 0) -> list[dict]:
 
 
 def fake_intent_task(per_intent: int = 4) -> dict:
-    """A task.json with BIG-bench's structure (see shadowpeft.corpora.IntentCorpus)."""
+    """A task.json with BIG-bench's structure (see shadowpeft.train.corpora.IntentCorpus)."""
     examples = [
         {
             "input": f"Utterance: request {k} for {intent.replace('_', ' ')}",

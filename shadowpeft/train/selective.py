@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from shadowpeft.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from shadowpeft.evaluation import ExampleScores
+    from shadowpeft.train.evaluation import ExampleScores
 
 ESCALATION_NAME = "escalation.json"
 # Task kind -> the name of the confidence measure that evaluation.score_examples computes for it.
