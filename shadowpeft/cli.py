@@ -49,7 +49,7 @@ _LEVER_OPTIONS = [
         default=DEFAULT_RECIPE,
         show_default=True,
         type=click.Choice(list(RECIPE_NAMES)),
-        help="Lever defaults: paper (METHOD.md) or edge (for detached use); the options below override them.",
+        help="Lever defaults: paper (the method's) or edge (for detached use); the options below override them.",
     ),
     click.option(
         "--shadow-lr-mult", default=None, type=click.FloatRange(0, min_open=True), help="Shadow backbone LR factor."
@@ -317,7 +317,7 @@ def train(**o: Any) -> None:
 
     \b
     Recipes (--recipe) set the detached-quality levers; each lever option overrides its recipe value:
-      paper  lambda 0.05, random 1-layer shadow (METHOD.md defaults)
+      paper  lambda 0.05, random 1-layer shadow (the method's defaults)
       edge   shadow copied from base layers 0-7, lambda 1, shadow LR x0.2 (for detached use)
 
     DATA schemas (JSONL): {"prompt","completion"} (prompt masked from the loss), {"text","label"}

@@ -1,4 +1,4 @@
-"""Save and load ShadowPEFT checkpoints (DESIGN.md, "Artifacts"). safetensors only, never pickle.
+"""Save and load ShadowPEFT checkpoints (the design notes, "Artifacts"). safetensors only, never pickle.
 
     checkpoint/
       shadow_config.json          format, task, ShadowConfig, explicit shadow, base name + fingerprint
