@@ -2,7 +2,7 @@
 
 Rows per task: the base model zero-shot (generation tasks: the chat-template prompt, untrained);
 LoRA and DoRA on q, k, v, o at the rank whose size is closest to the shadow adapter's; ShadowPEFT
-(METHOD.md defaults) attached, and the same trained model detached; and ShadowPEFT whose shadow
+(the method's defaults) attached, and the same trained model detached; and ShadowPEFT whose shadow
 backbone was first pretrained alone on `shakespeare` (detached, LM loss, once per seed), detached
 and attached. Every method gets the same training examples, steps, batch, schedule, max_length and
 test examples; only the learning rate differs (options, recorded in the JSON). The test split is
@@ -12,10 +12,10 @@ is in accuracy_report.METHOD, which the markdown report repeats.
 
 Usage::
 
-    python benchmarks/accuracy.py                          # CPU defaults, about 1h40 on 2 cores
-    python benchmarks/accuracy.py --resume                 # continue an interrupted run
-    python benchmarks/accuracy.py --device cuda            # bf16 base, 3 seeds, more steps
-    python benchmarks/accuracy.py --smoke --out /tmp/x     # toy Llama of tests/toy.py, seconds
+    python -m benchmarks.accuracy                          # CPU defaults, about 1h40 on 2 cores
+    python -m benchmarks.accuracy --resume                 # continue an interrupted run
+    python -m benchmarks.accuracy --device cuda            # bf16 base, 3 seeds, more steps
+    python -m benchmarks.accuracy --smoke --out /tmp/x     # toy Llama of tests/toy.py, seconds
 
 The JSON is rewritten atomically after every run; `--resume` skips what it records. Pretrained
 shadows stay in `<out>/.accuracy_work/` until every planned run is recorded.
@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
-import random
-import shlex
 import shutil
 import sys
 import tempfile
@@ -37,7 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import click
@@ -46,113 +43,19 @@ import transformers
 from torch import nn
 from transformers import AutoConfig
 
+from benchmarks import accuracy_report as rep
+from benchmarks import decode_speed as speed
+from benchmarks.accuracy_settings import PROFILES, BenchSettings, Profile, Setup, TaskSpec
+from benchmarks.harness import RESULTS_DIR, load_for_resume, machine_info, now, physical_cores, run_cli, save_json
 from shadowpeft import ShadowConfig, count_parameters, expected_parameter_counts, get_shadow_model, save_shadow
 from shadowpeft.checkpoint.store import head_modules, load_pretrained_shadow_into
 from shadowpeft.train.baselines import baseline_parameter_counts, build_baseline, matched_lora_rank
-from shadowpeft.train.datasets import TaskData, load_task_data
+from shadowpeft.train.datasets import TaskData
 from shadowpeft.train.evaluation import evaluate
 from shadowpeft.train.jobs import load_base
 from shadowpeft.train.trainer import TrainSettings, TrainSummary, adapter_to_float32, run_training
 
-HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "shadow": 3e-3, "pretrain": 3e-3}  # see accuracy_report.TUNING
-SPLIT_SEED = 0  # one fixed train/test split for every seed and method
-EVAL_SUBSET_SEED = 0  # which test examples form a task's evaluation subset (the split is sorted by label)
-
-# ------------------------------------------------------------------------------------------ settings
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One task of the benchmark and the settings every method uses on it.
-
-    Attributes:
-        name: Task name in the results (``sentiment``, ``intent``; ``toy-*`` in smoke mode).
-        kind: ``classification``, ``generation`` or ``lm`` (the pretraining corpus).
-        max_length: Token limit per example.
-        steps: Optimizer steps per training run.
-        eval_examples: Size of the fixed random evaluation subset of the test split (None: all).
-    """
-
-    name: str
-    kind: str
-    max_length: int
-    steps: int
-    eval_examples: int | None
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """Everything that changes a run's result; ``--resume`` requires the recorded settings to be equal."""
-
-    base: str
-    device: str
-    bf16: bool
-    batch_size: int
-    warmup_ratio: float
-    scheduler: str
-    lr: dict[str, float]
-    tasks: tuple[TaskSpec, ...]
-    pretrain: TaskSpec
-    shadow_config: dict[str, Any]
-    split_seed: int = SPLIT_SEED
-    eval_subset_seed: int = EVAL_SUBSET_SEED
-
-    def task(self, name: str) -> TaskSpec:
-        """The task (or pretraining corpus) called ``name``."""
-        return next(t for t in (*self.tasks, self.pretrain) if t.name == name)
-
-
-@dataclass
-class Setup:
-    """Where the base model and the data are read from (paths differ between runs; not in the settings)."""
-
-    base_path: str
-    data: dict[str, str]  # task name -> built-in name or JSONL path for load_task_data
-    work: Path
-    loaded: dict[str, TaskData] = dataclasses.field(default_factory=dict)
-
-    def task_data(self, spec: TaskSpec) -> TaskData:
-        """The task with its evaluation subset, loaded once."""
-        if spec.name not in self.loaded:
-            task = load_task_data(self.data[spec.name], seed=SPLIT_SEED)
-            self.loaded[spec.name] = eval_subset(task, spec.eval_examples)
-        return self.loaded[spec.name]
-
-    def pretrained_dir(self, seed: int) -> Path:
-        """Where the pretrained shadow of ``seed`` is kept until the benchmark completes."""
-        return self.work / f"pretrained-shadow-seed{seed}"
-
-    def has_pretrained(self, seed: int) -> bool:
-        """The pretrained shadow of ``seed`` is on disk."""
-        return self.pretrained_dir(seed).is_dir()  # save_shadow publishes atomically
-
-
-def eval_subset(task: TaskData, size: int | None) -> TaskData:
-    """A fixed random subset of the test split, in split order (the first N rows may all share a label)."""
-    if size is None or size >= len(task.test):
-        return task
-    keep = sorted(random.Random(EVAL_SUBSET_SEED).sample(range(len(task.test)), size))
-    return dataclasses.replace(task, test=tuple(task.test[i] for i in keep))
-
-
-def _load_path_module(name: str, path: Path) -> ModuleType:
-    """Import a sibling script or tests/toy.py by path (neither folder is an installed package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses in the module look themselves up here
-    spec.loader.exec_module(module)
-    return module
-
-
-# Sibling modules: decode_speed.py shares machine info, core count and thread/denormal settings;
-# accuracy_report.py holds the record I/O, the tables and the chart.
-speed = _load_path_module("shadowpeft_bench_decode_speed", HERE / "decode_speed.py")
-rep = _load_path_module("shadowpeft_bench_accuracy_report", HERE / "accuracy_report.py")
 METHODS, ROWS, PRETRAIN, Unit = rep.METHODS, rep.ROWS, rep.PRETRAIN, rep.Unit
 
 
@@ -314,40 +217,6 @@ def _training_fields(summary: TrainSummary | None, settings: BenchSettings, spec
 # -------------------------------------------------------------------------------------------- planning
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Defaults of one kind of run (``cpu``, ``cuda`` or ``smoke``); options override them."""
-
-    seeds: int
-    batch_size: int
-    tasks: tuple[TaskSpec, ...]
-    pretrain: TaskSpec
-
-
-_SENTIMENT = TaskSpec("sentiment", "classification", 64, 150, 300)
-_INTENT = TaskSpec("intent", "generation", 160, 60, None)
-_SHAKESPEARE = TaskSpec("shakespeare", "lm", 128, 300, 100)
-_TOY = (
-    TaskSpec("toy-classification", "classification", 32, 10, None),
-    TaskSpec("toy-generation", "generation", 32, 10, None),
-)
-PROFILES = {
-    # About 100 minutes on 2 CPU cores (announce() prints the estimate); see accuracy_report.TUNING.
-    "cpu": Profile(seeds=2, batch_size=8, tasks=(_SENTIMENT, _INTENT), pretrain=_SHAKESPEARE),
-    # Not timed yet: a guess at a useful GPU run (bf16 base, whole test splits, a few epochs of intent).
-    "cuda": Profile(
-        seeds=3,
-        batch_size=16,
-        tasks=(
-            dataclasses.replace(_SENTIMENT, steps=800, eval_examples=None),
-            dataclasses.replace(_INTENT, steps=200),
-        ),
-        pretrain=dataclasses.replace(_SHAKESPEARE, steps=1000, eval_examples=None),
-    ),
-    "smoke": Profile(seeds=2, batch_size=8, tasks=_TOY, pretrain=TaskSpec("toy-lm", "lm", 32, 10, 20)),
-}
-
-
 def estimate_s(unit: Unit, settings: BenchSettings, setup: Setup) -> float:
     """Predicted seconds of one unit on the reference CPU (see accuracy_report.estimate_s)."""
     spec = settings.task(unit.task)
@@ -449,7 +318,8 @@ def open_setup(smoke: bool, work: Path) -> Iterator[Setup]:
     if not smoke:
         yield Setup("smollm2-135m-instruct", {name: name for name in ("sentiment", "intent", "shakespeare")}, work)
         return
-    toy = _load_path_module("shadowpeft_bench_toy", HERE.parent / "tests" / "toy.py")
+    from tests import toy
+
     with tempfile.TemporaryDirectory(prefix="accuracy-smoke-") as tmp:
         base = toy.save_toy_base(Path(tmp) / "base")
         files = toy.write_toy_data(Path(tmp))
@@ -479,8 +349,8 @@ def execute(todo: list[Unit], record: dict[str, Any], ctx: SimpleNamespace) -> N
         took = time.perf_counter() - start
         elapsed += took
         record["elapsed_s"] += took
-        record["date"] = rep.now()
-        rep.write_json(record, ctx.json_path)
+        record["date"] = now()
+        save_json(ctx.json_path, record)
         done_est, left_est = sum(estimates[: i + 1]), sum(estimates[i + 1 :])
         eta = left_est * elapsed / done_est if done_est else 0.0
         click.echo(
@@ -492,7 +362,7 @@ def execute(todo: list[Unit], record: dict[str, Any], ctx: SimpleNamespace) -> N
 def start_record(opts: Options, settings: BenchSettings, setup: Setup, json_path: Path) -> dict[str, Any]:
     """The record to continue (``--resume``) or a fresh one; a fresh one discards old pretrained shadows."""
     wanted = json.loads(json.dumps(asdict(settings)))
-    record = rep.load_for_resume(json_path, wanted) if opts.resume else None
+    record = load_for_resume(json_path, wanted) if opts.resume else None
     if record is None:
         if opts.resume:
             click.echo(f"nothing to resume at {json_path}; starting a new run")
@@ -512,13 +382,13 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
     """Plan, resume, run what is missing, and write JSON, markdown and chart; returns the record."""
     json_path = opts.out_dir / f"{opts.stem}.json"
     # One thread for the toy model: more only adds OpenMP sync, and oversubscribes the cores under pytest -n.
-    threads = opts.threads or (1 if opts.smoke else speed.physical_cores())
+    threads = opts.threads or (1 if opts.smoke else physical_cores())
     with open_setup(opts.smoke, opts.out_dir / f".{opts.stem}_work") as setup, speed.benchmark_settings(threads):
         base_name = "toy-llama (tests/toy.py)" if opts.smoke else setup.base_path
         settings = make_settings(opts, opts.profile, base_name)
         record = start_record(opts, settings, setup, json_path)
         device = torch.cuda.get_device_name(0) if opts.device == "cuda" else "cpu"
-        record["machine"] = {**speed.machine_info(threads), "device": device}
+        record["machine"] = {**machine_info(threads), "device": device}
         tasks = [(t.name, t.kind) for t in settings.tasks]
         units = rep.plan_units(tasks, settings.pretrain.name, record["plan"]["methods"], record["plan"]["seeds"])
         for spec in (*settings.tasks, settings.pretrain):
@@ -530,7 +400,7 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
         ctx = SimpleNamespace(settings=settings, setup=setup, json_path=json_path)
         execute(todo, record, ctx)
         record["complete"] = not rep.pending(units, record, setup.has_pretrained)
-    rep.write_json(record, json_path)
+    save_json(json_path, record)
     rep.write_reports(record, opts.out_dir / f"{opts.stem}.md", opts.out_dir / f"{opts.stem}.png")
     if record["complete"]:
         shutil.rmtree(setup.work, ignore_errors=True)
@@ -609,18 +479,9 @@ def cli(ctx: click.Context, **o: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark CLI and return its exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "benchmarks/accuracy.py", *args])
-    try:
-        cli.main(args=args, standalone_mode=False, obj=command)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.Abort:  # Ctrl-C: every finished run is already in the JSON
-        click.echo("interrupted; rerun the same command with --resume to continue", err=True)
-        return 130
-    return 0
+    """Run the benchmark CLI and return its exit code (130 on Ctrl-C: every finished run is already in the JSON)."""
+    interrupted = "interrupted; rerun the same command with --resume to continue"
+    return run_cli(cli, argv, module="benchmarks.accuracy", interrupted=interrupted)
 
 
 if __name__ == "__main__":

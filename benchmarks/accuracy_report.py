@@ -8,9 +8,6 @@ aggregate rows over seeds: mean and sample standard deviation of the accuracy.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from benchmarks.harness import now, save_figure
+from shadowpeft.runtime.atomic import write_atomic
 
 METHODS = ("zero-shot", "lora", "dora", "shadow", "shadow-pretrained")
 PRETRAIN = "pretrain"  # the method name of a shadow pretraining run
@@ -44,7 +44,7 @@ ROW_LABELS = {
 METHOD = (
     "Each training run loads a fresh base, seeds torch with the run's seed, wraps the base (peft LoRA/DoRA on "
     "q,k,v,o at the rank matched to the shadow's adapter size, alpha = 2r, dropout 0.05; or a ShadowPEFT shadow with "
-    "METHOD.md defaults) and trains it with shadowpeft.train.trainer.run_training (HF Trainer, AdamW, linear "
+    "the method's defaults) and trains it with shadowpeft.train.trainer.run_training (HF Trainer, AdamW, linear "
     "warmup then cosine, grad clip 1.0) for the same steps, batch size and max_length on the same training split; "
     "only the "
     "learning rate differs by method. Accuracy comes from shadowpeft.train.evaluation.evaluate on the same "
@@ -116,38 +116,6 @@ def new_record(settings: dict[str, Any], *, smoke: bool, plan: dict[str, Any], r
         "pretrain": [],
         "runs": [],
     }
-
-
-def load_for_resume(json_path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The recorded run to continue, or None when there is none.
-
-    Raises:
-        click.UsageError: The record was made with other settings (they are listed).
-    """
-    if not json_path.is_file():
-        return None
-    record = json.loads(json_path.read_text(encoding="utf-8"))
-    recorded = record.get("settings", {})
-    if recorded != settings:
-        differing = sorted(k for k in settings if recorded.get(k) != settings[k])
-        raise click.UsageError(
-            f"--resume: {json_path} was recorded with other settings (differing: {', '.join(differing)}). "
-            "Rerun with the same options, or drop --resume (or pick another --out) to start over."
-        )
-    return record
-
-
-def write_json(record: dict[str, Any], path: Path) -> None:
-    """Write atomically (temp file + rename), so an interrupted run never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def now() -> str:
-    """UTC time, ISO 8601, to the second."""
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def fmt_duration(seconds: float) -> str:
@@ -370,7 +338,7 @@ def _settings_lines(record: dict[str, Any]) -> list[str]:
         f"Seeds: {record['plan']['seeds']}. Shadow pretraining: {p['steps']} steps on {p['name']} "
         f"(max_length {p['max_length']}, lr {s['lr']['pretrain']:g}).",
         "",
-        f"Budget: the shadow adapter (METHOD.md defaults) has {ranks['shadow_adapter_params']:,} params; LoRA rank "
+        f"Budget: the shadow adapter (the method's defaults) has {ranks['shadow_adapter_params']:,} params; LoRA rank "
         f"{ranks['lora']['rank']} has {ranks['lora']['params']:,} and DoRA rank {ranks['dora']['rank']} "
         f"{ranks['dora']['params']:,}. Heads are trained on top (classification: ShadowPEFT trains the base "
         "`score` head and its shadow copy, peft a copy of `score`).",
@@ -445,11 +413,11 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{record['model']}: {record['plan']['seeds']} seeds, batch {s['batch_size']}", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 def write_reports(record: dict[str, Any], md_path: Path, png_path: Path) -> None:
     """Write the markdown page and the chart (the JSON is written by the runner after every run)."""
-    md_path.write_text(markdown_report(record), encoding="utf-8")
+    write_atomic(md_path, markdown_report(record))
     plot(record, png_path)

@@ -28,18 +28,15 @@ and torch uses one thread per physical core.
 
 Usage::
 
-    python benchmarks/decode_speed.py                 # SmolLM2, 128 new tokens, 5 repeats
-    python benchmarks/decode_speed.py --smoke --out /tmp/x   # tiny random Llama, seconds
+    python -m benchmarks.decode_speed                 # SmolLM2, 128 new tokens, 5 repeats
+    python -m benchmarks.decode_speed --smoke --out /tmp/x   # tiny random Llama, seconds
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.metadata
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -53,7 +50,9 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks.harness import RESULTS_DIR, machine_info, physical_cores, run_cli, save_json
+from shadowpeft.runtime.atomic import write_atomic
+
 BASE_ROW = "d-base"
 # Prefill-only calls per repeat; the fastest is used (see measure()).
 PREFILL_SAMPLES = 3
@@ -119,53 +118,6 @@ class Setup:
 
 
 # --------------------------------------------------------------------------------------------- machine
-
-
-def physical_cores() -> int:
-    """Count physical cores available to this process (/proc/cpuinfo pairs, capped by the affinity mask)."""
-    pairs: set[tuple[str, str]] = set()
-    physical = core = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
-        for line in handle:
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "physical id":
-                physical = value
-            elif key == "core id":
-                core = value
-                pairs.add((physical, core))
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(len(pairs) or available, available))
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """Describe the machine and software versions for the JSON record."""
-    cpu_model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu_model = line.partition(":")[2].strip()
-                break
-
-    def version(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu_model": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "physical_cores": physical_cores(),
-        "torch_threads": threads,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": version("peft"),
-        "shadow-peft": version("shadow-peft"),
-        "shadowpeft": version("shadowpeft"),
-    }
 
 
 @contextlib.contextmanager
@@ -529,8 +481,8 @@ def write_results(record: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "decode_speed_smoke" if record["smoke"] else "decode_speed"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(markdown_report(record), encoding="utf-8")
+    save_json(json_path, record)
+    write_atomic(md_path, markdown_report(record))
     return json_path, md_path
 
 
@@ -567,11 +519,7 @@ def cli(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark CLI and return its exit code (0 only when every row was measured)."""
-    try:
-        return int(cli.main(args=argv, standalone_mode=False) or 0)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
+    return run_cli(cli, argv, module="benchmarks.decode_speed")
 
 
 if __name__ == "__main__":

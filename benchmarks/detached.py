@@ -11,9 +11,9 @@ budget differs), the detached architecture trained alone (``--method detached-al
 
 Usage::
 
-    python benchmarks/detached.py                 # CPU defaults (see BENCH_DEFAULTS)
-    python benchmarks/detached.py --resume        # continue an interrupted run
-    python benchmarks/detached.py --seeds 1 --only-task sentiment-gen   # a short probe
+    python -m benchmarks.detached                 # CPU defaults (see BENCH_DEFAULTS)
+    python -m benchmarks.detached --resume        # continue an interrupted run
+    python -m benchmarks.detached --seeds 1 --only-task sentiment-gen   # a short probe
 
 Results: ``benchmarks/results/detached.{json,md,png}``, rewritten (atomically) after every run; the
 JSON's ``rows`` hold one object per (task, method, seed).
@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +38,16 @@ import click
 import torch
 import transformers
 
+from benchmarks.harness import RESULTS_DIR, cpu_model, load_for_resume, now, save_figure, save_json
 from shadowpeft import ShadowConfig
 from shadowpeft.demo.mainjob import sentiment_generation_file
+from shadowpeft.runtime.atomic import write_atomic
 from shadowpeft.train.jobs import train_job
 from shadowpeft.train.recipes import RECIPES, Levers
 from shadowpeft.train.selective import EscalationRecord
 from shadowpeft.train.trainer import TrainSettings
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = RESULTS_DIR
 BASE = "smollm2-135m-instruct"
 LR = {"lora": 1e-3, "dora": 1e-3, "shadow": 3e-3, "detached-alone": 3e-3}  # benchmarks/accuracy.py's rates
 
@@ -192,35 +192,20 @@ def run_one(spec: TaskSpec, row: RowSpec, seed: int, *, base: str, batch_size: i
 
 
 def load_results(path: Path, settings: BenchSettings, *, resume: bool) -> dict[str, Any]:
-    if resume and path.is_file():
-        data = json.loads(path.read_text())
-        if data["settings"] != json.loads(json.dumps(asdict(settings))):
-            raise click.ClickException(
-                f"{path} was made with other settings; run without --resume (or with the same options)."
-            )
-        return data
-    return {"settings": asdict(settings), "rows": [], "started": _now(), "machine": machine()}
+    """The recorded run to continue (``resume``), else a fresh record (see harness.load_for_resume)."""
+    data = load_for_resume(path, json.loads(json.dumps(asdict(settings)))) if resume else None
+    return data or {"settings": asdict(settings), "rows": [], "started": now(), "machine": machine()}
 
 
 def save_results(path: Path, data: dict[str, Any]) -> None:
-    data["updated"] = _now()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    data["updated"] = now()
+    save_json(path, data, indent=1)
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    """The machine fields detached.md shows (the committed results use these keys)."""
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -228,10 +213,6 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -413,10 +394,8 @@ def render_png(data: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("detached accuracy %")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -502,9 +481,7 @@ def merge_shards(settings: BenchSettings, shards: Path, out: Path, *, command: s
 
 def write_outputs(out: Path, data: dict[str, Any], command: str) -> None:
     save_results(out / "detached.json", data)
-    tmp = out / ".detached.md.tmp"
-    tmp.write_text(render_markdown(data, command))
-    os.replace(tmp, out / "detached.md")
+    write_atomic(out / "detached.md", render_markdown(data, command))
     render_png(data, out / "detached.png")
 
 
@@ -563,7 +540,7 @@ def main(
     )
     chosen = tuple(r.name for r in rows(edge) if not only_rows or r.name in only_rows)
     settings = BenchSettings(BASE, tasks, chosen, seeds, batch_size, LR, edge.to_dict())
-    command = "python benchmarks/detached.py " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.detached " + " ".join(sys.argv[1:])
     if merge is not None:
         data = merge_shards(settings, merge, out, command=command)
     elif report_only:

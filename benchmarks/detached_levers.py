@@ -7,25 +7,23 @@ line already there is skipped, so re-running resumes.
 
 Usage::
 
-    python benchmarks/detached_levers.py                          # every variant, every task
-    python benchmarks/detached_levers.py --only distill --task intent
+    python -m benchmarks.detached_levers                          # every variant, every task
+    python -m benchmarks.detached_levers --only distill --task intent
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import detached as bench  # noqa: E402  (the sibling benchmark: its task specs and run_one)
+from benchmarks import detached as bench  # the sibling benchmark: its task specs and run_one
+from benchmarks.harness import RESULTS_DIR
+from shadowpeft.train.recipes import RECIPES
 
-from shadowpeft.train.recipes import RECIPES  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results" / "detached_levers.jsonl"
+RESULTS = RESULTS_DIR / "detached_levers.jsonl"
 EDGE = RECIPES["edge"].levers
 
 # name -> (levers, steps multiplier)

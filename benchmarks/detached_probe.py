@@ -7,8 +7,8 @@ already recorded there is skipped, so re-running the command resumes.
 
 Usage::
 
-    python benchmarks/detached_probe.py                 # every probe in PROBES
-    python benchmarks/detached_probe.py --only init4    # one probe
+    python -m benchmarks.detached_probe                 # every probe in PROBES
+    python -m benchmarks.detached_probe --only init4    # one probe
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from pathlib import Path
 import click
 import torch
 
+from benchmarks.harness import RESULTS_DIR
 from shadowpeft.config import BackboneConfig, DistillConfig, ShadowConfig
 from shadowpeft.demo.mainjob import sentiment_generation_file
 from shadowpeft.train.jobs import train_job
 from shadowpeft.train.trainer import TrainSettings
 
-RESULTS = Path(__file__).resolve().parent / "results" / "detached_probe.jsonl"
+RESULTS = RESULTS_DIR / "detached_probe.jsonl"
 FOUR = (0, 1, 2, 3)
 
 ALL_IN = dict(aux_loss_weight=1.0, distill=DistillConfig(1.0), backbone=BackboneConfig(4, base_layers=FOUR))

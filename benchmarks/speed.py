@@ -22,53 +22,31 @@ in the markdown report.
 
 Usage::
 
-    python benchmarks/speed.py                        # SmolLM2, roughly 20 minutes on 2 idle cores
-    python benchmarks/speed.py --smoke --out /tmp/x   # toy Llama of tests/toy.py, 1-2 minutes
+    python -m benchmarks.speed                        # SmolLM2, roughly 20 minutes on 2 idle cores
+    python -m benchmarks.speed --smoke --out /tmp/x   # toy Llama of tests/toy.py, 1-2 minutes
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import importlib.util
 import json
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import click
 
-HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
+from benchmarks import decode_speed, speed_bandwidth, speed_report, speed_rows
+from benchmarks.harness import RESULTS_DIR, machine_info, now, physical_cores, run_cli, run_module
+
 SMOLLM2 = "smollm2-135m-instruct"
 
-
-def _load_path_module(name: str, path: Path) -> ModuleType:
-    """Import a sibling script (or tests/toy.py) by path; benchmarks/ is not a package."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-# The names benchmarks/accuracy.py and speed_rows.py use for the same files, so each loads once.
-decode_speed = _load_path_module("shadowpeft_bench_decode_speed", HERE / "decode_speed.py")
-speed_rows = _load_path_module("shadowpeft_bench_speed_rows", HERE / "speed_rows.py")
-speed_report = _load_path_module("shadowpeft_bench_speed_report", HERE / "speed_report.py")
-speed_bandwidth = _load_path_module("shadowpeft_bench_speed_bandwidth", HERE / "speed_bandwidth.py")
 
 METHOD = (
     "Each row runs in a fresh process of its own (benchmarks/speed_rows.py), rows one after another in table "
@@ -118,11 +96,6 @@ class Options:
     command: str
 
 
-def now() -> str:
-    """UTC time, ISO 8601, to the second."""
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
 @contextlib.contextmanager
 def work_directory(opts: Options) -> Iterator[Path]:
     """``--work`` (kept) or a temporary directory (removed) for the checkpoint and graphs."""
@@ -137,7 +110,8 @@ def base_model(opts: Options, work: Path) -> str:
     """SmolLM2 by its built-in name, or (smoke) the toy Llama of tests/toy.py saved under ``work``."""
     if not opts.smoke:
         return SMOLLM2
-    toy = _load_path_module("shadowpeft_bench_toy", HERE.parent / "tests" / "toy.py")
+    from tests import toy
+
     return str(toy.save_toy_base(work / "toy-base"))
 
 
@@ -148,12 +122,13 @@ def machine(threads: int) -> dict[str, Any]:
     memory_kb = 0
     with contextlib.suppress(OSError, ValueError), open("/proc/meminfo", encoding="utf-8") as handle:
         memory_kb = int(next(line for line in handle if line.startswith("MemTotal:")).split()[1])
-    return {**decode_speed.machine_info(threads), "onnxruntime": onnxruntime.__version__, "memory_gb": memory_kb / 1e6}
+    return {**machine_info(threads), "onnxruntime": onnxruntime.__version__, "memory_gb": memory_kb / 1e6}
 
 
 def prepare(opts: Options, work: Path) -> Any:
     """Checkpoint and graphs (speed_prepare), built with ``--threads`` torch threads."""
-    prep = _load_path_module("shadowpeft_bench_speed_prepare", HERE / "speed_prepare.py")
+    from benchmarks import speed_prepare as prep
+
     base = base_model(opts, work)
     with decode_speed.benchmark_settings(opts.threads):
         return prep.prepare(work / "assets", base, prompt_tokens=opts.prompt_tokens, smoke=opts.smoke, progress=_say)
@@ -170,13 +145,7 @@ def run_row(job: Any, work: Path) -> tuple[dict[str, Any] | None, str | None]:
     job_path, out_path = jobs / f"{job.row.id}.json", jobs / f"{job.row.id}.result.json"
     job_path.write_text(json.dumps(dataclasses.asdict(job)), encoding="utf-8")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(HERE / "speed_rows.py"), str(job_path), str(out_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
+    done = run_module("benchmarks.speed_rows", str(job_path), str(out_path), env=env)
     if done.returncode != 0 or not out_path.exists():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
         return None, f"exit code {done.returncode}: {tail}"
@@ -329,7 +298,7 @@ def cli(ctx: click.Context, **o: Any) -> None:
         warmup=o["warmup"],
         new_tokens=o["new_tokens"] or (8 if smoke else 128),
         prompt_tokens=o["prompt_tokens"] or (16 if smoke else 128),
-        threads=o["threads"] or (1 if smoke else decode_speed.physical_cores()),
+        threads=o["threads"] or (1 if smoke else physical_cores()),
         delay_ms=o["delay_ms"],
         split_weights=o["split_weights"],
         rows=o["rows"],
@@ -352,14 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    args = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "benchmarks/speed.py", *args])
-    try:
-        cli.main(args=args, standalone_mode=False, obj=command)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    return 0
+    return run_cli(cli, argv, module="benchmarks.speed")
 
 
 if __name__ == "__main__":

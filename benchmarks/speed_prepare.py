@@ -12,8 +12,9 @@ Exports (one folder each under the work directory)::
                    final norm -> head as a (d, V) MatMul weight, KV cache in and out like the
                    export's graphs; fp32 traced with export_graph, int8/int4 by quantize_graph.
 
-Deriving int8/int4 from the fp32 export runs exactly the quantization pass that
-``shadow-export --weights int8|int4`` runs (deterministic: same input, same bytes), without
+Deriving int8/int4 from the fp32 export (export.pipeline.quantize_export) runs exactly the quantization
+pass that
+``shadow-export --quantize int8|int4`` runs (deterministic: same input, same bytes), without
 tracing every graph three times; the export-time agreement check of the quantized graphs is
 skipped (the benchmark records token agreement between rows instead).
 """
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
@@ -35,15 +35,13 @@ from transformers.cache_utils import DynamicCache
 from shadowpeft import ShadowConfig, get_shadow_model
 from shadowpeft.arch import spec_for
 from shadowpeft.checkpoint.store import save_shadow
-from shadowpeft.export.bundle import graph_files
 from shadowpeft.export.context import explicit_context
 from shadowpeft.export.graphs import HeadWeight, example_past, kv_layout
 from shadowpeft.export.io_names import SHADOW_STATES, GraphIO, detached_shadow_io
 from shadowpeft.export.onnx_export import export_graph, external_data_files
-from shadowpeft.export.pipeline import ExportOptions, export_checkpoint, quantization_name
+from shadowpeft.export.pipeline import ExportOptions, export_checkpoint, quantize_export
 from shadowpeft.export.quantize import quantize_graph
 from shadowpeft.runtime.export_dir import session_options
-from shadowpeft.runtime.manifest import Manifest
 from shadowpeft.train.jobs import load_base
 
 WEIGHTS = ("fp32", "int8", "int4")
@@ -115,7 +113,8 @@ def prepare(work: Path, base: str, *, prompt_tokens: int, smoke: bool, progress)
     export_checkpoint(work / "ckpt", exports["fp32"], ExportOptions(selections=("split", "coupled")))
     for weights in WEIGHTS[1:]:
         progress(f"quantize the on-device graphs to {weights}")
-        exports[weights] = derive_export(exports["fp32"], work / f"export-{weights}", weights=weights)
+        exports[weights] = work / f"export-{weights}"
+        quantize_export(exports["fp32"], exports[weights], weights=weights)
     progress("export the plain base graph")
     plain = {"fp32": work / "plain-fp32" / PLAIN_GRAPH}
     diff = export_plain_base(base, plain["fp32"], prompt)
@@ -147,35 +146,6 @@ def graph_bytes(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------ derived exports
-
-
-def derive_export(src: Path, dst: Path, *, weights: str) -> Path:
-    """Copy the fp32 export ``src`` to ``dst`` with its on-device graphs quantized to ``weights``.
-
-    The on-device graphs are those the pipeline quantizes (every role but ``cloud-backbone``); each
-    goes through :func:`quantize_graph` with the pipeline's defaults, and the manifest gets the new
-    sha256s, weight formats and opsets (int4 embeddings raise the opset).
-    """
-    manifest = Manifest.from_file(src)
-    on_device = {spec.file for spec in manifest.graphs.values() if spec.role != "cloud-backbone"}
-    skipped = {Path(f).name for f in on_device} | {n for f in on_device for n in external_data_files(src / f)}
-    shutil.copytree(src, dst, ignore=lambda folder, names: [n for n in names if n in skipped])
-    graphs = dict(manifest.graphs)
-    for key, spec in manifest.graphs.items():
-        if spec.file not in on_device:
-            continue
-        quantize_graph(src / spec.file, dst / spec.file, weights=weights)
-        sha, data, _ = graph_files(dst, spec.file, external_data_files(dst / spec.file))
-        graphs[key] = dataclasses.replace(
-            spec, weights=weights, sha256=sha, external_data=data, opset=_default_opset(dst / spec.file)
-        )
-    dataclasses.replace(manifest, graphs=graphs, quantization=quantization_name(weights)).write(dst)
-    return dst
-
-
-def _default_opset(path: Path) -> int:
-    model = onnx.load(str(path), load_external_data=False)
-    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 # --------------------------------------------------------------------------------------------- plain base

@@ -1,18 +1,18 @@
 """The speed benchmark's record: per-row figures, the issue's targets, markdown, text table and chart.
 
-All writes are atomic (a temp file beside the target, then ``os.replace``), so an interrupted run
+All writes are atomic (benchmarks.harness: a temp file beside the target, then ``os.replace``), so an interrupted run
 never leaves a truncated JSON, page or chart.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks.harness import save_figure, save_json
+from shadowpeft.runtime.atomic import write_atomic
 
 MB = 1e6
 
@@ -308,25 +308,18 @@ def plot(record: dict[str, Any], path: Path) -> None:
         ax.margins(x=0.15)
     fig.suptitle(f"{record['model']}: {record['machine']['cpu_model']}, {record['threads']} threads", fontsize=10)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    save_figure(fig, path)
     plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ files
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_outputs(record: dict[str, Any], out_dir: Path, stem: str) -> tuple[Path, Path, Path]:
     """``<stem>.json``, ``.md`` and ``.png`` in ``out_dir``, each written atomically."""
     paths = (out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png")
-    _atomic(paths[0], lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
-    _atomic(paths[1], lambda tmp: tmp.write_text(markdown_report(record), encoding="utf-8"))
+    save_json(paths[0], record)
+    write_atomic(paths[1], markdown_report(record))
     if record["rows"]:
         plot(record, paths[2])
     return paths

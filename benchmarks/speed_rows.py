@@ -1,9 +1,9 @@
-"""One row of the speed benchmark, measured in a process of its own: ``python speed_rows.py JOB.json OUT.json``.
+"""One row of the speed benchmark, measured in a process of its own: ``python -m benchmarks.speed_rows JOB OUT``.
 
 Each row runs in a fresh interpreter so that its peak resident memory (``ru_maxrss``) is its own,
 and so that the onnxruntime rows never import torch (the runtime is torch-free; their memory is
-what a device would need). This module imports only the standard library at the top; a row
-imports what it uses.
+what a device would need). This module imports only the standard library and the torch-free harness
+at the top; a row imports what it uses.
 
 Kinds of row:
 
@@ -22,7 +22,6 @@ Kinds of row:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import sys
@@ -32,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.harness import save_json
+
 PREFILL_SAMPLES = 3  # prefill-only calls per repeat; the fastest counts (a stall would bias it)
 TOKEN = "speed-benchmark-token-0123456789"
 
@@ -135,24 +135,13 @@ class Measured:
 # ------------------------------------------------------------------------------------------------ torch
 
 
-def _load_sibling(name: str) -> Any:
-    module_name = f"shadowpeft_bench_{name}"  # the name benchmarks/accuracy.py uses for the same file
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, HERE / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
 def measure_torch(job: Job) -> Measured:
     """A decode_speed row: build it on a fresh base, warm up, time ``repeats`` times."""
     import torch
 
+    from benchmarks import decode_speed as speed
     from shadowpeft.train.jobs import load_base
 
-    speed = _load_sibling("decode_speed")
     input_ids = torch.tensor([job.prompt])
 
     def fresh_base() -> Any:
@@ -364,13 +353,11 @@ def run_job(job: Job) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    """``speed_rows.py JOB.json OUT.json``: measure one row, write its result atomically."""
+    """``python -m benchmarks.speed_rows JOB.json OUT.json``: measure one row, write its result atomically."""
     job_path, out_path = Path(argv[0]), Path(argv[1])
     job = Job.from_dict(json.loads(job_path.read_text(encoding="utf-8")))
     result = run_job(job)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(json.dumps(result) + "\n", encoding="utf-8")
-    os.replace(tmp, out_path)
+    save_json(out_path, result, indent=None)
     return 0
 
 

@@ -4,7 +4,7 @@ Rows (each in a process of its own, one after another; ratios against the first 
 
     lora               LoRA on q, k, v, o at the rank whose size is closest to the shadow adapter's
     dora               DoRA, likewise
-    shadow             this project's ShadowPEFT (METHOD.md defaults), attached training
+    shadow             this project's ShadowPEFT (the method's defaults), attached training
                        (loss = CE(base) + 0.05 CE(shadow))
     published          the published `shadow-peft` 0.1.1 (1-layer shadow, as in decode_speed.py)
     peft-tuner         the ShadowPEFT tuner of `peft` 0.21.2 (as in decode_speed.py)
@@ -31,36 +31,42 @@ the effect.
 
 Usage::
 
-    python benchmarks/training_cost.py                        # SmolLM2, roughly 16 minutes on 2 idle cores
-    python benchmarks/training_cost.py --smoke --out /tmp/x   # toy Llama of tests/toy.py, under 2 minutes
+    python -m benchmarks.training_cost                        # SmolLM2, roughly 16 minutes on 2 idle cores
+    python -m benchmarks.training_cost --smoke --out /tmp/x   # toy Llama of tests/toy.py, under 2 minutes
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import importlib.util
 import io
 import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import click
 import torch
 
-HERE = Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
+from benchmarks import accuracy, decode_speed, speed_rows
+from benchmarks.harness import (
+    RESULTS_DIR,
+    machine_info,
+    now,
+    physical_cores,
+    run_cli,
+    run_module,
+    save_figure,
+    save_json,
+)
+from shadowpeft.runtime.atomic import write_atomic
+
 SMOLLM2 = "smollm2-135m-instruct"
 ROWS = ("lora", "dora", "shadow", "published", "peft-tuner", "shadow-no-flush")
 LABELS = {
@@ -72,24 +78,6 @@ LABELS = {
     "shadow-no-flush": "ShadowPEFT, denormals NOT flushed",
 }
 TARGET_RATIO = 1.10  # issue 6: a ShadowPEFT training step <= 1.10x LoRA's at matched budget
-
-
-def _load_path_module(name: str, path: Path) -> ModuleType:
-    """Import a sibling script (or tests/toy.py) by path; benchmarks/ is not a package."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-# accuracy.py: learning rates, matched ranks; decode_speed.py (loaded by it): machine info, core count.
-accuracy = _load_path_module("shadowpeft_bench_accuracy", HERE / "accuracy.py")
-decode_speed = accuracy.speed
-speed_rows = _load_path_module("shadowpeft_bench_speed_rows", HERE / "speed_rows.py")  # memory_kb
 
 
 @dataclass(frozen=True)
@@ -220,9 +208,7 @@ def worker(job_path: Path, out_path: Path) -> None:
     job = Job(**json.loads(job_path.read_text(encoding="utf-8")))
     with tempfile.TemporaryDirectory(prefix="training-cost-") as tmp:
         result = run_job(job, Path(tmp))
-    tmp_out = out_path.with_name(f".{out_path.name}.tmp")
-    tmp_out.write_text(json.dumps(result) + "\n", encoding="utf-8")
-    os.replace(tmp_out, out_path)
+    save_json(out_path, result, indent=None)
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -252,7 +238,8 @@ def assets(smoke: bool) -> Iterator[tuple[str, str, Path]]:
         if not smoke:
             yield SMOLLM2, "shakespeare", scratch
             return
-        toy = _load_path_module("shadowpeft_bench_toy", HERE.parent / "tests" / "toy.py")
+        from tests import toy
+
         base = toy.save_toy_base(scratch / "toy-base")
         yield str(base), str(toy.write_toy_data(scratch)["lm"]), scratch
 
@@ -262,8 +249,7 @@ def run_row(job: Job, scratch: Path) -> tuple[dict[str, Any] | None, str | None]
     job_path, out_path = scratch / f"{job.row}.job.json", scratch / f"{job.row}.result.json"
     job_path.write_text(json.dumps(dataclasses.asdict(job)), encoding="utf-8")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker-job", str(job_path), str(out_path)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    done = run_module("benchmarks.training_cost", "--worker-job", str(job_path), str(out_path), env=env)
     if done.returncode != 0 or not out_path.exists():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
         return None, f"exit code {done.returncode}: {tail}"
@@ -421,20 +407,15 @@ def plot(record: dict[str, Any], path: Path) -> None:
     s = record["settings"]
     fig.suptitle(f"{record['model']}: batch {s['batch_size']} x {s['seq_len']}, {s['threads']} threads", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_outputs(record: dict[str, Any], out_dir: Path, stem: str) -> None:
     """JSON, markdown and chart, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(record, indent=2) + "\n"), (".md", markdown_report(record))):
-        path = out_dir / f"{stem}{suffix}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(out_dir / f"{stem}{suffix}", text)
     if record["rows"]:
         plot(record, out_dir / f"{stem}.png")
 
@@ -486,7 +467,7 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
         "benchmark": "training_cost",
         "smoke": opts.smoke,
         "model": "toy-llama (tests/toy.py)" if opts.smoke else SMOLLM2,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": now(),
         "command": opts.command,
         "elapsed_s": time.perf_counter() - started,
         "settings": {
@@ -495,7 +476,7 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
             "lr": accuracy.DEFAULT_LR,
         },
         "ranks": ranks,
-        "machine": decode_speed.machine_info(opts.threads),
+        "machine": machine_info(opts.threads),
         "rows": rows,
         "target": target(rows),
         "denormal": denormal_effect(rows, opts.warmup_steps),
@@ -550,7 +531,7 @@ def cli(ctx: click.Context, worker_job: tuple[Path, Path] | None, **o: Any) -> N
         warmup_steps=o["warmup_steps"] if o["warmup_steps"] is not None else (1 if smoke else 3),
         batch_size=o["batch_size"],
         seq_len=o["seq_len"],
-        threads=o["threads"] or (1 if smoke else decode_speed.physical_cores()),
+        threads=o["threads"] or (1 if smoke else physical_cores()),
         command=ctx.obj,
         rounds=o["rounds"] or (1 if smoke else 2),
     )
@@ -569,14 +550,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    args = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "benchmarks/training_cost.py", *args])
-    try:
-        cli.main(args=args, standalone_mode=False, obj=command)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    return 0
+    return run_cli(cli, argv, module="benchmarks.training_cost")
 
 
 if __name__ == "__main__":

@@ -8,15 +8,13 @@ interrupted leaves no directory at the destination, or the previous export untou
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from shadowpeft.export.errors import ExportError
+from shadowpeft.runtime import atomic
 from shadowpeft.runtime.manifest import MANIFEST_NAME, file_sha256
 
 __all__ = ["TOKENIZER_DIR", "check_destination", "graph_files", "staging_directory", "write_tokenizer"]
@@ -48,22 +46,10 @@ def staging_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
         ExportError: See :func:`check_destination` (checked again right before the move).
     """
     check_destination(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic.staging_directory(out) as staging:
         yield staging
         check_destination(out, overwrite=overwrite)
-        os.chmod(staging, 0o755)  # mkdtemp creates 0700; an export is meant to be shared
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        atomic.publish_directory(staging, out)
 
 
 def write_tokenizer(tokenizer: PreTrainedTokenizerBase, root: Path) -> tuple[str, ...]:

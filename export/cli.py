@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import click
+
+from shadowpeft.export.errors import ExportError
+from shadowpeft.runtime.cli_errors import cli_errors
+from shadowpeft.runtime.errors import DeviceProfileError
 
 __all__ = ["main"]
 
@@ -36,6 +39,7 @@ _WEIGHTS = {"none": "fp32", "int8": "int8", "int4": "int4"}
     help="Largest |logit difference| allowed between the fp32 graphs and PyTorch.",
 )
 @click.option("--overwrite/--no-overwrite", default=False, help="Replace an existing export directory.")
+@cli_errors(ExportError, DeviceProfileError, OSError, ValueError)
 def main(
     checkpoint: Path,
     out: Path | None,
@@ -53,20 +57,11 @@ def main(
     (then pass --base). Every graph is checked against PyTorch with onnxruntime before anything is
     written; the export directory appears only once it is complete.
     """
-    from shadowpeft.export.errors import ExportError
-    from shadowpeft.runtime.errors import DeviceProfileError
-
-    try:
-        _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, overwrite)
-    except (ExportError, DeviceProfileError, OSError, ValueError) as err:
-        if os.environ.get("SHADOWPEFT_DEBUG") == "1":
-            raise
-        raise click.ClickException(str(err)) from err
+    _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, overwrite)
 
 
 def _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, overwrite) -> None:
     from shadowpeft.errors import AssetError, CheckpointError, UnsupportedArchitectureError
-    from shadowpeft.export.errors import ExportError
     from shadowpeft.export.pipeline import STAGES, ExportOptions, export_checkpoint
     from shadowpeft.export.report import summary_lines
     from shadowpeft.runtime.devices import load_device_profile

@@ -32,7 +32,14 @@ from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.manifest import SCHEMA_VERSION, GraphSpec, Manifest, file_sha256
 
-__all__ = ["STAGES", "ExportOptions", "export_checkpoint", "quantization_name"]
+__all__ = [
+    "STAGES",
+    "ExportOptions",
+    "export_checkpoint",
+    "graph_opset",
+    "quantization_name",
+    "quantize_export",
+]
 
 STAGES = ("load", "trace", "export", "validate", "quantize", "write")
 Progress = Callable[[str, str], None]  # (stage, detail)
@@ -186,7 +193,7 @@ def _manifest(
     for job in jobs:
         sha, data, size = graph_files(root, job.file, external_data_files(root / job.file))
         graph_weights = weights if job.on_device else "fp32"
-        opset = _default_opset(root / job.file)  # quantizers may raise it (int4 embeddings need 21)
+        opset = graph_opset(root / job.file)
         graphs[job.key] = GraphSpec(job.file, job.role, opset, job.io.inputs, job.io.outputs, graph_weights, sha, data)
         figures[f"{job.key}.bytes"] = size
         device_bytes += size if job.on_device else 0
@@ -223,9 +230,48 @@ def _with_ort_copies(manifest: Manifest, jobs: list[GraphJob], root: Path) -> Ma
     return replace(manifest, graphs=graphs, validation=figures)
 
 
-def _default_opset(path: Path) -> int:
+def graph_opset(path: Path) -> int:
+    """The default-domain opset a graph file declares (quantizers may raise it: int4 embeddings need 21).
+
+    Reads only the graph's header, not its external data.
+    """
     model = onnx.load(str(path), load_external_data=False)
     return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+def quantize_export(src: Path, dst: Path, *, weights: str) -> Manifest:
+    """Writes to ``dst`` a copy of the fp32 export ``src`` whose on-device graphs are quantized to ``weights``.
+
+    The quantize and write stages of :func:`export_checkpoint` on an existing export, for comparing
+    weight formats of one set of graphs: the on-device graphs (every role but ``cloud-backbone``)
+    go through :func:`~shadowpeft.export.quantize.quantize_graph` with its default parameters; the
+    manifest gets their new sha256s, weight format, opsets and ``quantization`` name. Unlike
+    ``shadow-export`` it does not re-run the agreement check against fp32.
+
+    Args:
+        src: An export directory with fp32 on-device graphs.
+        dst: The directory to write; must not exist.
+        weights: ``int8`` or ``int4``.
+
+    Returns:
+        The manifest written to ``dst``.
+    """
+    manifest = Manifest.from_file(src)
+    on_device = {spec.file for spec in manifest.graphs.values() if spec.role != "cloud-backbone"}
+    skipped = {Path(f).name for f in on_device} | {n for f in on_device for n in external_data_files(src / f)}
+    shutil.copytree(src, dst, ignore=lambda folder, names: [n for n in names if n in skipped])
+    graphs = dict(manifest.graphs)
+    for key, spec in manifest.graphs.items():
+        if spec.file not in on_device:
+            continue
+        quantize_graph(src / spec.file, dst / spec.file, weights=weights)
+        sha, data, _ = graph_files(dst, spec.file, external_data_files(dst / spec.file))
+        graphs[key] = replace(
+            spec, weights=weights, sha256=sha, external_data=data, opset=graph_opset(dst / spec.file)
+        )
+    manifest = replace(manifest, graphs=graphs, quantization=quantization_name(weights))
+    manifest.write(dst)
+    return manifest
 
 
 def quantization_name(weights: str, profile: DeviceProfile | None = None) -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
+from shadowpeft.export.errors import ExportError
 from shadowpeft.export.triton import DEFAULT_MAX_SEQUENCE_IDLE_US, DEFAULT_MAX_SEQUENCES, DEFAULT_MODEL_NAME
+from shadowpeft.runtime.cli_errors import cli_errors
 
 __all__ = ["main"]
 
@@ -33,6 +34,7 @@ __all__ = ["main"]
     help="Idle microseconds after which a sequence and its KV cache are dropped.",
 )
 @click.option("--overwrite/--no-overwrite", default=False, help="Replace an existing repository directory.")
+@cli_errors(ExportError, OSError, bad_parameter=(ValueError,))
 def main(
     export_dir: Path,
     out: Path,
@@ -48,26 +50,16 @@ def main(
     EXPORT_DIR is a directory written by `shadow-export --split`. Triton keeps each device's base
     KV cache as implicit sequence state; see README.md in the written repository.
     """
-    from shadowpeft.export.errors import ExportError
     from shadowpeft.export.triton import write_triton_repository
 
-    try:
-        write_triton_repository(
-            export_dir,
-            out,
-            model_name=model_name,
-            max_batch_size=max_batch_size,
-            instances=instances,
-            max_sequences=max_sequences,
-            max_sequence_idle_us=max_sequence_idle_us,
-            overwrite=overwrite,
-        )
-    except ValueError as err:
-        if os.environ.get("SHADOWPEFT_DEBUG") == "1":
-            raise
-        raise click.BadParameter(str(err)) from err
-    except (ExportError, OSError) as err:
-        if os.environ.get("SHADOWPEFT_DEBUG") == "1":
-            raise
-        raise click.ClickException(str(err)) from err
+    write_triton_repository(
+        export_dir,
+        out,
+        model_name=model_name,
+        max_batch_size=max_batch_size,
+        instances=instances,
+        max_sequences=max_sequences,
+        max_sequence_idle_us=max_sequence_idle_us,
+        overwrite=overwrite,
+    )
     click.echo(f"Wrote {out}. Serve it with: tritonserver --model-repository={out}")

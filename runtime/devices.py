@@ -91,8 +91,8 @@ class DeviceProfile:
         description: The hardware this profile targets, for humans.
         providers: onnxruntime execution providers in priority order (see :data:`PROVIDERS`).
         intra_op_threads: Threads of onnxruntime's intra-op pool (>= 1).
-        weights: Weight format the export quantizes to: ``fp32``, ``fp16``, ``int8`` (dynamic) or
-            ``int4`` (block-wise, weight-only).
+        weights: Weight format the export quantizes to: ``fp32``, ``fp16``, ``int8`` or ``int4``
+            (both block-wise MatMulNBits weights; see ``shadowpeft.export.quantize``).
         int4_block_size: Block size of int4 quantization (power of two >= 16); used only when
             ``weights == "int4"``.
         int4_accuracy_level: MatMulNBits ``accuracy_level`` (0-4); used only when ``weights == "int4"``.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
+
+from shadowpeft.runtime.cli_errors import cli_errors
+from shadowpeft.runtime.errors import DeviceProfileError, ExportLoadError, ManifestError, RuntimeGenerationError
 
 __all__ = ["main"]
 
@@ -33,6 +35,7 @@ __all__ = ["main"]
 @click.option("--threads", default=None, type=click.IntRange(1), help="Override the profile's threads.")
 @click.option("--provider", "providers", multiple=True, help="onnxruntime provider, repeatable [the profile's].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per token, then a summary.")
+@cli_errors(ManifestError, DeviceProfileError, ExportLoadError, RuntimeGenerationError, ValueError, OSError)
 def main(export_dir: Path, prompts, prompts_file, mode, server, token, wire, timeout, as_json, **options) -> None:
     """Generate text with EXPORT_DIR (written by shadow-export) using onnxruntime only, no torch.
 
@@ -40,19 +43,7 @@ def main(export_dir: Path, prompts, prompts_file, mode, server, token, wire, tim
     shadow-serve backbone and applies the head locally (the server sees token ids and shadow
     states). auto is coupled while the server answers within --timeout, detached otherwise.
     """
-    from shadowpeft.runtime.errors import (
-        DeviceProfileError,
-        ExportLoadError,
-        ManifestError,
-        RuntimeGenerationError,
-    )
-
-    try:
-        _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, as_json, options)
-    except (ManifestError, DeviceProfileError, ExportLoadError, RuntimeGenerationError, ValueError, OSError) as err:
-        if os.environ.get("SHADOWPEFT_DEBUG") == "1":
-            raise
-        raise click.ClickException(str(err)) from err
+    _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, as_json, options)
 
 
 def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, as_json, options) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 from pathlib import Path
 
 import click
+
+from shadowpeft.runtime.cli_errors import cli_errors
+from shadowpeft.runtime.errors import DeviceProfileError, ExportLoadError, ManifestError
 
 __all__ = ["main"]
 
@@ -37,23 +39,17 @@ _SANE_CONTEXT = 1 << 20  # tokenizers store "unset" as a huge number; ignore any
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), help="Serve HTTPS with this cert.")
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help="Private key of --ssl-certfile.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@cli_errors(ManifestError, DeviceProfileError, ExportLoadError, OSError)
 def main(export_dir: Path, host: str, port: int, token: str | None, auth: bool, **options) -> None:
     """Serve EXPORT_DIR's cloud/backbone graph to shadow-run --mode coupled|auto clients.
 
     The server sees every token id and shadow state its clients send; only detached mode keeps
     content on the device. Requests need 'Authorization: Bearer TOKEN' (except health checks).
     """
-    from shadowpeft.runtime.errors import DeviceProfileError, ExportLoadError, ManifestError
-
     token = _checked_auth(host, token, auth)
     if options["ssl_keyfile"] and not options["ssl_certfile"]:
         raise click.BadParameter("--ssl-keyfile needs --ssl-certfile.", param_hint="--ssl-keyfile")
-    try:
-        _serve(export_dir, host, port, token, options)
-    except (ManifestError, DeviceProfileError, ExportLoadError, OSError) as err:
-        if os.environ.get("SHADOWPEFT_DEBUG") == "1":
-            raise
-        raise click.ClickException(str(err)) from err
+    _serve(export_dir, host, port, token, options)
 
 
 def _checked_auth(host: str, token: str | None, auth: bool) -> str | None:

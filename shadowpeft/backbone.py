@@ -68,7 +68,7 @@ def copy_base_layers(base_backbone: nn.Module, shadow: nn.Module, spec: ArchSpec
     """Load base layer ``layers[j]`` into shadow layer ``j``, and every other part but the token table.
 
     The other parts are the final norm, rotary tables and, for GPT-2, the learned positions: the
-    shadow then computes exactly the base truncated to ``layers`` (METHOD.md section 9, lever c).
+    shadow then computes exactly the base truncated to ``layers`` (the method notes, section 9, lever c).
 
     Raises:
         ShadowConfigError: an index outside the base's layers.

@@ -33,7 +33,7 @@ class BlockParts:
 def shadow_block(
     layer_idx: int, h: Tensor, s: Tensor, *, parts: BlockParts, ctx: LayerContext, cache: Any | None
 ) -> tuple[Tensor, Tensor]:
-    """h, s: (B, T, d). Inject before the base layer, update after it (METHOD.md section 3, step 4).
+    """h, s: (B, T, d). Inject before the base layer, update after it (the method notes, section 3, step 4).
 
     Writes nothing to any module; only ``cache`` mutates (inside the HF attention).
     """

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import click
 
 from shadowpeft.errors import CheckpointError, DataError, ShadowConfigError
+from shadowpeft.runtime.cli_errors import cli_errors
 
 # Kept in step with shadowpeft.train.recipes (checked by a test) so that `--help` does not import torch.
 RECIPE_NAMES = ("paper", "edge")
@@ -50,7 +49,7 @@ _LEVER_OPTIONS = [
         default=DEFAULT_RECIPE,
         show_default=True,
         type=click.Choice(list(RECIPE_NAMES)),
-        help="Lever defaults: paper (METHOD.md) or edge (for detached use); the options below override them.",
+        help="Lever defaults: paper (the method's) or edge (for detached use); the options below override them.",
     ),
     click.option(
         "--shadow-lr-mult", default=None, type=click.FloatRange(0, min_open=True), help="Shadow backbone LR factor."
@@ -212,19 +211,11 @@ def _echo_summary(summary: Any, out: Path) -> None:
     click.echo(f"saved: {out}")
 
 
-def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Show library errors as one clean message (exit 1), no traceback. ``SHADOWPEFT_DEBUG=1`` re-raises."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (ShadowConfigError, CheckpointError, DataError, FileNotFoundError, OSError) as err:
-            if os.environ.get("SHADOWPEFT_DEBUG") == "1":
-                raise
-            raise click.ClickException(str(err)) from err
-
-    return wrapper
+#: What every command shows as one clean message (FileNotFoundError is an OSError). The main job's
+#: error is named by string: importing shadowpeft.demo.mainjob loads torch, which `--help` must not.
+friendly_errors = cli_errors(
+    ShadowConfigError, CheckpointError, DataError, OSError, "shadowpeft.demo.mainjob:MainJobError"
+)
 
 
 @click.group()
@@ -259,16 +250,11 @@ def demo(**options: Any) -> None:
     backbone with shadow-serve on loopback, run held-out prompts detached, coupled and auto (stopping the
     server half-way), and write a report (summary.md, summary.json, plots) to OUT. Under 20 minutes on 2 cores.
     """
-    from shadowpeft.demo.mainjob import MainJobError, MainJobSettings, run_main_job
+    from shadowpeft.demo.mainjob import MainJobSettings, run_main_job
     from shadowpeft.demo.report import summary_table
 
     given = {key: value for key, value in options.items() if value is not None}
-    try:
-        report = run_main_job(MainJobSettings(**given), progress=click.echo)
-    except MainJobError as err:
-        if os.environ.get("SHADOWPEFT_DEBUG") == "1":
-            raise
-        raise click.ClickException(str(err)) from err
+    report = run_main_job(MainJobSettings(**given), progress=click.echo)
     click.echo("\n" + summary_table(report))
     click.echo(f"\nreport: {options['out']}/ (summary.md, summary.json, plots)")
 
@@ -331,7 +317,7 @@ def train(**o: Any) -> None:
 
     \b
     Recipes (--recipe) set the detached-quality levers; each lever option overrides its recipe value:
-      paper  lambda 0.05, random 1-layer shadow (METHOD.md defaults)
+      paper  lambda 0.05, random 1-layer shadow (the method's defaults)
       edge   shadow copied from base layers 0-7, lambda 1, shadow LR x0.2 (for detached use)
 
     DATA schemas (JSONL): {"prompt","completion"} (prompt masked from the loss), {"text","label"}

@@ -1,4 +1,4 @@
-"""ShadowConfig: every knob of the method (METHOD.md section 2), nested by concern.
+"""ShadowConfig: every knob of the method (the method notes, section 2), nested by concern.
 
 Values are checked in ``__post_init__``; checks that need the base model (head-dim divisibility,
 layer count, architecture) live in :meth:`ShadowConfig.check_against`. Every check collects all
@@ -80,7 +80,7 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class InjectionConfig:
-    """Low-rank injection ``h += alpha * Dropout((h - s) W_down) W_up`` (METHOD.md section 3, step 4)."""
+    """Low-rank injection ``h += alpha * Dropout((h - s) W_down) W_up`` (the method notes, section 3, step 4)."""
 
     rank: int = 16
     alpha: float = 0.1
@@ -119,7 +119,7 @@ class DistillConfig:
 
     The auxiliary term becomes ``lambda * (CE_shadow + weight * T^2 * KL(p_attached^T || p_detached^T))``
     at the supervised positions, with ``p^T = softmax(logits / T)`` and the attached side detached from
-    the graph (METHOD.md section 9, lever b). ``weight = 0`` (the default) is the paper's loss exactly.
+    the graph (the method notes, section 9, lever b). ``weight = 0`` (the default) is the paper's loss exactly.
     """
 
     weight: float = 0.0

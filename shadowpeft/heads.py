@@ -309,7 +309,7 @@ def get_shadow_model(
 
     Args:
         base: ``XForCausalLM`` or ``XForSequenceClassification`` of a registered family. Frozen in place.
-        config: Adapter configuration (defaults: METHOD.md section 2).
+        config: Adapter configuration (defaults: the method notes, section 2).
         shadow_model: Optional explicit shadow model (implicit random copy when ``None``).
 
     Returns:

@@ -66,7 +66,7 @@ def auxiliary_loss(shadow_ce: Tensor, kl: Tensor | None, *, distill_weight: floa
 
 
 def combined_loss(base: Tensor, shadow: Tensor, weight: float) -> Tensor:
-    """``CE_base + lambda * CE_shadow`` (METHOD.md section 4)."""
+    """``CE_base + lambda * CE_shadow`` (the method notes, section 4)."""
     return base + weight * shadow
 
 

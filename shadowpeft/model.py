@@ -116,7 +116,7 @@ class ShadowModel(nn.Module):
         cache: ShadowCache | None,
         use_cache: bool,
     ) -> Tensor:
-        """``s0 = P(FinalNorm(ShadowBackbone(x_s)))`` (METHOD.md section 3, step 2): (B, T, d)."""
+        """``s0 = P(FinalNorm(ShadowBackbone(x_s)))`` (the method notes, section 3, step 2): (B, T, d)."""
         kv = cache.shadow if cache is not None else None
         ctx = self.shadow_spec.context(
             self.shadow_model,
@@ -151,7 +151,7 @@ class ShadowModel(nn.Module):
         use_cache: bool = False,
         mode: Mode = "attached",
     ) -> ShadowStates:
-        """The full forward of METHOD.md section 3, up to (not including) the heads.
+        """The full forward of the method notes, section 3, up to (not including) the heads.
 
         Args:
             input_ids: (B, T) new tokens (only the uncached suffix when ``cache`` holds a prefix).
@@ -217,7 +217,7 @@ class ShadowModel(nn.Module):
     # ----- distillation ------------------------------------------------------------------------------
     @property
     def distilling(self) -> bool:
-        """Whether training distils the attached distribution into the detached head (METHOD.md section 9, b)."""
+        """Whether training distils the attached distribution into the detached head (method notes, section 9 b)."""
         return self.shadow_config.distill.weight > 0
 
     def teacher_states(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:

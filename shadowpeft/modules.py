@@ -1,4 +1,4 @@
-"""The trainable adapter modules of METHOD.md section 3, step 4. Plain nn.Modules, no HF imports.
+"""The trainable adapter modules of the method notes, section 3, step 4. Plain nn.Modules, no HF imports.
 
 Parameter names and shapes follow the published ``shadow-peft`` layout (``injection_downs``
 [L-1, d, r], ``injection_ups`` [L-1, r, d], ``update_gates.{j}.{0,2}``,

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -130,20 +126,3 @@ def qwen3_0_6b_config() -> Qwen3Config:
         head_dim=128,
         intermediate_size=3072,
     )
-
-
-def load_benchmark(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` by path (benchmarks/ is not a package); dataclasses need it in sys.modules."""
-    module_name = f"{name}_benchmark"
-    spec = importlib.util.spec_from_file_location(
-        module_name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(module_name, None)
-        raise
-    return module

@@ -9,19 +9,15 @@ from types import ModuleType
 
 import pytest
 
-from tests.conftest import load_benchmark
+from benchmarks import accuracy
 
 SEEDS = (0, 1)
-
-
-def _load_script() -> ModuleType:
-    return load_benchmark("accuracy")
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, Path, dict]:
     out = tmp_path_factory.mktemp("accuracy")
-    module = _load_script()
+    module = accuracy
     assert module.main(["--smoke", "--out", str(out)]) == 0
     return module, out, _read(out)
 
@@ -47,7 +43,8 @@ def test_every_method_task_and_seed_has_a_row(smoke: tuple[ModuleType, Path, dic
     assert rows == _expected_rows(module, record)
     assert len(rows) == len(record["runs"]) == 26  # 2 seeds x (6 classification rows + 7 generation rows)
     for run in record["runs"]:
-        assert 0.0 <= run["accuracy"] <= 1.0 and run["examples"] > 0, run
+        correct = run["accuracy"] * run["examples"]  # a share of the evaluated examples: a whole number of them
+        assert run["examples"] > 0 and correct == pytest.approx(round(correct)) and 0 <= round(correct), run
         if run["method"] == "zero-shot":
             assert run["trainable_params"] == 0 and run["steps"] == 0 and run["lr"] is None, run
             continue
@@ -56,7 +53,7 @@ def test_every_method_task_and_seed_has_a_row(smoke: tuple[ModuleType, Path, dic
         assert (run["rank"] is not None) == (run["method"] in ("lora", "dora")), run
     assert sorted(p["seed"] for p in record["pretrain"]) == list(SEEDS)
     assert record["complete"] is True and record["machine"]["torch_threads"] >= 1
-    assert record["commands"] == [f"python benchmarks/accuracy.py --smoke --out {out}"]
+    assert record["commands"] == [f"python -m benchmarks.accuracy --smoke --out {out}"]
     assert not (out / ".accuracy_smoke_work").exists()  # pretrained shadows are dropped once complete
 
 
@@ -76,7 +73,7 @@ def test_markdown_and_chart_are_written(smoke: tuple[ModuleType, Path, dict]) ->
     assert md.startswith("# Accuracy at matched budgets")
     for label in ("LoRA", "DoRA", "ShadowPEFT, attached", "ShadowPEFT, pretrained shadow, detached", "zero-shot"):
         assert label in md
-    assert "python benchmarks/accuracy.py --smoke" in md and "## Tuning" in md
+    assert "python -m benchmarks.accuracy --smoke" in md and "## Tuning" in md
     assert (out / "accuracy_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -7,24 +7,19 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from tests.conftest import load_benchmark
+from benchmarks import decode_speed
 
 COMPETITOR_AND_BASE_ROWS = ("a-cached", "a-uncached", "b-cached", "d-base")
 OUR_ROWS = ("c-attached", "c-detached")
 
 
-def _load_script() -> ModuleType:
-    return load_benchmark("decode_speed")
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, Path]:
     out = tmp_path_factory.mktemp("bench")
-    rc = _load_script().main(["--smoke", "--out", str(out)])
+    rc = decode_speed.main(["--smoke", "--out", str(out)])
     record = json.loads((out / "decode_speed_smoke.json").read_text(encoding="utf-8"))
     return rc, record, out
 

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
+from benchmarks import detached, detached_levers
 from shadowpeft.train.recipes import Levers
-from tests.conftest import load_benchmark
 from tests.toy import save_toy_base, write_toy_data
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark("detached")
+    return detached
 
 
 def test_rows_put_edge_budget_baselines_in_only_when_the_budget_differs(bench):
@@ -106,7 +106,7 @@ def test_merge_joins_shards_in_run_order_and_refuses_other_settings(bench, tmp_p
 
 
 def test_lever_variants_each_move_one_lever_of_edge(tmp_path):
-    levers = load_benchmark("detached_levers")
+    levers = detached_levers
     edge = levers.EDGE.to_dict()
     for name, (variant, factor) in levers.VARIANTS.items():
         moved = {k for k, v in variant.to_dict().items() if v != edge[k]}

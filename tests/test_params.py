@@ -1,4 +1,4 @@
-"""Measured parameter counts equal the formulas of METHOD.md section 5."""
+"""Measured parameter counts equal the formulas of the method notes, section 5."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_formula_by_hand_for_llama_default():
 
 
 def test_paper_budget_for_qwen3_0_6b():
-    """METHOD.md: about 9.1M trainable parameters for Qwen3-0.6B with n=1, m=256, hs=16, r=16, g=10."""
+    """The method notes: about 9.1M trainable parameters for Qwen3-0.6B with n=1, m=256, hs=16, r=16, g=10."""
     qwen3_06b = qwen3_0_6b_config()
     config = ShadowConfig(backbone=BackboneConfig(intermediate_size=256, num_attention_heads=16))
     total = expected_parameter_counts(qwen3_06b, config).total

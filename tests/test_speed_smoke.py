@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.conftest import load_benchmark
+from benchmarks import speed, speed_bandwidth, speed_report, training_cost
 
 SPEED_ROWS = (
     "torch-published",
@@ -45,14 +45,14 @@ MUST_MATCH = (
 @pytest.fixture(scope="module")
 def speed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, Path]:
     out = tmp_path_factory.mktemp("speed")
-    rc = load_benchmark("speed").main(["--smoke", "--out", str(out)])
+    rc = speed.main(["--smoke", "--out", str(out)])
     return rc, json.loads((out / "speed_smoke.json").read_text(encoding="utf-8")), out
 
 
 @pytest.fixture(scope="module")
 def training_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, int, dict, Path]:
     out = tmp_path_factory.mktemp("training-cost")
-    module = load_benchmark("training_cost")
+    module = training_cost
     rc = module.main(["--smoke", "--out", str(out)])
     return module, rc, json.loads((out / "training_cost_smoke.json").read_text(encoding="utf-8")), out
 
@@ -70,7 +70,7 @@ def test_speed_smoke_measures_every_row(speed_run: tuple[int, dict, Path]) -> No
     assert record["rows"][0]["ratio_vs_first"] == pytest.approx(1.0)
     assert record["smoke"] is True and record["prompt_tokens"] == 16 and record["repeats"] == 2
     assert record["machine"]["cpu_model"] and record["machine"]["onnxruntime"]
-    assert record["bandwidth"]["read_gb_s"] > 0 and record["command"].startswith("python benchmarks/speed.py --smoke")
+    assert record["bandwidth"]["read_gb_s"] > 0 and record["command"].startswith("python -m benchmarks.speed --smoke")
     assert (out / "speed_smoke.md").read_text(encoding="utf-8").startswith("# Speed")
     assert (out / "speed_smoke.png").stat().st_size > 0
 
@@ -98,7 +98,7 @@ def test_speed_smoke_rows_are_what_they_claim(speed_run: tuple[int, dict, Path])
 
 
 def test_weight_bytes_per_token_reads_one_embedding_row(tmp_path: Path) -> None:
-    bandwidth = load_benchmark("speed_bandwidth")
+    bandwidth = speed_bandwidth
     table = numpy_helper.from_array(np.zeros((10, 4), np.float32), "table")
     weight = numpy_helper.from_array(np.zeros((4, 3), np.int8), "weight")
     nodes = [helper.make_node("Gather", ["table", "ids"], ["x"]), helper.make_node("MatMul", ["x", "w32"], ["y"])]
@@ -115,7 +115,7 @@ def test_weight_bytes_per_token_reads_one_embedding_row(tmp_path: Path) -> None:
 
 
 def test_token_check_stops_at_end_of_sequence() -> None:
-    report = load_benchmark("speed_report")
+    report = speed_report
     assert report.same_tokens([5, 6, 7], [5, 6, 7], (3,))
     assert report.same_tokens([5, 6, 3, 1], [5, 6, 9, 9], (3,))  # PyTorch suppressed EOS; the graph emitted it
     assert not report.same_tokens([5, 6, 7], [5, 8, 7], (3,))
@@ -139,6 +139,6 @@ def test_training_cost_smoke(training_run: tuple[ModuleType, int, dict, Path]) -
     assert rows["shadow"]["aux_head_s"] > 0 and record["target"]["aux_head_s"] == rows["shadow"]["aux_head_s"]
     assert record["target"]["value_without_aux_head"] < record["target"]["value"]
     assert "The shadow loss's head alone" in (out / "training_cost_smoke.md").read_text(encoding="utf-8")
-    assert record["machine"]["cpu_model"] and record["command"].startswith("python benchmarks/training_cost.py")
+    assert record["machine"]["cpu_model"] and record["command"].startswith("python -m benchmarks.training_cost")
     assert (out / "training_cost_smoke.md").read_text(encoding="utf-8").startswith("# Training cost")
     assert (out / "training_cost_smoke.png").stat().st_size > 0

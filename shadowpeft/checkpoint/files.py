@@ -1,4 +1,4 @@
-"""Checkpoint files: JSON and safetensors read with actionable errors, and atomic directory commits.
+"""Checkpoint files: JSON and safetensors read with actionable errors (atomic publish: ``checkpoint.atomic``).
 
 Weights are only ever read with safetensors (never pickle). A checkpoint directory is written into
 a hidden temporary sibling and renamed into place, so an interrupted save never leaves a directory
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -77,19 +75,3 @@ def check_target(target: Path, *, overwrite: bool) -> None:
             f"{target} is not a ShadowPEFT checkpoint (no {CONFIG_NAME}); refusing to replace it even with "
             "overwrite=True. Choose another directory."
         )
-
-
-def commit(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing target is moved aside first and restored on failure."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    # rename(2) cannot replace a non-empty directory: move the old one aside, swap, then delete it.
-    backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(target, backup)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Base-model fingerprint: which frozen backbone an adapter was trained on (DESIGN.md, "Artifacts").
+"""Base-model fingerprint: which frozen backbone an adapter was trained on (the design notes, "Artifacts").
 
 A ShadowPEFT adapter only makes sense on the exact base it was trained beside, so a checkpoint
 records three hashes of that base and :func:`shadowpeft.checkpoint.store.load_shadow` recomputes them:

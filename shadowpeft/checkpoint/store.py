@@ -1,4 +1,4 @@
-"""Save and load ShadowPEFT checkpoints (DESIGN.md, "Artifacts"). safetensors only, never pickle.
+"""Save and load ShadowPEFT checkpoints (the design notes, "Artifacts"). safetensors only, never pickle.
 
     checkpoint/
       shadow_config.json          format, task, ShadowConfig, explicit shadow, base name + fingerprint
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -25,10 +23,10 @@ from torch import Size, Tensor, nn
 
 from shadowpeft import __version__
 from shadowpeft.arch import spec_for
+from shadowpeft.checkpoint.atomic import publish_directory, staging_directory
 from shadowpeft.checkpoint.files import (
     CONFIG_NAME,
     check_target,
-    commit,
     read_json,
     read_safetensors,
     write_json,
@@ -181,17 +179,12 @@ def save_shadow(
     header = checkpoint_header(model, base_ref=base_ref)
     adapter = model.adapter_state_dict()
     heads = head_state_dict(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staging_directory(target) as tmp:
         write_json(tmp / CONFIG_NAME, header.to_dict())
         write_safetensors(tmp / WEIGHTS_NAME, adapter)
         if heads:
             write_safetensors(tmp / MODULES_NAME, heads)
-        commit(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish_directory(tmp, target)
     logger.info(
         "Saved ShadowPEFT checkpoint (%d adapter tensors, %d head tensors) to %s", len(adapter), len(heads), target
     )

@@ -24,10 +24,8 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -55,6 +53,7 @@ from shadowpeft.demo.server import BackboneServer, ServerStartError, backbone_se
 from shadowpeft.export.errors import ExportError
 from shadowpeft.export.pipeline import ExportOptions, export_checkpoint
 from shadowpeft.params import count_parameters
+from shadowpeft.runtime.atomic import publish_directory, staging_directory, write_atomic
 from shadowpeft.runtime.client import BackboneClient
 from shadowpeft.runtime.devices import DeviceProfile, load_device_profile
 from shadowpeft.runtime.errors import (
@@ -102,7 +101,6 @@ DEFAULT_STEPS = 100
 DEFAULT_PROMPTS = 24
 CLIENT_TIMEOUT_S = 5.0
 RETRY_INTERVAL_S = 1.0
-STAGING_SUFFIX = ".partial"
 
 
 class MainJobError(RuntimeError):
@@ -225,7 +223,7 @@ def run_main_job(settings: MainJobSettings, *, progress: Progress | None = None)
                 _finish_stage_dir(stage, work, keep_export=settings.keep_export)
             report.stages, report.elapsed_s = clock.seconds, clock.elapsed()
             write_report(report, stage, plots=False)  # final timings, including the report stage
-            publish(stage, out)
+            publish_directory(stage, out)
     return report
 
 
@@ -294,12 +292,7 @@ def sentiment_generation_file(cache_dir: Path | None = None, *, per_label: int =
     content = "".join(lines)
     if not path.is_file() or path.read_text(encoding="utf-8") != content:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(content, encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, content)
     return path
 
 
@@ -558,18 +551,6 @@ def _is_report(directory: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def staging_directory(out: Path) -> Iterator[Path]:
-    """A hidden directory beside ``out``, removed if the block fails or is interrupted."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", suffix=STAGING_SUFFIX, dir=out.parent))
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-
-
 def _finish_stage_dir(stage: Path, work: Path, *, keep_export: bool) -> None:
     """Keep the server log (and the export if asked); drop the rest of the work directory."""
     if keep_export:
@@ -577,17 +558,6 @@ def _finish_stage_dir(stage: Path, work: Path, *, keep_export: bool) -> None:
     if (work / "server.log").is_file():
         os.replace(work / "server.log", stage / "server.log")
     shutil.rmtree(work, ignore_errors=True)
-
-
-def publish(stage: Path, out: Path) -> None:
-    """Rename ``stage`` to ``out``, replacing an earlier report (checked by :func:`check_output`)."""
-    stage.chmod(0o755)  # mkdtemp makes it private; a report is readable like any other directory
-    old = out.with_name(f".{out.name}-old-{secrets.token_hex(4)}") if out.exists() else None
-    if old is not None:
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----- records ---------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import importlib.metadata
 import io
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shadowpeft.checkpoint.assets import default_cache_root
+from shadowpeft.checkpoint.atomic import write_atomic
 from shadowpeft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -306,9 +306,7 @@ def fetch_intent(cache_dir: Path | None = None, *, sdist: Path | None = None) ->
         tarball = Path(sdist) if sdist is not None else _download_bigbench(Path(tmp))
         raw = _read_tar_member(tarball, INTENT_MEMBER)
         corpus = parse_intent_task(raw, source=f"{tarball}!{INTENT_MEMBER}")
-        staged = Path(tmp) / "task.json"
-        staged.write_bytes(raw)
-        os.replace(staged, target)
+        write_atomic(target, raw)
     logger.info("Cached %d intent examples (%d intents) at %s", len(corpus.examples), len(corpus.intents), target)
     return target
 

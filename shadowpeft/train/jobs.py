@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from shadowpeft.checkpoint.assets import resolve_base
+from shadowpeft.checkpoint.atomic import publish_directory
 from shadowpeft.checkpoint.store import CONFIG_NAME, load_pretrained_shadow_into, load_shadow, save_shadow
 from shadowpeft.config import ShadowConfig
 from shadowpeft.errors import AssetError, CheckpointError, ShadowConfigError
@@ -184,10 +185,8 @@ def publish(model: nn.Module, work: Path, out: Path, record: RunRecord) -> None:
     escalation = record.summary.get("escalation")
     if escalation:
         EscalationRecord.from_dict(escalation).save(final)
-    if out.exists():
-        shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(final, out)
+    publish_directory(final, out)
     shutil.rmtree(work)
 
 

@@ -1,4 +1,4 @@
-"""Training recipes: named sets of the detached-quality levers (METHOD.md section 9).
+"""Training recipes: named sets of the detached-quality levers (the method notes, section 9).
 
 A recipe fixes five levers; every lever is also a ``shadowpeft train`` option that overrides the
 recipe's value, and the resolved levers are recorded in the checkpoint's ``training.json``:
@@ -61,7 +61,7 @@ class Levers:
     """The detached-quality levers of one run.
 
     Attributes:
-        aux_loss_weight: lambda (METHOD.md section 4).
+        aux_loss_weight: lambda (the method notes, section 4).
         shadow_lr_multiplier: Shadow-backbone learning rate as a multiple of the run's.
         distill_weight: Weight of the distillation KL inside the auxiliary term (0: off).
         distill_temperature: Softening temperature of that KL.
@@ -105,7 +105,9 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "paper": Recipe("paper", Levers(), "the method's defaults (METHOD.md sections 2-4): lambda 0.05, random shadow"),
+    "paper": Recipe(
+        "paper", Levers(), "the method's defaults (the method notes, sections 2-4): lambda 0.05, random shadow"
+    ),
     # Chosen by the probes in benchmarks/results/detached_probe.jsonl (sentiment as label generation):
     # depth and a lower shadow learning rate moved detached accuracy; distillation did not.
     "edge": Recipe(

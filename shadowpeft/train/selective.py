@@ -17,12 +17,12 @@ import bisect
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shadowpeft.checkpoint.atomic import write_atomic
 from shadowpeft.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -255,16 +255,7 @@ class EscalationRecord:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``directory/escalation.json`` atomically (a temporary file, then ``os.replace``)."""
-        path = Path(directory) / ESCALATION_NAME
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{ESCALATION_NAME}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                json.dump(self.to_dict(), file, indent=2)
-                file.write("\n")
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return path
+        return write_atomic(Path(directory) / ESCALATION_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def read(cls, directory: str | os.PathLike[str]) -> EscalationRecord | None:

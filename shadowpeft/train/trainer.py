@@ -55,7 +55,7 @@ class TrainSettings:
         bf16: Run the frozen base in bfloat16 under autocast; adapter weights stay fp32.
         max_grad_norm: Gradient clipping.
         shadow_lr_multiplier: The shadow backbone's learning rate is ``learning_rate`` times this
-            (METHOD.md section 9, lever a); injections, updates and heads keep ``learning_rate``.
+            (the method notes, section 9, lever a); injections, updates and heads keep ``learning_rate``.
         refine_steps: Of ``max_steps``, how many go to a detached refinement after attached training
             (lever d): the shadow backbone and its head train on the detached loss alone, with the
             injections, updates and the base classifier head frozen. 0: attached training only.

@@ -1,9 +1,15 @@
-"""A toy export shared by the runtime and server tests (built once per test process)."""
+"""Shared by the runtime and server tests: a toy export (built once per test process) and a server in a thread."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +39,28 @@ def toy_export(tmp_path_factory) -> ToyExport:
     save_shadow(model, root / "ckpt", base_ref=str(base))
     export_checkpoint(root / "ckpt", root / "export", ExportOptions(selections=("split", "coupled")))
     return ToyExport(base, root / "ckpt", root / "export")
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, port: int = 0) -> Iterator[str]:
+    """Serves the ASGI ``app`` (e.g. shadow-serve's ``create_app(...)``) with uvicorn in a daemon thread.
+
+    Binds 127.0.0.1:``port`` (0: any free port; SO_REUSEADDR, so a test can restart a server on the
+    port it just used), waits until uvicorn has started, yields the base URL, and stops the server on exit.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto: asyncio sets NODELAY
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

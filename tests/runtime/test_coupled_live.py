@@ -5,13 +5,9 @@ graph and PyTorch attached; auto mode survives the server dying and coming back;
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
 from shadowpeft.runtime.client import BackboneClient
 from shadowpeft.runtime.errors import RuntimeGenerationError
@@ -19,6 +15,7 @@ from shadowpeft.runtime.export_dir import ExportDir, open_export
 from shadowpeft.runtime.generate import GenerationResult, Generator
 from shadowpeft.runtime.sampling import SamplingConfig
 from shadowpeft.runtime.server import ServerConfig, create_app
+from tests.runtime.conftest import serve_in_thread
 from tests.runtime.test_generate import GREEDY, PROMPTS, graph_greedy, model, pytorch_greedy  # noqa: F401
 
 TOKEN = "live-test-token-0123456789"
@@ -27,20 +24,8 @@ TOKEN = "live-test-token-0123456789"
 @contextlib.contextmanager
 def serving(export: ExportDir, port: int = 0) -> Iterator[int]:
     """shadow-serve's app on 127.0.0.1:``port`` (0: any free port) in a thread; yields the port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    server = uvicorn.Server(uvicorn.Config(create_app(export, ServerConfig(TOKEN)), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.005)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serve_in_thread(create_app(export, ServerConfig(TOKEN)), port=port) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")

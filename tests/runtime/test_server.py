@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from click.testing import CliRunner
 
 from shadowpeft.runtime.client import BackboneClient, new_sequence_id
@@ -30,6 +29,7 @@ from shadowpeft.runtime.protocol import HEADER_LENGTH, encode_request
 from shadowpeft.runtime.serve_cli import main as serve_main
 from shadowpeft.runtime.server import ServerConfig, create_app
 from shadowpeft.runtime.sessions import SessionLimits
+from tests.runtime.conftest import serve_in_thread
 from tests.runtime.test_torch_free import BLOCKER
 
 TOKEN = "test-token-0123456789abcdef"
@@ -44,7 +44,6 @@ FP16_TOL = 2e-2
 @dataclass
 class Running:
     url: str
-    server: uvicorn.Server
 
     def client(self, **options) -> BackboneClient:
         return BackboneClient(self.url, token=TOKEN, **options)
@@ -56,19 +55,8 @@ class Running:
 @contextlib.contextmanager
 def running(export: ExportDir, *, token: str | None = TOKEN, max_body_bytes: int = 1 << 20, **limits) -> Iterator:
     app = create_app(export, ServerConfig(token, SessionLimits(**limits), max_body_bytes))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto: asyncio sets NODELAY
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.005)
-    try:
-        yield Running(f"http://127.0.0.1:{sock.getsockname()[1]}", server)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serve_in_thread(app) as url:
+        yield Running(url)
 
 
 def _auth(token: str = TOKEN) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The runtime imports and works with torch and transformers unavailable (DESIGN.md: no torch on devices).
+"""The runtime imports and works with torch and transformers unavailable (no torch on devices).
 
 Each check runs in a fresh interpreter whose ``sys.meta_path`` starts with a finder that refuses
 ``torch`` and ``transformers`` (and their submodules), as on a phone where they are not installed.

@@ -58,7 +58,7 @@ def test_formula_equals_peft_trainable_count(arch, kind, task):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_formula_by_hand(arch):
-    """METHOD.md section 5 on the tiny configs: d=64, q=64, k=32 (llama), GPT-2's fused c_attn (d -> 3d)."""
+    """The method notes, section 5 on the tiny configs: d=64, q=64, k=32 (llama), GPT-2's fused c_attn (d -> 3d)."""
     config = ARCH_CONFIGS[arch]()
     d, q, k, layers, r = 64, 64, 32, 3, 5
     if arch == "llama":
@@ -114,7 +114,7 @@ def test_matched_rank_clamps_to_range_and_warns(caplog):
 
 
 def test_paper_budget_on_qwen3_0_6b():
-    """METHOD.md: about 9.1M shadow parameters on Qwen3-0.6B versus LoRA/DoRA r=32 on q,k,v,o.
+    """The method notes: about 9.1M shadow parameters on Qwen3-0.6B versus LoRA/DoRA r=32 on q,k,v,o.
 
     Shadow (n=1, m=256, r=16, g=10): 9,073,920. LoRA r=32: 28 * 32 * 10,240 = 9,175,040 (+1.1%);
     DoRA r=32 adds 28 * 5,120 magnitudes: 9,318,400 (+2.7%). The closest ranks are LoRA 32 and DoRA 31.

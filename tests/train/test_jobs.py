@@ -254,7 +254,9 @@ def test_two_process_accelerate_launch(toy, tmp_path):
     summary = json.loads((out / "training.json").read_text())["summary"]
     assert summary["final_loss"] < 0.5 * summary["first_loss"]
     base, _ = load_base(str(toy["base"]), kind="lm")
-    assert load_shadow(base, out) is not None
+    loaded = load_shadow(base, out)  # rank 0's published adapter, as trained (not a fresh W_up = 0 one)
+    ups = [t for name, t in loaded.adapter_state_dict().items() if "injection_ups" in name]
+    assert ups and any(bool(t.abs().sum() > 0) for t in ups)
 
 
 def test_evaluation_subset_is_fixed_random_not_the_first_rows():

@@ -1,4 +1,4 @@
-"""Detached-quality levers (METHOD.md section 9) and the recipes that combine them, on tiny models."""
+"""Detached-quality levers (the method notes, section 9) and the recipes that combine them, on tiny models."""
 
 from __future__ import annotations
 

@@ -1,0 +1,79 @@
+"""Atomic publish: a reader sees the old file or directory, the new one, or none; nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shadowpeft.runtime import atomic
+
+
+def _hidden(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_write_atomic_replaces_a_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    atomic.write_atomic(path, '{"a": 1}\n')
+    assert path.read_text() == '{"a": 1}\n'
+    atomic.write_atomic(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert _hidden(tmp_path) == []
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "results.json"
+    path.write_text("old")
+
+    def refuse(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "replace", refuse)
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_atomic(path, "new")
+    assert path.read_text() == "old"
+    assert _hidden(tmp_path) == []
+
+
+def test_staging_directory_is_published_once_complete(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with atomic.staging_directory(out) as staging:
+        (staging / "new.txt").write_text("new")
+        assert not (out / "new.txt").exists()
+        atomic.publish_directory(staging, out)
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert _hidden(tmp_path) == []
+
+
+def test_a_failed_block_publishes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "out"
+    with pytest.raises(KeyboardInterrupt), atomic.staging_directory(out) as staging:
+        (staging / "half.txt").write_text("half")
+        raise KeyboardInterrupt
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_failed_swap_restores_the_old_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def flaky(src: Path, dst: Path) -> None:
+        calls.append(dst)
+        if len(calls) == 2:  # old -> backup worked; staging -> out fails
+            raise OSError(5, "I/O error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", flaky)
+    with pytest.raises(OSError, match="I/O error"), atomic.staging_directory(out) as staging:
+        atomic.publish_directory(staging, out)
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert _hidden(tmp_path) == []
