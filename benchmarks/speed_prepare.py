@@ -35,7 +35,6 @@ from transformers.cache_utils import DynamicCache
 from shadowpeft import ShadowConfig, get_shadow_model
 from shadowpeft.arch import spec_for
 from shadowpeft.checkpoint.store import save_shadow
-from shadowpeft.export.context import explicit_context
 from shadowpeft.export.graphs import HeadWeight, example_past, kv_layout
 from shadowpeft.export.io_names import SHADOW_STATES, GraphIO, detached_shadow_io
 from shadowpeft.export.onnx_export import export_graph, external_data_files
@@ -154,7 +153,7 @@ def graph_bytes(path: Path) -> int:
 class PlainBaseGraph(nn.Module):
     """The base model alone as a flat-tensor graph: ids, mask, positions, KV -> logits, KV.
 
-    The same pieces as :mod:`shadowpeft.export.graphs` (``explicit_context`` masks, the ArchSpec's
+    The same pieces as :mod:`shadowpeft.export.graphs` (``ArchSpec.traced_context`` masks, the ArchSpec's
     layer call, a ``(d, V)`` head weight), without the shadow: what a merged LoRA costs.
     """
 
@@ -169,7 +168,7 @@ class PlainBaseGraph(nn.Module):
         spec, bb = self.spec, self.backbone
         cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)])
         x = spec.embedding(bb)(input_ids)  # (B, T, d)
-        ctx = explicit_context(spec, bb, x, attention_mask=attention_mask, position_ids=position_ids)
+        ctx = spec.traced_context(bb, x, attention_mask=attention_mask, position_ids=position_ids)
         h = spec.input_stage(bb, x, ctx.position_ids)
         for i, layer in enumerate(spec.layers(bb)):
             h = spec.call_layer(layer, h, ctx, i, cache)

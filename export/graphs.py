@@ -2,7 +2,7 @@
 
 Each wrapper's ``forward`` takes and returns plain tensors in the order that
 :mod:`shadowpeft.export.io_names` declares, builds its layer context from those tensors
-(:mod:`shadowpeft.export.context`), and calls the same ``shadow_stack`` / ``base_stack``
+(:meth:`shadowpeft.arch.ArchSpec.traced_context`), and calls the same ``shadow_stack`` / ``base_stack``
 functions as the PyTorch model, so the graphs cannot drift from the reference implementation.
 KV caches cross the graph boundary as tensors ``(B, kv_heads, P, head_dim)``: a ``DynamicCache``
 is filled from them inside ``forward`` and read back after the layers have appended to it.
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
-from shadowpeft.export.context import explicit_context
+from shadowpeft.arch import spec_for
 from shadowpeft.export.io_names import StackLayout
 from shadowpeft.heads import ShadowForCausalLM
 from shadowpeft.modules import ShadowInjection
@@ -92,12 +92,8 @@ def export_view(model: ShadowForCausalLM) -> Iterator[None]:
 
 
 def kv_layout(stack: nn.Module) -> StackLayout:
-    """KV layout of a decoder stack (layers, KV heads, head size), read from its config."""
-    config = stack.config
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return StackLayout(config.num_hidden_layers, kv_heads, head_dim)
+    """KV layout of a decoder stack (layers, KV heads, head size): its ArchSpec's reading of its config."""
+    return StackLayout(*spec_for(stack.config).kv_layout(stack.config))
 
 
 def _cache(past: Sequence[Tensor]) -> DynamicCache:
@@ -118,12 +114,12 @@ class _Graph(nn.Module):
 
     def _s0(self, input_ids: Tensor, x: Tensor, mask: Tensor, positions: Tensor, cache: DynamicCache) -> Tensor:
         m = self.model
-        ctx = explicit_context(m.shadow_spec, m.shadow_model, x, attention_mask=mask, position_ids=positions)
+        ctx = m.shadow_spec.traced_context(m.shadow_model, x, attention_mask=mask, position_ids=positions)
         return m.shadow_stack(input_ids, x, ctx=ctx, kv=cache)  # (B, T, d)
 
     def _hidden(self, x: Tensor, s0: Tensor, mask: Tensor, positions: Tensor, cache: DynamicCache) -> Tensor:
         m = self.model
-        ctx = explicit_context(m.spec, m.base_backbone, x, attention_mask=mask, position_ids=positions)
+        ctx = m.spec.traced_context(m.base_backbone, x, attention_mask=mask, position_ids=positions)
         return m.base_stack(x, s0, ctx=ctx, kv=cache)  # (B, T, d)
 
 
@@ -146,7 +142,7 @@ class HeadGraph(nn.Module):
 
     def __init__(self, model: ShadowForCausalLM) -> None:
         super().__init__()
-        self.head = HeadWeight(model.base.get_output_embeddings())
+        self.head = HeadWeight(model.spec.output_head(model.base))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return self.head(hidden_states)
@@ -171,7 +167,7 @@ class CoupledGraph(_Graph):
 
     def __init__(self, model: ShadowForCausalLM) -> None:
         super().__init__(model)
-        self.head = HeadWeight(model.base.get_output_embeddings())
+        self.head = HeadWeight(model.spec.output_head(model.base))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor):
         split = 2 * self.shadow_layers

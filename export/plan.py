@@ -94,7 +94,7 @@ def graph_jobs(model: ShadowForCausalLM, keys: Iterable[str]) -> list[GraphJob]:
     keys = tuple(keys)
     shadow, base = kv_layout(model.shadow_model), kv_layout(model.base_backbone)
     d = model.hidden_size
-    vocab = model.base.get_output_embeddings().weight.shape[0]
+    vocab = model.spec.output_head(model.base).weight.shape[0]
     dtype = model.dtype
     name = str(dtype).removeprefix("torch.")
     ids, mask, positions = _token_example(vocab)

@@ -181,7 +181,7 @@ def check_parity(
         ParityError: Listing every chain whose logits differ by more than its bound
             (:meth:`ParityResult.bound`).
     """
-    vocab = model.base.get_output_embeddings().weight.shape[0]
+    vocab = model.spec.output_head(model.base).weight.shape[0]
     ids, mask = prompt_batch(vocab)
     references: dict[str, list] = {}
     results = []

@@ -62,7 +62,7 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
 
     def __init__(self, base: PreTrainedModel, config: ShadowConfig, shadow_model: nn.Module | None = None) -> None:
         super().__init__(base, config, shadow_model)
-        head = base.get_output_embeddings()
+        head = self.spec.output_head(base)
         if head is None:
             raise ShadowConfigError(f"{type(base).__name__} has no LM head; wrap a *ForCausalLM model.")
         self.shadow_lm_head: nn.Module | None = None
@@ -77,7 +77,7 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
 
     @property
     def shadow_head(self) -> nn.Module:
-        return self.shadow_lm_head if self.shadow_lm_head is not None else self.base.get_output_embeddings()
+        return self.shadow_lm_head if self.shadow_lm_head is not None else self.spec.output_head(self.base)
 
     # What GenerationMixin asks of a PreTrainedModel: we bring our own cache and slice logits.
     @classmethod
@@ -146,7 +146,7 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
         if mode == "detached":
             logits = shadow_logits
         else:
-            logits = self.base.get_output_embeddings()(out.hidden[:, keep])
+            logits = self.spec.output_head(self.base)(out.hidden[:, keep])
         result = ShadowCausalLMOutput(
             logits=logits, shadow_logits=shadow_logits, past_key_values=out.cache, shadow_states=out.s0
         )
@@ -175,7 +175,7 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
         if mode == "detached":
             result.loss = result.shadow_loss
             return result
-        result.base_loss = labelled_cross_entropy(self.base.get_output_embeddings(), out.hidden, labels)
+        result.base_loss = labelled_cross_entropy(self.spec.output_head(self.base), out.hidden, labels)
         result.loss = combined_loss(result.base_loss, result.shadow_loss, self.shadow_config.aux_loss_weight)
         return result
 
@@ -191,7 +191,7 @@ class ShadowForCausalLM(ShadowModel, GenerationMixin):
         hidden = out.hidden if mode == "attached" else teacher
         if hidden is None:
             raise ValueError("detached training with distillation needs the attached hidden state as teacher")
-        base_logits = self.base.get_output_embeddings()(labelled_states(hidden, labels)[0])  # (N, V)
+        base_logits = self.spec.output_head(self.base)(labelled_states(hidden, labels)[0])  # (N, V)
         result.distill_loss = distillation_loss(student, base_logits, distill.temperature)
         aux = auxiliary_loss(result.shadow_loss, result.distill_loss, distill_weight=distill.weight)
         if mode == "detached":

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from shadowpeft.arch import AttentionDims, spec_for
 from shadowpeft.config import ShadowConfig
 
 
@@ -41,8 +42,13 @@ def expected_parameter_counts(base_config: Any, config: ShadowConfig) -> Paramet
 
     Llama-style layer: ``d*hs*hd + 2*d*kv*hd + hs*hd*d + 3*d*m + 2*d`` (+ ``2*hd`` for Qwen3's
     q/k norms, + ``hs*hd + 2*kv*hd`` for Qwen2's q/k/v biases); backbone ``n * layer + d``;
-    injection ``(L-1) * 2*d*r``; update ``(L-1) * 4*d*g + 2*d``. GPT-2 blocks are counted from their
-    own layout (biased projections, two LayerNorms, learned positions).
+    injection ``(L-1) * 2*d*r``; update ``(L-1) * 4*d*g + 2*d``. Each family's layer and stack terms
+    are its ArchSpec's (:meth:`~shadowpeft.arch.ArchSpec.layer_parameter_count`,
+    :meth:`~shadowpeft.arch.ArchSpec.stack_parameter_count`): GPT-2 blocks are counted from their own
+    layout (biased projections, two LayerNorms, learned positions).
+
+    Raises:
+        UnsupportedArchitectureError: ``base_config`` has no registered ArchSpec.
     """
     d, big_l = base_config.hidden_size, base_config.num_hidden_layers
     r, g = config.injection.rank, config.update.gate_width
@@ -54,27 +60,12 @@ def expected_parameter_counts(base_config: Any, config: ShadowConfig) -> Paramet
 
 
 def _backbone_count(base_config: Any, config: ShadowConfig) -> int:
+    spec = spec_for(base_config)
     b, d, n = config.backbone, base_config.hidden_size, config.backbone.num_layers
-    m = b.intermediate_size or _mlp_width(base_config)
-    if base_config.model_type == "gpt2":
-        # GPT-2's head count only reshapes c_attn; it does not change its size.
-        block = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
-        return n * block + 2 * d + base_config.n_positions * d
+    m = b.intermediate_size or spec.mlp_width(base_config)
     hs = b.num_attention_heads or base_config.num_attention_heads
     base_kv = getattr(base_config, "num_key_value_heads", None) or base_config.num_attention_heads
     kv = b.num_key_value_heads or (base_kv if b.num_attention_heads is None or hs % base_kv == 0 else hs)
     hd = b.head_dim or getattr(base_config, "head_dim", None) or d // hs  # HF derives it when not stored
-    layer = d * hs * hd + 2 * d * kv * hd + hs * hd * d + 3 * d * m + 2 * d
-    if base_config.model_type == "qwen3":
-        layer += 2 * hd
-    if base_config.model_type == "qwen2" or getattr(base_config, "attention_bias", False):
-        layer += hs * hd + 2 * kv * hd
-    return n * layer + d
-
-
-def _mlp_width(base_config: Any) -> int:
-    return (
-        getattr(base_config, "intermediate_size", None)
-        or getattr(base_config, "n_inner", None)
-        or (4 * base_config.hidden_size)
-    )
+    layer = spec.layer_parameter_count(base_config, AttentionDims(hs, kv, hd), mlp_width=m)
+    return n * layer + spec.stack_parameter_count(base_config)

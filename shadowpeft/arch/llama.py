@@ -1,12 +1,13 @@
-"""Llama-style stacks (``model.layers``, rotary, pre-norm): Llama, Mistral, Qwen2, Qwen3, Gemma.
+"""Llama: the reference Llama-style stack (``model.layers``, rotary, pre-norm, q/k/v/o projections).
 
-They differ only in data the ArchSpec reads from the config (layer types, sliding windows) and
-inside their own layer modules, so one spec with two flags serves them all.
+Every default of :class:`~shadowpeft.arch.base.ArchSpec` describes this family, so its spec is empty.
+A Llama-like family that differs only in data its config carries needs no more than this file.
 """
 
 from __future__ import annotations
 
 from shadowpeft.arch.base import ArchSpec
 
-LLAMA = ArchSpec(model_types=("llama", "qwen2", "qwen3", "gemma"))
-MISTRAL = ArchSpec(model_types=("mistral",), sliding_from_window=True)
+LLAMA = ArchSpec(model_types=("llama",))
+
+SPECS = (LLAMA,)

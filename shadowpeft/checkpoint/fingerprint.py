@@ -9,7 +9,7 @@ records three hashes of that base and :func:`shadowpeft.checkpoint.store.load_sh
   loaded in another dtype, hashes the same.
 * ``embedding_sha256``: the input token table, cast to bfloat16 first, so fp32 and bf16 loads of
   the same weights agree.
-* ``head_sha256``: the LM head (``get_output_embeddings()``), cast the same way; ``None`` for a
+* ``head_sha256``: the LM head (its ArchSpec's ``output_head``), cast the same way; ``None`` for a
   model without one (sequence classification, whose ``score`` head is trained with the adapter
   and saved in the checkpoint, so it is no part of the base's identity).
 """
@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from shadowpeft.arch import REGISTRY, ArchSpec, spec_for
 from shadowpeft.errors import CheckpointError
 
-# Keys of a HF config that change the weights' shapes or the forward's math. GPT-2 style configs
-# spell some of them ``n_*``; both spellings are listed and only the keys a config has are used.
-ARCHITECTURE_KEYS: tuple[str, ...] = (
+# Keys of a HF config that change the weights' shapes or the forward's math, as HF names them. A
+# family that spells some differently (GPT-2's ``n_*``) lists its own in its ArchSpec's
+# ``architecture_keys``; only the keys a config has are used.
+COMMON_ARCHITECTURE_KEYS: tuple[str, ...] = (
     "model_type",
     "vocab_size",
     "hidden_size",
@@ -54,15 +56,11 @@ ARCHITECTURE_KEYS: tuple[str, ...] = (
     "query_pre_attn_scalar",
     "attn_logit_softcapping",
     "final_logit_softcapping",
-    "n_positions",
-    "n_embd",
-    "n_layer",
-    "n_head",
-    "n_inner",
-    "activation_function",
-    "scale_attn_weights",
-    "scale_attn_by_inverse_layer_idx",
-    "reorder_and_upcast_attn",
+)
+
+# Every key any registered family hashes: the common keys, then each family's own.
+ARCHITECTURE_KEYS: tuple[str, ...] = tuple(
+    dict.fromkeys(COMMON_ARCHITECTURE_KEYS + tuple(k for spec in REGISTRY.values() for k in spec.architecture_keys))
 )
 
 # Human names of the fingerprint's parts, as used in error messages.
@@ -154,7 +152,7 @@ def fingerprint(base_model: nn.Module) -> BaseFingerprint:
     """
     embedding = base_model.get_input_embeddings().weight
     embedding_hash = tensor_sha256(embedding)
-    head_module = base_model.get_output_embeddings()
+    head_module = spec_for(base_model.config).output_head(base_model)
     head_hash = None
     if head_module is not None:
         head = head_module.weight
@@ -201,8 +199,10 @@ def config_differences(expected: dict[str, Any], actual: dict[str, Any]) -> list
 
 def describe(arch: dict[str, Any]) -> str:
     """A short summary of an :func:`architecture_config` dict: ``llama, hidden 576, 30 layers, vocab 49152``."""
-    hidden = arch.get("hidden_size", arch.get("n_embd"))
-    layers = arch.get("num_hidden_layers", arch.get("n_layer"))
+    # The family names its keys (GPT-2: n_embd, n_layer); an unregistered one is read with HF's names.
+    names = REGISTRY.get(arch.get("model_type")) or ArchSpec(model_types=())
+    hidden = arch.get(names.config_name("hidden_size"))
+    layers = arch.get(names.config_name("num_hidden_layers"))
     parts = [str(arch.get("model_type", "unknown model_type"))]
     if hidden is not None:
         parts.append(f"hidden {hidden}")

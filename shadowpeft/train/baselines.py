@@ -25,7 +25,6 @@ like: :func:`baseline_parameter_counts` reports the adapter and the head separat
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,6 +33,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from shadowpeft.arch import REGISTRY, AttentionTargets, spec_for
 from shadowpeft.errors import BaselineError
 from shadowpeft.params import count_parameters
 
@@ -49,42 +49,9 @@ HEAD_MODULE = "score"
 _HEAD_COPY_SEGMENT = ".modules_to_save."
 
 
-@dataclass(frozen=True)
-class AttentionTargets:
-    """Where one architecture's attention projections live, and how they are laid out.
-
-    Attributes:
-        parent: The attention module inside each decoder layer (``self_attn``, GPT-2's ``attn``).
-        projections: The projections adapted inside it: q, k, v, o, or GPT-2's fused qkv and o.
-        fused_qkv: One projection computes q, k and v together (GPT-2's ``c_attn``, ``d -> 3d``).
-        fan_in_fan_out: Weights are stored ``(in, out)`` (GPT-2's ``Conv1D``), which peft must be told.
-    """
-
-    parent: str
-    projections: tuple[str, ...]
-    fused_qkv: bool = False
-    fan_in_fan_out: bool = False
-
-    @property
-    def pattern(self) -> str:
-        """Regex that peft full-matches against module names.
-
-        It names the parent too: in GPT-2, ``c_proj`` is both the attention output (``attn.c_proj``)
-        and the MLP's down projection (``mlp.c_proj``), and only the first may be adapted.
-        """
-        names = "|".join(re.escape(p) for p in self.projections)
-        return rf".*\.{re.escape(self.parent)}\.({names})"
-
-
-_QKVO = AttentionTargets(parent="self_attn", projections=("q_proj", "k_proj", "v_proj", "o_proj"))
-
+# model_type -> the attention projections its baselines adapt (each family's ArchSpec.lora_targets).
 ATTENTION_TARGETS: dict[str, AttentionTargets] = {
-    "gemma": _QKVO,
-    "gpt2": AttentionTargets(parent="attn", projections=("c_attn", "c_proj"), fused_qkv=True, fan_in_fan_out=True),
-    "llama": _QKVO,
-    "mistral": _QKVO,
-    "qwen2": _QKVO,
-    "qwen3": _QKVO,
+    model_type: spec.lora_targets for model_type, spec in REGISTRY.items() if spec.lora_targets is not None
 }
 
 
@@ -126,15 +93,14 @@ def attention_targets(base_config: Any) -> AttentionTargets:
     """The :class:`AttentionTargets` of a HF config.
 
     Raises:
-        BaselineError: The model_type has no entry in :data:`ATTENTION_TARGETS`.
+        BaselineError: The model_type has no ArchSpec with ``lora_targets`` (:data:`ATTENTION_TARGETS`).
     """
     model_type = getattr(base_config, "model_type", None)
     targets = ATTENTION_TARGETS.get(model_type)
     if targets is None:
         raise BaselineError(
             f"Unsupported model_type {model_type!r} for LoRA/DoRA baselines. Supported: "
-            f"{', '.join(sorted(ATTENTION_TARGETS))} (add its attention projections to ATTENTION_TARGETS "
-            "in shadowpeft/train/baselines.py)."
+            f"{', '.join(sorted(ATTENTION_TARGETS))} (give its ArchSpec lora_targets in shadowpeft/arch/)."
         )
     return targets
 
@@ -283,14 +249,8 @@ def _linear_budget(base_config: Any, *, dora: bool) -> tuple[int, int]:
 def _projection_shapes(base_config: Any) -> tuple[tuple[int, int], ...]:
     """``(in, out)`` of each adapted projection in one layer, in :class:`AttentionTargets` order."""
     targets = attention_targets(base_config)
-    d = base_config.hidden_size
-    heads = base_config.num_attention_heads
-    kv_heads = getattr(base_config, "num_key_value_heads", None) or heads
-    hd = getattr(base_config, "head_dim", None) or d // heads  # HF derives it when the config omits it
-    q, k = heads * hd, kv_heads * hd
-    if targets.fused_qkv:
-        return ((d, q + 2 * k), (q, d))
-    return ((d, q), (d, k), (d, k), (q, d))
+    dims = spec_for(base_config).attention_dims(base_config)
+    return targets.projection_shapes(base_config.hidden_size, dims)
 
 
 def _lora_config(
@@ -356,7 +316,7 @@ def _check_adapted(model: PeftModel, base_config: Any, targets: AttentionTargets
         raise BaselineError(
             f"{adapted} modules matched {targets.pattern!r} on {base_config.model_type!r}, expected {expected} "
             f"({base_config.num_hidden_layers} layers x {len(targets.projections)}); the module names of this "
-            "model differ from ATTENTION_TARGETS in shadowpeft/train/baselines.py."
+            "model differ from its ArchSpec's lora_targets in shadowpeft/arch/."
         )
 
 
