@@ -8,9 +8,11 @@ from pathlib import Path
 
 import click
 
+from shadowpeft.runtime.contract import FP32, INT4, INT8, NO_QUANTIZATION
+
 __all__ = ["main"]
 
-_WEIGHTS = {"none": "fp32", "int8": "int8", "int4": "int4"}
+_WEIGHTS = {NO_QUANTIZATION: FP32, INT8: INT8, INT4: INT4}  # --quantize choice -> weight format
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
