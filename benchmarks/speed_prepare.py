@@ -36,10 +36,10 @@ from shadowpeft import ShadowConfig, get_shadow_model
 from shadowpeft.arch import spec_for
 from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export.graphs import HeadWeight, example_past, kv_layout
-from shadowpeft.export.io_names import SHADOW_STATES, GraphIO, detached_shadow_io
 from shadowpeft.export.onnx_export import export_graph, external_data_files
 from shadowpeft.export.pipeline import ExportOptions, export_checkpoint, quantize_export
 from shadowpeft.export.quantize import quantize_graph
+from shadowpeft.runtime.contract import SHADOW_STATES, GraphIO, detached_shadow_io
 from shadowpeft.runtime.export_dir import session_options
 from shadowpeft.train.jobs import load_base
 

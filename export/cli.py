@@ -9,11 +9,12 @@ import click
 
 from shadowpeft.export.errors import ExportError
 from shadowpeft.runtime.cli_errors import cli_errors
+from shadowpeft.runtime.contract import FP32, INT4, INT8, NO_QUANTIZATION
 from shadowpeft.runtime.errors import DeviceProfileError
 
 __all__ = ["main"]
 
-_WEIGHTS = {"none": "fp32", "int8": "int8", "int4": "int4"}
+_WEIGHTS = {NO_QUANTIZATION: FP32, INT8: INT8, INT4: INT4}  # --quantize choice -> weight format
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,7 +1,7 @@
 """Flat-tensor wrappers around a ShadowPEFT causal LM, one per exported graph.
 
 Each wrapper's ``forward`` takes and returns plain tensors in the order that
-:mod:`shadowpeft.export.io_names` declares, builds its layer context from those tensors
+:mod:`shadowpeft.runtime.contract` declares, builds its layer context from those tensors
 (:meth:`shadowpeft.arch.ArchSpec.traced_context`), and calls the same ``shadow_stack`` / ``base_stack``
 functions as the PyTorch model, so the graphs cannot drift from the reference implementation.
 KV caches cross the graph boundary as tensors ``(B, kv_heads, P, head_dim)``: a ``DynamicCache``
@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
 from shadowpeft.arch import spec_for
-from shadowpeft.export.io_names import StackLayout
 from shadowpeft.heads import ShadowForCausalLM
 from shadowpeft.modules import ShadowInjection
+from shadowpeft.runtime.contract import StackLayout
 
 __all__ = [
     "CloudBackboneGraph",

@@ -2,7 +2,7 @@
 
 Every input axis is traced as dynamic (``Dim.AUTO``), so the exporter works out which axes are
 equal (batch everywhere, past + new = total); afterwards the graph's inputs and outputs are given
-the names and symbolic dimensions that :mod:`shadowpeft.export.io_names` declares, so the ONNX file,
+the names and symbolic dimensions that :mod:`shadowpeft.runtime.contract` declares, so the ONNX file,
 the manifest and the runtime agree on one contract.
 """
 
@@ -26,8 +26,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from shadowpeft.export.errors import ExportError
-from shadowpeft.export.io_names import GraphIO
-from shadowpeft.runtime.manifest import TensorSpec
+from shadowpeft.runtime.contract import GraphIO, TensorSpec
 
 __all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "export_graph", "external_data_files"]
 

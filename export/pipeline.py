@@ -29,8 +29,10 @@ from shadowpeft.export.plan import GraphJob, graph_jobs, keys_for
 from shadowpeft.export.quality import memory_figures, quantized_agreement
 from shadowpeft.export.quantize import INT8_BLOCK_SIZE, quantize_graph
 from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
+from shadowpeft.runtime.contract import CLOUD_BACKBONE, FP32, GRAPH_ROLES, INT4, INT8, GraphSpec
+from shadowpeft.runtime.contract import quantization_name as format_quantization_name
 from shadowpeft.runtime.devices import DeviceProfile
-from shadowpeft.runtime.manifest import SCHEMA_VERSION, GraphSpec, Manifest, file_sha256
+from shadowpeft.runtime.manifest import SCHEMA_VERSION, Manifest, file_sha256
 
 __all__ = [
     "STAGES",
@@ -74,7 +76,7 @@ class ExportOptions:
     def weight_format(self) -> str:
         if self.weights is not None:
             return self.weights
-        return self.profile.weights if self.profile is not None else "fp32"
+        return self.profile.weights if self.profile is not None else FP32
 
 
 def export_checkpoint(
@@ -89,7 +91,7 @@ def export_checkpoint(
     report = progress or (lambda stage, detail: None)
     keys = keys_for(options.selections)
     weights = options.weight_format
-    if weights not in ("fp32", "int8", "int4"):
+    if weights not in (FP32, INT8, INT4):
         raise ExportError(f"Weight format {weights!r} is not supported by shadow-export; use fp32, int8 or int4.")
     check_destination(out, overwrite=options.overwrite)
     report("load", str(checkpoint))
@@ -97,7 +99,7 @@ def export_checkpoint(
     with staging_directory(out, overwrite=options.overwrite) as root, _scratch() as scratch:
         report("trace", ", ".join(keys))
         jobs = graph_jobs(loaded.model, keys)
-        fp32_root = scratch if weights != "fp32" else root
+        fp32_root = scratch if weights != FP32 else root
         with export_view(loaded.model), torch.no_grad():
             for job in jobs:
                 job.wrapper(*job.example)  # fails here, with a PyTorch traceback, before the exporter runs
@@ -108,7 +110,7 @@ def export_checkpoint(
                 export_graph(job.wrapper, job.example, job.io, target, opset=options.opset)
         report("validate", f"prefill + {options.steps} cached steps")
         figures = _validate(loaded.model, jobs, root, fp32_root, options)
-        if weights != "fp32":
+        if weights != FP32:
             figures.update(_quantize(loaded, jobs, root, fp32_root, weights, options, report))
         report("write", str(out))
         manifest = _manifest(loaded, jobs, root, weights, options, figures)
@@ -192,8 +194,8 @@ def _manifest(
     device_bytes = 0
     for job in jobs:
         sha, data, size = graph_files(root, job.file, external_data_files(root / job.file))
-        graph_weights = weights if job.on_device else "fp32"
-        opset = graph_opset(root / job.file)
+        graph_weights = weights if job.on_device else FP32
+        opset = graph_opset(root / job.file)  # quantizers may raise it (int4 embeddings need 21)
         graphs[job.key] = GraphSpec(job.file, job.role, opset, job.io.inputs, job.io.outputs, graph_weights, sha, data)
         figures[f"{job.key}.bytes"] = size
         device_bytes += size if job.on_device else 0
@@ -214,6 +216,7 @@ def _manifest(
         device_profile=options.profile.name if options.profile is not None else None,
         quantization=quantization_name(weights, options.profile),
         validation=figures,
+        vocab_size=model.base.get_output_embeddings().weight.shape[0],
     )
 
 
@@ -257,7 +260,7 @@ def quantize_export(src: Path, dst: Path, *, weights: str) -> Manifest:
         The manifest written to ``dst``.
     """
     manifest = Manifest.from_file(src)
-    on_device = {spec.file for spec in manifest.graphs.values() if spec.role != "cloud-backbone"}
+    on_device = {spec.file for spec in manifest.graphs.values() if spec.role != GRAPH_ROLES[CLOUD_BACKBONE]}
     skipped = {Path(f).name for f in on_device} | {n for f in on_device for n in external_data_files(src / f)}
     shutil.copytree(src, dst, ignore=lambda folder, names: [n for n in names if n in skipped])
     graphs = dict(manifest.graphs)
@@ -275,11 +278,15 @@ def quantize_export(src: Path, dst: Path, *, weights: str) -> Manifest:
 
 
 def quantization_name(weights: str, profile: DeviceProfile | None = None) -> str:
-    """The manifest's ``quantization`` for on-device graphs of ``weights``, e.g. ``int8-block64-acc4``."""
-    if weights == "fp32":
-        return "none"
-    if weights == "int8":
-        return f"int8-block{INT8_BLOCK_SIZE}-acc4"
+    """The manifest's ``quantization`` for on-device graphs of ``weights``, e.g. ``int8-block64-acc4``.
+
+    The parameters are the ones :func:`_quantize` passes (int8: fixed; int4: the profile's, else 32 and 4);
+    the name's spelling is the contract's (:func:`shadowpeft.runtime.contract.quantization_name`).
+    """
+    if weights == INT8:
+        return format_quantization_name(weights, block_size=INT8_BLOCK_SIZE, accuracy_level=4)
+    if weights == FP32:
+        return format_quantization_name(weights)
     block = profile.int4_block_size if profile is not None else 32
     level = profile.int4_accuracy_level if profile is not None else 4
-    return f"int4-block{block}-acc{level}"
+    return format_quantization_name(INT4, block_size=block, accuracy_level=level)

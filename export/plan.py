@@ -20,38 +20,34 @@ from shadowpeft.export.graphs import (
     example_past,
     kv_layout,
 )
-from shadowpeft.export.io_names import GraphIO, cloud_backbone_io, coupled_io, detached_shadow_io, head_io
 from shadowpeft.heads import ShadowForCausalLM
-from shadowpeft.runtime.manifest import GraphRole
+from shadowpeft.runtime.contract import (
+    CLOUD_BACKBONE,
+    COUPLED,
+    DEVICE_HEAD,
+    DEVICE_SHADOW,
+    GRAPH_KEYS,
+    GRAPH_ROLES,
+    GraphIO,
+    GraphRole,
+    cloud_backbone_io,
+    coupled_io,
+    detached_shadow_io,
+    head_io,
+)
 
 __all__ = [
-    "CLOUD_BACKBONE",
-    "COUPLED",
-    "DEVICE_HEAD",
-    "DEVICE_SHADOW",
     "SELECTIONS",
     "GraphJob",
     "graph_jobs",
     "keys_for",
 ]
 
-DEVICE_SHADOW = "device/shadow"
-DEVICE_HEAD = "device/head"
-CLOUD_BACKBONE = "cloud/backbone"
-COUPLED = "coupled"
-
 #: Graph keys written by each CLI selection.
 SELECTIONS: dict[str, tuple[str, ...]] = {
     "detached": (DEVICE_SHADOW,),
     "split": (DEVICE_SHADOW, DEVICE_HEAD, CLOUD_BACKBONE),
     "coupled": (COUPLED,),
-}
-_ORDER = (DEVICE_SHADOW, DEVICE_HEAD, CLOUD_BACKBONE, COUPLED)
-_ROLES: dict[str, GraphRole] = {
-    DEVICE_SHADOW: "detached-shadow",
-    DEVICE_HEAD: "head",
-    CLOUD_BACKBONE: "cloud-backbone",
-    COUPLED: "coupled",
 }
 # Tracing example: every dynamic axis >= 2 and distinct, so the tracer neither specialises an axis
 # nor mistakes two different axes for one. Validation then runs other shapes (and an empty cache).
@@ -86,7 +82,7 @@ def keys_for(selections: Iterable[str]) -> tuple[str, ...]:
         if selection not in SELECTIONS:
             raise ValueError(f"Unknown graph selection {selection!r}; choose from {', '.join(SELECTIONS)}.")
         wanted.update(SELECTIONS[selection])
-    return tuple(key for key in _ORDER if key in wanted)
+    return tuple(key for key in GRAPH_KEYS if key in wanted)
 
 
 def graph_jobs(model: ShadowForCausalLM, keys: Iterable[str]) -> list[GraphJob]:
@@ -122,7 +118,7 @@ def graph_jobs(model: ShadowForCausalLM, keys: Iterable[str]) -> list[GraphJob]:
     jobs = []
     for key in keys:
         wrapper, example, graph_io = builders[key]()
-        jobs.append(GraphJob(key, _ROLES[key], f"{key}.onnx", wrapper.eval(), example, graph_io))
+        jobs.append(GraphJob(key, GRAPH_ROLES[key], f"{key}.onnx", wrapper.eval(), example, graph_io))
     return jobs
 
 

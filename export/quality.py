@@ -9,11 +9,10 @@ import onnxruntime as ort
 from transformers import PreTrainedTokenizerBase
 
 from shadowpeft.export.graphs import kv_layout
-from shadowpeft.export.io_names import GraphIO
 from shadowpeft.export.quantize import agreement
 from shadowpeft.export.validate import ChainRunner, chains_for
 from shadowpeft.heads import ShadowForCausalLM
-from shadowpeft.runtime.decode import positions_for
+from shadowpeft.runtime.contract import LOGITS, GraphIO, left_pad, positions_for
 from shadowpeft.runtime.devices import DeviceProfile
 
 __all__ = ["HELD_OUT_TEXT", "held_out_batch", "memory_figures", "quantized_agreement"]
@@ -34,14 +33,8 @@ def held_out_batch(tokenizer: PreTrainedTokenizerBase | None, vocab: int) -> tup
     if tokenizer is None:
         rng = np.random.default_rng(7)
         return rng.integers(0, vocab, (2, 32)).astype(np.int64), np.ones((2, 32), dtype=np.int64)
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"][:_MAX_TOKENS] for text in HELD_OUT_TEXT]
-    width = max(len(row) for row in rows)
-    ids = np.zeros((len(rows), width), dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for index, row in enumerate(rows):
-        ids[index, width - len(row) :] = np.minimum(row, vocab - 1)
-        mask[index, width - len(row) :] = 1
-    return ids, mask
+    rows = [tokenizer(text, add_special_tokens=False).input_ids[:_MAX_TOKENS] for text in HELD_OUT_TEXT]
+    return left_pad([np.minimum(row, vocab - 1) for row in rows])
 
 
 def quantized_agreement(
@@ -57,7 +50,7 @@ def quantized_agreement(
     Returns:
         ``{f"{prefix}.{chain}.top1_agreement": ..., f"{prefix}.{chain}.mean_kl": ...}``.
     """
-    vocab = next(spec.shape[-1] for graph in ios.values() for spec in graph.outputs if spec.name == "logits")
+    vocab = next(spec.shape[-1] for graph in ios.values() for spec in graph.outputs if spec.name == LOGITS)
     ids, mask = held_out_batch(tokenizer, vocab)
     feed = {"ids": ids, "mask": mask}
     figures: dict[str, float] = {}

@@ -47,7 +47,7 @@ from google.protobuf.message import DecodeError
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from shadowpeft.export.errors import QuantizationError
-from shadowpeft.runtime.devices import INT4_ACCURACY_LEVELS, WEIGHT_FORMATS
+from shadowpeft.runtime.contract import FP32, INT4, INT4_ACCURACY_LEVELS, INT8, WEIGHT_FORMATS
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -77,7 +77,7 @@ MIN_QUANTIZED_DIM = 64
 #: Op types that carry a quantized MatMul weight in an output graph.
 QUANTIZED_MATMUL_OPS = frozenset({"MatMulNBits"})
 
-_SUPPORTED = ("fp32", "int8", "int4")
+_SUPPORTED = (FP32, INT8, INT4)
 _ONNX_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
 # What onnx and onnxruntime's quantizers raise on a graph they cannot handle (they assert, index and
 # look up freely); anything else, e.g. MemoryError, is not theirs to explain and propagates.
@@ -158,9 +158,9 @@ def quantize_graph(
     with _staging(dst) as (staged, scratch):
         try:
             with _root_logging_kept():
-                if weights == "int8":
+                if weights == INT8:
                     model = _int8(model, scratch, symmetric=symmetric)
-                elif weights == "int4":
+                elif weights == INT4:
                     model = _int4(model, block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric)
         except _TOOL_ERRORS as exc:
             raise QuantizationError(
@@ -173,7 +173,7 @@ def quantize_graph(
             _save(model, staged)
         except OSError as exc:
             raise QuantizationError(f"Cannot write {str(dst)!r}: {exc}. Check free space and permissions.") from exc
-    blocks = {"int8": (INT8_BLOCK_SIZE, 4), "int4": (block_size, accuracy_level)}.get(weights, (None, None))
+    blocks = {INT8: (INT8_BLOCK_SIZE, 4), INT4: (block_size, accuracy_level)}.get(weights, (None, None))
     return QuantizeResult(
         weights=weights,
         path=dst,
@@ -273,7 +273,7 @@ def _check_options(weights: str, block_size: int, accuracy_level: int) -> None:
             f"Weight format {weights!r} is not supported yet (it needs a float16 converter, which onnxruntime's "
             f"tools lack). Use one of {', '.join(_SUPPORTED)}."
         )
-    if weights != "int4":
+    if weights != INT4:
         return
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise QuantizationError(
@@ -309,7 +309,7 @@ def _tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
 
 
 def _warn_unquantizable(model: onnx.ModelProto, weights: str, src: Path) -> None:
-    if weights == "fp32":
+    if weights == FP32:
         return
     hidden = unquantized_matmul_weights(model)
     if hidden:

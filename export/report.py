@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shadowpeft.runtime.contract import FP32
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.manifest import Manifest
 
@@ -26,7 +27,7 @@ def summary_lines(manifest: Manifest, profile: DeviceProfile | None) -> list[str
                 f"(allowed {figures.get(f'{chain}.logits_bound', tolerance):.2e}), "
                 f"greedy agreement {figures[f'{chain}.greedy_agreement']:.1%}"
             )
-    weights = {graph.weights for graph in manifest.graphs.values()} - {"fp32"}
+    weights = {graph.weights for graph in manifest.graphs.values()} - {FP32}
     for fmt in sorted(weights):
         lines.append(f"{fmt} vs fp32 on held-out text:")
         for chain in ("detached", "split", "coupled"):

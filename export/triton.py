@@ -31,9 +31,19 @@ from google.protobuf import text_encoding, text_format
 from shadowpeft import __version__
 from shadowpeft.export.bundle import check_destination, staging_directory
 from shadowpeft.export.errors import ExportError
-from shadowpeft.export.io_names import BATCH, past_key_name, present_key_name
+from shadowpeft.runtime.contract import (
+    BATCH,
+    CLOUD_BACKBONE,
+    GRAPH_ROLES,
+    KV_KINDS,
+    MODEL_NAME,
+    GraphSpec,
+    TensorSpec,
+    past_key_name,
+    present_key_name,
+)
 from shadowpeft.runtime.errors import ManifestError
-from shadowpeft.runtime.manifest import GraphSpec, Manifest, TensorSpec, verify_files
+from shadowpeft.runtime.manifest import Manifest, verify_files
 
 __all__ = [
     "CLOUD_GRAPH",
@@ -45,8 +55,8 @@ __all__ = [
     "write_triton_repository",
 ]
 
-CLOUD_GRAPH = "cloud/backbone"
-DEFAULT_MODEL_NAME = "shadow-backbone"
+CLOUD_GRAPH = CLOUD_BACKBONE
+DEFAULT_MODEL_NAME = MODEL_NAME
 #: A device that sends nothing for this long loses its sequence (and KV cache); it re-prefills.
 DEFAULT_MAX_SEQUENCE_IDLE_US = 60_000_000
 #: Sequences (devices) one model instance holds at once; more wait in Triton's backlog.
@@ -179,7 +189,7 @@ def _check_options(name: str, **counts: int) -> None:
     if not _MODEL_NAME.fullmatch(name):
         raise ValueError(
             f"Invalid Triton model name {name!r}: it names a folder and request URLs. Use letters, digits, "
-            "'_', '.' and '-', e.g. 'shadow-backbone'."
+            f"'_', '.' and '-', e.g. {MODEL_NAME!r}."
         )
 
 
@@ -192,7 +202,7 @@ def _cloud_graph(export_dir: Path) -> tuple[Manifest, GraphSpec]:
             verify_files(export_dir, dataclasses.replace(manifest, graphs={CLOUD_GRAPH: graph}, tokenizer_files=()))
     except ManifestError as err:
         raise ExportError(f"Cannot use {str(export_dir)!r} as an export: {err}") from err
-    if graph is None or graph.role != "cloud-backbone":
+    if graph is None or graph.role != GRAPH_ROLES[CLOUD_GRAPH]:
         raise ExportError(
             f"The export {str(export_dir)!r} has no cloud graph {CLOUD_GRAPH!r} (it has: "
             f"{', '.join(sorted(manifest.graphs))}); Triton serves the cloud half of a split export. "
@@ -204,7 +214,7 @@ def _cloud_graph(export_dir: Path) -> tuple[Manifest, GraphSpec]:
 def _states(graph: GraphSpec, num_layers: int) -> tuple[_State, ...]:
     """Pairs every ``past_key_values.{i}.key|value`` input with its ``present`` output; checks shapes."""
     outputs = {spec.name: spec for spec in graph.outputs}
-    pairs = {past_key_name(i, k): present_key_name(i, k) for i in range(num_layers) for k in ("key", "value")}
+    pairs = {past_key_name(i, k): present_key_name(i, k) for i in range(num_layers) for k in KV_KINDS}
     states, problems = [], []
     for past in graph.inputs:
         if past.name not in pairs:

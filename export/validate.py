@@ -22,18 +22,23 @@ import onnxruntime as ort
 import torch
 
 from shadowpeft.export.errors import ParityError
-from shadowpeft.export.io_names import (
+from shadowpeft.heads import ShadowForCausalLM
+from shadowpeft.runtime.contract import (  # the runtime's own padding rule, so parity tests it
     ATTENTION_MASK,
+    CLOUD_BACKBONE,
+    COUPLED,
+    DEVICE_HEAD,
+    DEVICE_SHADOW,
     HIDDEN_STATES,
     INPUT_IDS,
     LOGITS,
     POSITION_IDS,
     SHADOW_STATES,
     GraphIO,
+    left_pad,
+    positions_for,
 )
-from shadowpeft.export.plan import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW
-from shadowpeft.heads import ShadowForCausalLM
-from shadowpeft.runtime.decode import positions_for  # the runtime's own rule, so parity tests it
+from shadowpeft.runtime.kv import KVCache
 
 __all__ = ["FP32_LOGIT_TOLERANCE", "ChainRunner", "ParityResult", "check_parity", "chains_for", "prompt_batch"]
 
@@ -79,13 +84,7 @@ def chains_for(keys: Mapping[str, object] | tuple[str, ...]) -> tuple[str, ...]:
 def prompt_batch(vocab: int, *, lengths: tuple[int, ...] = (7, 4), seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Random prompts of the given lengths, left-padded: ``input_ids`` and ``attention_mask`` (B, T)."""
     rng = np.random.default_rng(seed)
-    width = max(lengths)
-    ids = np.zeros((len(lengths), width), dtype=np.int64)
-    mask = np.zeros((len(lengths), width), dtype=np.int64)
-    for row, length in enumerate(lengths):
-        ids[row, width - length :] = rng.integers(0, vocab, length)
-        mask[row, width - length :] = 1
-    return ids, mask
+    return left_pad([rng.integers(0, vocab, length) for length in lengths])
 
 
 class ChainRunner:
@@ -95,16 +94,12 @@ class ChainRunner:
         self.chain = chain
         self.sessions = {key: sessions[key] for key in CHAINS[chain]}
         self.ios = {key: ios[key] for key in CHAINS[chain]}
-        self.past: dict[str, Feeds] = {key: {} for key in self.sessions}
+        self.caches: dict[str, KVCache] = {key: KVCache({}) for key in self.sessions}
 
     def start(self, batch: int) -> None:
         """Empty caches (past length 0) for a new batch."""
         for key, graph_io in self.ios.items():
-            self.past[key] = {
-                spec.name: np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
-                for spec in graph_io.inputs
-                if spec.name.endswith((".key", ".value"))
-            }
+            self.caches[key] = KVCache.empty(graph_io, batch)
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Feed new tokens ``ids`` (B, T) with the full ``mask`` (B, P+T); returns logits (B, T, V)."""
@@ -118,12 +113,9 @@ class ChainRunner:
     def _run(self, key: str, feeds: Feeds) -> Feeds:
         graph_io = self.ios[key]
         names = [spec.name for spec in graph_io.outputs]
-        inputs = {**feeds, **self.past[key]}
-        values = self.sessions[key].run(names, {spec.name: inputs[spec.name] for spec in graph_io.inputs})
-        out = dict(zip(names, values, strict=True))
-        for name in self.past[key]:
-            self.past[key][name] = out[name.replace("past_key_values", "present")]
-        return out
+        cache = self.caches[key]
+        inputs = {spec.name: feeds[spec.name] for spec in graph_io.inputs if spec.name not in cache.past}
+        return cache.step(self.sessions[key], names, inputs)
 
 
 def reference_steps(

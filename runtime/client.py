@@ -27,15 +27,24 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
+from shadowpeft.runtime.contract import (
+    HIDDEN_STATES,
+    INPUT_IDS,
+    MODEL_NAME,
+    SEQUENCE_END,
+    SEQUENCE_ID,
+    SEQUENCE_OFFSET,
+    SEQUENCE_START,
+    SHADOW_STATES,
+    WIRE_DTYPES,
+)
 from shadowpeft.runtime.errors import ProtocolError, ServerRejected, ServerUnavailable, SessionLost
 from shadowpeft.runtime.protocol import HEADER_LENGTH, decode_response, encode_request, parse_header_length
 
-__all__ = ["MODEL_NAME", "BackboneClient", "new_sequence_id"]
+__all__ = ["BackboneClient", "new_sequence_id"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "shadow-backbone"
-_INPUT_IDS, _SHADOW_STATES, _HIDDEN_STATES = "input_ids", "shadow_states", "hidden_states"
 _RETRY_STATUSES = (502, 503, 504)
 _MAX_BACKOFF = 5.0
 _MAX_TRACKED = 4096
@@ -81,8 +90,8 @@ class BackboneClient:
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://; got {url!r}.")
-        if dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be 'float16' or 'float32'; got {dtype!r}.")
+        if dtype not in WIRE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(repr, WIRE_DTYPES))}; got {dtype!r}.")
         if max_chunk_tokens < 1 or retries < 0 or not timeout > 0 or backoff < 0:
             raise ValueError(
                 "max_chunk_tokens must be >= 1, retries >= 0, timeout > 0 and backoff >= 0; got "
@@ -206,25 +215,25 @@ class BackboneClient:
             states = np.zeros((1, 0, self._hidden_size()), dtype=self.dtype)
         else:
             states = s0.astype(self.dtype)
-        parameters: dict[str, Any] = {"sequence_id": sequence_id}
-        parameters.update({key: True for key, flag in (("sequence_start", start), ("sequence_end", end)) if flag})
+        parameters: dict[str, Any] = {SEQUENCE_ID: sequence_id}
+        parameters.update({key: True for key, flag in ((SEQUENCE_START, start), (SEQUENCE_END, end)) if flag})
         if offset is not None:
-            parameters["sequence_offset"] = offset
+            parameters[SEQUENCE_OFFSET] = offset
         body, json_size = encode_request(
-            {_INPUT_IDS: ids, _SHADOW_STATES: states}, parameters=parameters, outputs={_HIDDEN_STATES: True}
+            {INPUT_IDS: ids, SHADOW_STATES: states}, parameters=parameters, outputs={HIDDEN_STATES: True}
         )
         headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(json_size)}
         response = self._request("POST", f"/v2/models/{self.model_name}/infer", content=body, headers=headers)
         try:
             size = parse_header_length(response.headers.get(HEADER_LENGTH), len(response.content))
-            hidden = decode_response(response.content, size).outputs[_HIDDEN_STATES]
+            hidden = decode_response(response.content, size).outputs[HIDDEN_STATES]
         except (ProtocolError, KeyError) as err:
             raise ServerUnavailable(
                 f"{self.url} sent a malformed inference response ({err}); is it shadow-serve?"
             ) from err
         if hidden.shape != states.shape or hidden.dtype != self.dtype:
             raise ServerUnavailable(
-                f"{self.url} returned hidden_states {hidden.dtype} {list(hidden.shape)}; expected {self.dtype} "
+                f"{self.url} returned {HIDDEN_STATES} {hidden.dtype} {list(hidden.shape)}; expected {self.dtype} "
                 f"{list(states.shape)}. The server serves a different model; check its export."
             )
         return hidden.astype(np.float32)
@@ -232,7 +241,7 @@ class BackboneClient:
     def _hidden_size(self) -> int:
         if self._d is None:
             inputs = {spec["name"]: spec for spec in self.metadata()["inputs"]}
-            self._d = int(inputs[_SHADOW_STATES]["shape"][2])
+            self._d = int(inputs[SHADOW_STATES]["shape"][2])
         return self._d
 
     def _request(self, method: str, path: str, *, retries: int | None = None, **kwargs: Any) -> httpx.Response:
@@ -276,10 +285,10 @@ class BackboneClient:
 def _check_step(input_ids: np.ndarray, shadow_states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ids, s0 = np.asarray(input_ids), np.asarray(shadow_states)
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be integer ids of shape (1, T) with T >= 1; got {ids.dtype} {ids.shape}.")
+        raise ValueError(f"{INPUT_IDS} must be integer ids of shape (1, T) with T >= 1; got {ids.dtype} {ids.shape}.")
     if s0.ndim != 3 or s0.shape[:2] != ids.shape or not np.issubdtype(s0.dtype, np.floating):
         raise ValueError(
-            f"shadow_states must be floats of shape (1, T, d) with T = {ids.shape[1]}; got {s0.dtype} {s0.shape}."
+            f"{SHADOW_STATES} must be floats of shape (1, T, d) with T = {ids.shape[1]}; got {s0.dtype} {s0.shape}."
         )
     return ids.astype(np.int64, copy=False), s0
 

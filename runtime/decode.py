@@ -12,44 +12,41 @@ from __future__ import annotations
 
 import numpy as np
 
+from shadowpeft.runtime.contract import (
+    ATTENTION_MASK,
+    DEVICE_HEAD,
+    DEVICE_SHADOW,
+    HIDDEN_STATES,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    SHADOW_STATES,
+    positions_for,
+)
 from shadowpeft.runtime.export_dir import ExportDir
-from shadowpeft.runtime.manifest import GraphSpec
+from shadowpeft.runtime.kv import KVCache
 
-__all__ = ["CloudLink", "DeviceShadow", "positions_for"]
-
-SHADOW_GRAPH = "device/shadow"
-HEAD_GRAPH = "device/head"
-
-
-def positions_for(mask: np.ndarray, new_tokens: int) -> np.ndarray:
-    """Position ids of the last ``new_tokens`` columns of ``mask`` (B, P+T): real tokens from 0, padding 1."""
-    positions = np.cumsum(mask, axis=1) - 1
-    positions[mask == 0] = 1
-    return positions[:, -new_tokens:].astype(np.int64)
-
-
-def _kv_names(spec: GraphSpec) -> list[str]:
-    return [t.name for t in spec.inputs if t.name.startswith("past_key_values.")]
+__all__ = ["CloudLink", "DeviceShadow"]
 
 
 class DeviceShadow:
     """``device/shadow`` with its KV cache for a batch of sequences (left-padded)."""
 
     def __init__(self, export: ExportDir, batch: int) -> None:
-        self.spec = export.graph(SHADOW_GRAPH)
-        self.session = export.session(SHADOW_GRAPH)
-        self.outputs = [t.name for t in self.spec.outputs]
-        dtype = np.float16 if self.spec.outputs[0].dtype == "float16" else np.float32
-        self.past = {
-            t.name: np.zeros((batch, t.shape[1], 0, t.shape[3]), dtype=dtype)
-            for t in self.spec.inputs
-            if t.name in _kv_names(self.spec)
-        }
+        self.spec = export.graph(DEVICE_SHADOW)
+        self.session = export.session(DEVICE_SHADOW)
+        self.outputs = list(self.spec.output_names)
+        self.cache = KVCache.empty(self.spec, batch)
         self.mask = np.zeros((batch, 0), dtype=np.int64)
 
     @property
     def length(self) -> int:
         return self.mask.shape[1]
+
+    def trim(self, n: int) -> None:
+        """Forgets the last ``n`` positions (cache and mask), e.g. rejected draft tokens."""
+        self.cache.trim(n)
+        self.mask = self.mask[:, : self.mask.shape[1] - n]
 
     def step(self, ids: np.ndarray, real: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Feeds ``ids`` (B, T); ``real`` (B, T) marks non-padding (default: all real).
@@ -60,15 +57,12 @@ class DeviceShadow:
         real = np.ones_like(ids) if real is None else real.astype(np.int64)
         self.mask = np.concatenate([self.mask, real], axis=1)
         feeds = {
-            "input_ids": ids.astype(np.int64),
-            "attention_mask": self.mask,
-            "position_ids": positions_for(self.mask, ids.shape[1]),
-            **self.past,
+            INPUT_IDS: ids.astype(np.int64),
+            ATTENTION_MASK: self.mask,
+            POSITION_IDS: positions_for(self.mask, ids.shape[1]),
         }
-        values = dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
-        for name in self.past:
-            self.past[name] = values[name.replace("past_key_values", "present")]
-        return values["logits"], values["shadow_states"]
+        values = self.cache.step(self.session, self.outputs, feeds)
+        return values[LOGITS], values[SHADOW_STATES]
 
 
 class CloudLink:
@@ -81,7 +75,7 @@ class CloudLink:
 
     def __init__(self, export: ExportDir, client) -> None:
         self.client = client
-        self.head = export.session(HEAD_GRAPH)
+        self.head = export.session(DEVICE_HEAD)
         self.ids: list[int] = []
         self.states: list[np.ndarray] = []  # one (d,) s0 row per processed token
         self.synced = 0  # tokens the server holds for `sequence_id`
@@ -113,7 +107,7 @@ class CloudLink:
                 self.synced, self.restarts = 0, self.restarts + 1  # evicted or restarted: re-prefill
                 continue
             self.synced = len(self.ids)
-            (logits,) = self.head.run(["logits"], {"hidden_states": hidden[:, -1:].astype(np.float32)})
+            (logits,) = self.head.run([LOGITS], {HIDDEN_STATES: hidden[:, -1:].astype(np.float32)})
             return logits[0, -1]
         raise SessionLost("The server lost this sequence again right after a re-prefill.")
 

@@ -19,26 +19,21 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
+from shadowpeft.runtime.contract.weights import INT4, INT4_ACCURACY_LEVELS, WEIGHT_FORMATS, WeightFormat
 from shadowpeft.runtime.errors import DeviceProfileError, format_problems
 
 __all__ = [
     "DEVICES_DIR",
-    "INT4_ACCURACY_LEVELS",
     "PROFILE_SUFFIX",
     "PROVIDERS",
-    "WEIGHT_FORMATS",
     "DeviceProfile",
-    "WeightFormat",
     "list_device_profiles",
     "load_device_profile",
 ]
 
 logger = logging.getLogger(__name__)
-
-WeightFormat = Literal["fp32", "fp16", "int8", "int4"]
-WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
 #: onnxruntime execution providers a profile may name, spelled as onnxruntime spells them.
 PROVIDERS: tuple[str, ...] = (
@@ -49,9 +44,6 @@ PROVIDERS: tuple[str, ...] = (
     "XnnpackExecutionProvider",
     "QNNExecutionProvider",
 )
-
-#: onnxruntime MatMulNBits ``accuracy_level``: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.
-INT4_ACCURACY_LEVELS: tuple[int, ...] = (0, 1, 2, 3, 4)
 
 #: The repository's ``devices/`` folder. In a regular install it must ship as package data at
 #: ``shadowpeft/devices/`` (beside ``shadowpeft/runtime/``), which this same expression finds.
@@ -247,7 +239,7 @@ def _build(data: Mapping[str, Any], problems: list[str], source: str) -> DeviceP
         raise DeviceProfileError(format_problems(header, problems), problems=problems)
     weights = data["weights"]
     for key in _INT4_KEYS:
-        if key in data and weights != "int4":
+        if key in data and weights != INT4:
             logger.warning(
                 "Device profile %s sets %s = %r but weights = %r; it is used only with weights = 'int4' "
                 "and is ignored.",

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from shadowpeft.runtime.contract import GraphSpec
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.errors import ExportLoadError
-from shadowpeft.runtime.manifest import GraphSpec, Manifest, verify_files
+from shadowpeft.runtime.manifest import Manifest, verify_files
 
 __all__ = ["ExportDir", "open_export", "session_options"]
 

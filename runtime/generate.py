@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from shadowpeft.runtime.contract import DEVICE_HEAD, left_pad
 from shadowpeft.runtime.decode import CloudLink, DeviceShadow
 from shadowpeft.runtime.errors import RuntimeGenerationError
 from shadowpeft.runtime.export_dir import ExportDir
@@ -87,9 +88,9 @@ class Generator:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
         if mode != "detached" and client is None:
             raise ValueError(f"mode {mode!r} needs a server: pass a BackboneClient (shadow-run --server URL).")
-        if mode != "detached" and not export.has("device/head"):
+        if mode != "detached" and not export.has(DEVICE_HEAD):
             raise RuntimeGenerationError(
-                f"mode {mode!r} needs the device/head graph, which this export lacks; re-export with --split."
+                f"mode {mode!r} needs the {DEVICE_HEAD} graph, which this export lacks; re-export with --split."
             )
         self.export, self.mode, self.client = export, mode, client
         self.eos_ids = set(eos_ids)
@@ -121,7 +122,7 @@ class Generator:
         down_since: float | None = None
         emitted = [0] * len(results)
         done = [False] * len(results)
-        ids, real = _left_pad([r.prompt_ids for r in results])
+        ids, real = left_pad([r.prompt_ids for r in results])
         sent0, received0 = self._wire()
         try:
             for step in range(budget):
@@ -211,16 +212,6 @@ class Generator:
         if self.client is None:
             return 0, 0
         return int(getattr(self.client, "bytes_sent", 0)), int(getattr(self.client, "bytes_received", 0))
-
-
-def _left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(p) for p in prompts)
-    ids = np.zeros((len(prompts), width), dtype=np.int64)
-    real = np.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = prompt
-        real[row, width - len(prompt) :] = 1
-    return ids, real
 
 
 def _held_back(text: str, stop: tuple[str, ...]) -> int:

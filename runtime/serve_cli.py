@@ -84,6 +84,7 @@ def _checked_auth(host: str, token: str | None, auth: bool) -> str | None:
 
 
 def _serve(export_dir: Path, host: str, port: int, token: str | None, options: dict) -> None:
+    from shadowpeft.runtime.contract import MODEL_NAME
     from shadowpeft.runtime.devices import load_device_profile
     from shadowpeft.runtime.export_dir import open_export
     from shadowpeft.runtime.server import ServerConfig, create_app, run_server
@@ -99,7 +100,7 @@ def _serve(export_dir: Path, host: str, port: int, token: str | None, options: d
     app = create_app(export, ServerConfig(token, limits, options["max_body_bytes"]))
     scheme = "https" if options["ssl_certfile"] else "http"
     click.echo(
-        f"shadow-serve: {export.root} as 'shadow-backbone' on {scheme}://{host}:{port} "
+        f"shadow-serve: {export.root} as {MODEL_NAME!r} on {scheme}://{host}:{port} "
         f"(auth {'bearer token' if token else 'OFF'}; {limits.max_sessions} sessions x {max_tokens} tokens, "
         f"idle TTL {limits.idle_ttl:g} s, providers {', '.join(export.providers)})",
         err=True,

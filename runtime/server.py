@@ -40,27 +40,29 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from shadowpeft.runtime.contract import (
+    CLOUD_BACKBONE,
+    HIDDEN_STATES,
+    INPUT_IDS,
+    MODEL_NAME,
+    MODEL_VERSION,
+    SEQUENCE_END,
+    SEQUENCE_ID,
+    SEQUENCE_LENGTH,
+    SEQUENCE_OFFSET,
+    SEQUENCE_START,
+    SHADOW_STATES,
+)
 from shadowpeft.runtime.errors import ExportLoadError, ProtocolError, ServerRejected, SessionLost, format_problems
 from shadowpeft.runtime.export_dir import ExportDir
 from shadowpeft.runtime.protocol import HEADER_LENGTH, datatype_of, decode_request, encode_response
 from shadowpeft.runtime.protocol import parse_header_length as _header_length
-from shadowpeft.runtime.sessions import (
-    HIDDEN_STATES,
-    INPUT_IDS,
-    SHADOW_STATES,
-    BackboneRunner,
-    Session,
-    SessionLimits,
-    SessionTable,
-)
+from shadowpeft.runtime.sessions import BackboneRunner, Session, SessionLimits, SessionTable
 
-__all__ = ["CLOUD_BACKBONE", "MODEL_NAME", "MODEL_VERSION", "ServerConfig", "create_app", "run_server"]
+__all__ = ["ServerConfig", "create_app", "run_server"]
 
 logger = logging.getLogger(__name__)
 
-CLOUD_BACKBONE = "cloud/backbone"
-MODEL_NAME = "shadow-backbone"
-MODEL_VERSION = "1"
 _OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 _LOG_KEY = "shadowpeft.log"  # the infer handler's details for the request's one log line
 _ROUTES = "GET /v2, /v2/health/live|ready, /v2/models/NAME[/versions/1][/ready|/stats]; POST .../infer"
@@ -115,7 +117,7 @@ class _Backbone:
         self.spec = export.graph(CLOUD_BACKBONE)
         self.runner = BackboneRunner(export.session(CLOUD_BACKBONE), self.spec)
         self.table = SessionTable(config.limits, self.runner.empty_past)
-        self.vocab = _vocab_size(export)
+        self.vocab = export.manifest.vocab_size
         self.inferences = 0
         self.last_inference_ms = 0
 
@@ -199,7 +201,7 @@ class _Backbone:
             model_name=MODEL_NAME,
             model_version=MODEL_VERSION,
             binary=binary,
-            parameters={"sequence_length": session.length},
+            parameters={SEQUENCE_LENGTH: session.length},
             request_id=decoded.id,
         )
         session.bytes_in, session.bytes_out = session.bytes_in + len(body), session.bytes_out + len(content)
@@ -271,7 +273,7 @@ class _Backbone:
         if problems:
             header = (
                 f"Invalid request for model {MODEL_NAME!r} (expects {INPUT_IDS} INT64 [1, T] and {SHADOW_STATES} "
-                f"FP32 or FP16 [1, T, {self.runner.hidden_size}], plus parameter sequence_id):"
+                f"FP32 or FP16 [1, T, {self.runner.hidden_size}], plus parameter {SEQUENCE_ID}):"
             )
             raise ServerRejected(format_problems(header, problems), status=400)
         return _Step(sequence_id, start, end, offset, inputs[INPUT_IDS], inputs[SHADOW_STATES])
@@ -421,39 +423,30 @@ def _input_problems(inputs: dict[str, np.ndarray], d: int, vocab: int | None) ->
 
 
 def _sequence_parameters(parameters: dict[str, Any], problems: list[str]) -> tuple[int | str, bool, bool, int | None]:
-    sequence_id = parameters.get("sequence_id")
+    sequence_id = parameters.get(SEQUENCE_ID)
     is_int = isinstance(sequence_id, int) and not isinstance(sequence_id, bool)
     if not (is_int and 0 < sequence_id < 2**64) and not (
         isinstance(sequence_id, str) and 0 < len(sequence_id) <= _MAX_ID_CHARS
     ):
         problems.append(
-            f"parameter 'sequence_id' must be an integer in [1, 2**64) or a string of 1 to {_MAX_ID_CHARS} "
+            f"parameter {SEQUENCE_ID!r} must be an integer in [1, 2**64) or a string of 1 to {_MAX_ID_CHARS} "
             f"characters; got {sequence_id!r} (the server keeps a KV cache per sequence)"
         )
     flags = []
-    for key in ("sequence_start", "sequence_end"):
+    for key in (SEQUENCE_START, SEQUENCE_END):
         value = parameters.get(key, False)
         if not isinstance(value, bool):
             problems.append(f"parameter {key!r} must be true or false; got {value!r}")
         flags.append(value is True)
-    offset = parameters.get("sequence_offset")
+    offset = parameters.get(SEQUENCE_OFFSET)
     if offset is not None and (not isinstance(offset, int) or isinstance(offset, bool) or offset < 0):
-        problems.append(f"parameter 'sequence_offset' must be an integer >= 0; got {offset!r}")
+        problems.append(f"parameter {SEQUENCE_OFFSET!r} must be an integer >= 0; got {offset!r}")
     return sequence_id, flags[0], flags[1], offset
 
 
 def _digest(step: _Step) -> bytes:
     """A fingerprint of a step's inputs, kept instead of the inputs to recognise a retry."""
     return hashlib.blake2b(step.ids.tobytes() + step.s0.tobytes(), digest_size=16).digest()
-
-
-def _vocab_size(export: ExportDir) -> int | None:
-    """The vocabulary size, from any graph of the export with a fixed-width ``logits`` output."""
-    for graph in export.manifest.graphs.values():
-        for spec in graph.outputs:
-            if spec.name == "logits" and spec.shape and isinstance(spec.shape[-1], int):
-                return spec.shape[-1]
-    return None
 
 
 async def _error_response(request: Request, exc: Exception) -> Response:

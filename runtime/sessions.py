@@ -26,13 +26,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from shadowpeft.runtime.contract import (
+    ATTENTION_MASK,
+    CLOUD_BACKBONE,
+    HIDDEN_STATES,
+    INPUT_IDS,
+    POSITION_IDS,
+    SHADOW_STATES,
+    GraphSpec,
+    is_past_name,
+    present_name_for,
+)
 from shadowpeft.runtime.errors import ExportLoadError, ServerRejected, SessionLost, format_problems
-from shadowpeft.runtime.manifest import GraphSpec
+from shadowpeft.runtime.kv import KVCache, kv_inputs
 
 __all__ = [
-    "HIDDEN_STATES",
-    "INPUT_IDS",
-    "SHADOW_STATES",
     "BackboneRunner",
     "Session",
     "SequenceId",
@@ -42,13 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Graph names of the cloud/backbone role (export/io_names.py builds them; checked against the manifest).
-INPUT_IDS = "input_ids"
-SHADOW_STATES = "shadow_states"
-ATTENTION_MASK = "attention_mask"
-POSITION_IDS = "position_ids"
-HIDDEN_STATES = "hidden_states"
-_PAST, _PRESENT = "past_key_values.", "present."
 _NUMPY = {"float32": np.float32, "float16": np.float16}
 _GONE_MEMORY = 4096  # ids of recently removed sequences, so their owners learn why
 
@@ -69,43 +70,36 @@ class BackboneRunner:
     def __init__(self, session: ort.InferenceSession, spec: GraphSpec) -> None:
         _check_backbone(spec)
         self.session = session
-        self.kv = {s.name: s for s in spec.inputs if s.name.startswith(_PAST)}
+        self.spec = spec
         states = next(s for s in spec.inputs if s.name == SHADOW_STATES)
         self.hidden_size: int = states.shape[2]
         self.states_dtype = _NUMPY[states.dtype]
-        self.outputs = [HIDDEN_STATES, *(_PRESENT + name[len(_PAST) :] for name in self.kv)]
+        self.outputs = [HIDDEN_STATES, *(present_name_for(s.name) for s in kv_inputs(spec))]
 
-    def empty_past(self) -> dict[str, np.ndarray]:
+    def empty_past(self) -> KVCache:
         """A KV cache holding no tokens (past length 0)."""
-        return {
-            name: np.zeros((1, spec.shape[1], 0, spec.shape[3]), dtype=_NUMPY[spec.dtype])
-            for name, spec in self.kv.items()
-        }
+        return KVCache.empty(self.spec, 1)
 
-    def run(
-        self, past: dict[str, np.ndarray], ids: np.ndarray, s0: np.ndarray
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One step: T new tokens after the P in ``past``.
+    def run(self, past: KVCache, ids: np.ndarray, s0: np.ndarray) -> tuple[np.ndarray, KVCache]:
+        """One step: T new tokens after the P in ``past`` (which is left unchanged).
 
         Args:
-            past: ``past_key_values.*`` -> (1, h, P, dh).
+            past: The sequence's cache, ``past_key_values.*`` -> (1, h, P, dh).
             ids: (1, T) int64.
             s0: (1, T, d) shadow states.
 
         Returns:
-            ``hidden_states`` (1, T, d) float32 and the new cache (1, h, P+T, dh), keyed as ``past``.
+            ``hidden_states`` (1, T, d) float32 and the new cache (1, h, P+T, dh).
         """
-        length = next(iter(past.values())).shape[2]
-        steps = ids.shape[1]
+        length, steps = past.length, ids.shape[1]
         feeds = {
             INPUT_IDS: ids.astype(np.int64, copy=False),
             SHADOW_STATES: s0.astype(self.states_dtype, copy=False),
             ATTENTION_MASK: np.ones((1, length + steps), dtype=np.int64),
             POSITION_IDS: np.arange(length, length + steps, dtype=np.int64)[None],
-            **past,
         }
-        hidden, *present = self.session.run(self.outputs, feeds)
-        return hidden.astype(np.float32, copy=False), dict(zip(self.kv, present, strict=True))
+        values, present = past.run(self.session, self.outputs, feeds)
+        return values[HIDDEN_STATES].astype(np.float32, copy=False), present
 
 
 def _check_backbone(spec: GraphSpec) -> None:
@@ -114,16 +108,16 @@ def _check_backbone(spec: GraphSpec) -> None:
     if HIDDEN_STATES not in spec.output_names:
         problems.append(f"output {HIDDEN_STATES!r} is missing")
     for item in spec.inputs:
-        if item.name.startswith(_PAST) and _PRESENT + item.name[len(_PAST) :] not in spec.output_names:
-            problems.append(f"input {item.name!r} has no matching {_PRESENT}* output")
-        if item.name.startswith(_PAST) and (len(item.shape) != 4 or item.dtype not in _NUMPY):
+        if is_past_name(item.name) and present_name_for(item.name) not in spec.output_names:
+            problems.append(f"input {item.name!r} has no matching {present_name_for(item.name)!r} output")
+        if is_past_name(item.name) and (len(item.shape) != 4 or item.dtype not in _NUMPY):
             problems.append(f"input {item.name!r} must be a float32/float16 (batch, heads, past, head_dim) cache")
         if item.name == SHADOW_STATES and (len(item.shape) != 3 or not isinstance(item.shape[2], int)):
             problems.append(f"input {SHADOW_STATES!r} must have a fixed width: shape (batch, seq, d)")
         if item.name == SHADOW_STATES and item.dtype not in _NUMPY:
             problems.append(f"input {SHADOW_STATES!r} has dtype {item.dtype}; expected float32 or float16")
     if problems:
-        header = f"{spec.file} is not a cloud/backbone graph this server can run; re-export with --split:"
+        header = f"{spec.file} is not a {CLOUD_BACKBONE} graph this server can run; re-export with --split:"
         raise ExportLoadError(format_problems(header, problems))
 
 
@@ -152,7 +146,7 @@ class Session:
 
     Attributes:
         sequence_id: The client's id.
-        past: ``past_key_values.*`` -> (1, h, P, dh).
+        past: The base KV cache, ``past_key_values.*`` -> (1, h, P, dh).
         length: P, the tokens the cache holds.
         last_used: ``time.monotonic()`` of the last request.
         busy: Requests in flight or waiting for ``lock`` (a busy sequence is never evicted).
@@ -164,7 +158,7 @@ class Session:
     """
 
     sequence_id: SequenceId
-    past: dict[str, np.ndarray]
+    past: KVCache
     last_used: float
     length: int = 0
     busy: int = 0
@@ -205,7 +199,7 @@ class SessionTable:
     def __init__(
         self,
         limits: SessionLimits,
-        new_past: Callable[[], dict[str, np.ndarray]],
+        new_past: Callable[[], KVCache],
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

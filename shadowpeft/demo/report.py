@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shadowpeft.runtime.contract import CLOUD_BACKBONE, GRAPH_ROLES
+
 JOB_NAME = "shadowpeft-main-job"
 SCHEMA_VERSION = 1
 SUMMARY_JSON = "summary.json"
@@ -303,7 +305,7 @@ def summary_markdown(report: MainJobReport) -> str:
 
 def _accuracy_lines(report: MainJobReport) -> list[str]:
     acc, runs = report.train.accuracy, report.runs
-    weights = ", ".join(sorted({g.weights for g in report.graphs.values() if g.role != "cloud-backbone"}))
+    weights = ", ".join(sorted({g.weights for g in report.graphs.values() if g.role != GRAPH_ROLES[CLOUD_BACKBONE]}))
     return [
         "Accuracy on held-out examples (exact match of the generated label)",
         "",

@@ -9,10 +9,10 @@ import onnxruntime as ort
 import torch
 
 from shadowpeft.export.graphs import export_view
-from shadowpeft.export.io_names import GraphIO
 from shadowpeft.export.onnx_export import export_graph
-from shadowpeft.export.plan import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW, graph_jobs
+from shadowpeft.export.plan import graph_jobs
 from shadowpeft.heads import ShadowForCausalLM
+from shadowpeft.runtime.contract import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW, GraphIO
 
 ALL_GRAPHS = (DEVICE_SHADOW, DEVICE_HEAD, CLOUD_BACKBONE, COUPLED)
 

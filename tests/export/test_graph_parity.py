@@ -7,10 +7,9 @@ import onnx
 import pytest
 
 from shadowpeft import get_shadow_model
-from shadowpeft.export.plan import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW
 from shadowpeft.export.quantize import unquantized_matmul_weights
 from shadowpeft.export.validate import ChainRunner, check_parity, prompt_batch
-from shadowpeft.runtime.decode import positions_for
+from shadowpeft.runtime.contract import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW, positions_for
 from tests.conftest import ARCHS, no_dropout_config, perturb, tiny_base
 from tests.export.graph_export import export_graphs
 from tests.tolerances import ONNX_VS_TORCH_FP32

@@ -9,9 +9,9 @@ import pytest
 
 from shadowpeft import get_shadow_model
 from shadowpeft.export.ort_format import convert_to_ort
-from shadowpeft.export.plan import DEVICE_HEAD, DEVICE_SHADOW
 from shadowpeft.export.quality import quantized_agreement
 from shadowpeft.export.quantize import INT8_BLOCK_SIZE, quantize_graph
+from shadowpeft.runtime.contract import DEVICE_HEAD, DEVICE_SHADOW
 from tests.conftest import no_dropout_config, perturb, tiny_base
 from tests.export.graph_export import export_graphs
 

@@ -10,15 +10,17 @@ import itertools
 
 import numpy as np
 
+from shadowpeft.runtime.contract import CLOUD_BACKBONE
 from shadowpeft.runtime.errors import ServerUnavailable, SessionLost
 from shadowpeft.runtime.export_dir import ExportDir
+from shadowpeft.runtime.kv import KVCache
+from shadowpeft.runtime.sessions import BackboneRunner
 
 
 class LoopbackBackbone:
     def __init__(self, export: ExportDir) -> None:
-        self.spec = export.graph("cloud/backbone")
-        self.session = export.session("cloud/backbone")
-        self.sessions: dict[int, dict[str, np.ndarray]] = {}
+        self.runner = BackboneRunner(export.session(CLOUD_BACKBONE), export.graph(CLOUD_BACKBONE))
+        self.sessions: dict[int, KVCache] = {}
         self.down = False
         self.calls = 0
         self.bytes_sent = self.bytes_received = 0
@@ -35,29 +37,13 @@ class LoopbackBackbone:
         if self.down:
             raise ServerUnavailable("loopback backbone is down")
         if start:
-            self.sessions[sequence_id] = {
-                t.name: np.zeros((1, t.shape[1], 0, t.shape[3]), np.float32)
-                for t in self.spec.inputs
-                if t.name.startswith("past_key_values.")
-            }
+            self.sessions[sequence_id] = self.runner.empty_past()
         if sequence_id not in self.sessions:
             raise SessionLost(f"unknown sequence {sequence_id}")
-        past = self.sessions[sequence_id]
-        length = next(iter(past.values())).shape[2] + input_ids.shape[1]
-        feeds = {
-            "input_ids": input_ids,
-            "shadow_states": shadow_states.astype(np.float32),
-            "attention_mask": np.ones((1, length), np.int64),
-            "position_ids": np.arange(length - input_ids.shape[1], length, dtype=np.int64)[None],
-            **past,
-        }
-        names = [t.name for t in self.spec.outputs]
-        out = dict(zip(names, self.session.run(names, feeds), strict=True))
-        for name in past:
-            past[name] = out[name.replace("past_key_values", "present")]
+        hidden, self.sessions[sequence_id] = self.runner.run(self.sessions[sequence_id], input_ids, shadow_states)
         self.bytes_sent += input_ids.nbytes + shadow_states.astype(np.float16).nbytes
-        self.bytes_received += out["hidden_states"].astype(np.float16).nbytes
-        return out["hidden_states"]
+        self.bytes_received += hidden.astype(np.float16).nbytes
+        return hidden
 
     def end(self, sequence_id: int) -> None:
         self.sessions.pop(sequence_id, None)

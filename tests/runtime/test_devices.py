@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from shadowpeft.runtime.contract import WEIGHT_FORMATS
 from shadowpeft.runtime.devices import (
     DEVICES_DIR,
     PROVIDERS,
-    WEIGHT_FORMATS,
     DeviceProfile,
     list_device_profiles,
     load_device_profile,

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from shadowpeft.export.io_names import GraphIO
 from shadowpeft.export.loading import load_checkpoint
 from shadowpeft.export.validate import ChainRunner
 from shadowpeft.reference_decode import greedy_decode
-from shadowpeft.runtime.decode import positions_for
+from shadowpeft.runtime.contract import GraphIO, positions_for
 from shadowpeft.runtime.errors import RuntimeGenerationError
 from shadowpeft.runtime.export_dir import open_export
 from shadowpeft.runtime.generate import Generator

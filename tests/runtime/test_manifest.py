@@ -12,18 +12,9 @@ from typing import Any
 import pytest
 
 from shadowpeft.runtime import manifest as manifest_module
+from shadowpeft.runtime.contract import DTYPES, ROLES, GraphSpec, TensorSpec
 from shadowpeft.runtime.errors import ManifestError
-from shadowpeft.runtime.manifest import (
-    DTYPES,
-    MANIFEST_NAME,
-    ROLES,
-    SCHEMA_VERSION,
-    GraphSpec,
-    Manifest,
-    TensorSpec,
-    file_sha256,
-    verify_files,
-)
+from shadowpeft.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, file_sha256, verify_files
 
 SHA_A = "a" * 64
 
@@ -64,6 +55,7 @@ def data() -> dict[str, Any]:
         "device_profile": "arm64-phone",
         "quantization": "int4-block32-acc4",
         "validation": {"logits_max_abs_diff": 1.5e-5, "greedy_token_agreement": 1},
+        "vocab_size": 128,
     }
 
 
@@ -128,7 +120,7 @@ def test_graph_lookup_names_available_graphs(data: dict[str, Any]) -> None:
 
 def test_constants() -> None:
     assert MANIFEST_NAME == "manifest.json"
-    assert SCHEMA_VERSION == 1
+    assert SCHEMA_VERSION == 2
     assert DTYPES == ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
     assert ROLES == ("detached-shadow", "head", "cloud-backbone", "coupled")
 
@@ -195,7 +187,7 @@ def test_newer_schema_version_is_reported_alone(data: dict[str, Any]) -> None:
     with pytest.raises(ManifestError) as info:
         Manifest.from_dict(data)
     assert str(info.value) == (
-        "manifest.json has schema_version 3; this runtime reads up to 1. Upgrade shadowpeft or re-export."
+        "manifest.json has schema_version 3; this runtime reads up to 2. Upgrade shadowpeft or re-export."
     )
 
 
@@ -387,7 +379,7 @@ def test_from_file_names_the_file_in_validation_errors(tmp_path: Path, data: dic
 def test_newer_schema_version_from_file(tmp_path: Path, data: dict[str, Any]) -> None:
     data["schema_version"] = 3
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"^manifest.json has schema_version 3; this runtime reads up to 1\."):
+    with pytest.raises(ManifestError, match=r"^manifest.json has schema_version 3; this runtime reads up to 2\."):
         Manifest.from_file(tmp_path)
 
 
@@ -427,3 +419,41 @@ def test_verify_files_with_loaded_manifest(tmp_path: Path, data: dict[str, Any])
     manifest = Manifest.from_file(export)
     (export / MANIFEST_NAME).unlink()  # not read again when given
     assert verify_files(export, manifest) is manifest
+
+
+# --- schema versions: vocab_size (2) and manifests written before it (1) ---------------------------
+
+
+def test_vocab_size_is_required_from_schema_2(data: dict[str, Any]) -> None:
+    del data["vocab_size"]
+    assert _one_problem(data).startswith("missing key 'vocab_size' (required from schema_version 2)")
+
+
+@pytest.mark.parametrize("vocab", [0, "128", 1.5, True])
+def test_bad_vocab_size(data: dict[str, Any], vocab: Any) -> None:
+    data["vocab_size"] = vocab
+    assert _one_problem(data).startswith(f"vocab_size must be an integer >= 1; got {vocab!r}")
+
+
+def test_schema_1_manifest_takes_vocab_size_from_its_logits(data: dict[str, Any]) -> None:
+    del data["vocab_size"]
+    data["schema_version"] = 1
+    manifest = Manifest.from_dict(data)
+    assert manifest.vocab_size == 128  # the width of device/shadow's logits
+    assert manifest.to_dict() == data  # written back as schema 1, without the key it did not have
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+
+
+def test_schema_1_manifest_without_fixed_logits_has_no_vocab_size(data: dict[str, Any]) -> None:
+    del data["vocab_size"]
+    data["schema_version"] = 1
+    for graph in data["graphs"].values():
+        graph["outputs"][0]["shape"] = ["batch_size", "sequence_length", "vocab"]
+    assert Manifest.from_dict(data).vocab_size is None
+
+
+def test_schema_1_manifest_from_file(tmp_path: Path, data: dict[str, Any]) -> None:
+    del data["vocab_size"]
+    data["schema_version"] = 1
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    assert Manifest.from_file(tmp_path).vocab_size == 128

@@ -59,10 +59,13 @@ def test_runtime_imports_and_loads_a_profile_without_torch() -> None:
         import sys
         import tempfile
 
+        import shadowpeft.runtime.contract
         import shadowpeft.runtime.devices
+        import shadowpeft.runtime.kv
         import shadowpeft.runtime.manifest
+        from shadowpeft.runtime.contract import GraphSpec, TensorSpec
         from shadowpeft.runtime.devices import list_device_profiles, load_device_profile
-        from shadowpeft.runtime.manifest import GraphSpec, Manifest, TensorSpec
+        from shadowpeft.runtime.manifest import Manifest
 
         names = list_device_profiles()
         assert names, "no device profiles found"

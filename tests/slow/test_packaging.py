@@ -35,7 +35,7 @@ def test_wheel_has_only_namespaced_packages(tmp_path: Path) -> None:
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"shadowpeft"}
     for expected in (
-        "shadowpeft/export/io_names.py",
+        "shadowpeft/runtime/contract/graph_io.py",
         "shadowpeft/runtime/manifest.py",
         "shadowpeft/devices/arm64-phone.toml",
         "shadowpeft/arch/llama.py",

@@ -1,10 +1,14 @@
-"""Graph input/output names and symbolic dimensions: the only place they are built.
+"""Graph keys, graph input/output names, dtypes and symbolic dimensions: the only place they are built.
 
 Names follow the ONNX conventions of Hugging Face Optimum (``input_ids``, ``attention_mask``,
 ``position_ids``, ``past_key_values.{i}.key|value`` -> ``present.{i}.key|value``, KV layout
 ``[batch, kv_heads, seq, head_dim]``) plus ours (``shadow_states`` for ``s0``). The exporter
-declares graphs with these :class:`~shadowpeft.runtime.manifest.TensorSpec` tuples and writes them
-into the manifest; the runtime reads names back from the manifest and never builds them itself.
+declares graphs with these :class:`~shadowpeft.runtime.contract.specs.TensorSpec` tuples and writes
+them into the manifest; the runtime reads names back from the manifest, or takes them from here
+(never from its own literals). An export has up to four graphs, by key::
+
+    device/shadow  (role detached-shadow)   device/head  (role head)
+    cloud/backbone (role cloud-backbone)    coupled      (role coupled)
 
 Per decode step (T new tokens, P cached, T + P = total)::
 
@@ -17,13 +21,20 @@ Per decode step (T new tokens, P cached, T + P = total)::
 
 from __future__ import annotations
 
+import re
 from typing import Literal, NamedTuple
 
-from shadowpeft.runtime.manifest import TensorSpec
+from shadowpeft.runtime.contract.specs import GraphRole, TensorSpec
 
 __all__ = [
     "ATTENTION_MASK",
     "BATCH",
+    "CLOUD_BACKBONE",
+    "COUPLED",
+    "DEVICE_HEAD",
+    "DEVICE_SHADOW",
+    "GRAPH_KEYS",
+    "GRAPH_ROLES",
     "HIDDEN_STATES",
     "INPUT_IDS",
     "LOGITS",
@@ -34,15 +45,32 @@ __all__ = [
     "TOTAL_SEQUENCE",
     "GraphIO",
     "StackLayout",
+    "KV_KINDS",
     "KVKind",
     "SHADOW_KV_PREFIX",
     "cloud_backbone_io",
     "coupled_io",
     "detached_shadow_io",
     "head_io",
+    "is_past_name",
     "past_key_name",
     "present_key_name",
+    "present_name_for",
 ]
+
+# Graph keys (manifest ``graphs`` keys; the graph file is ``{key}.onnx``) and the role of each.
+DEVICE_SHADOW = "device/shadow"
+DEVICE_HEAD = "device/head"
+CLOUD_BACKBONE = "cloud/backbone"
+COUPLED = "coupled"
+#: Every graph key, in the order an export writes them.
+GRAPH_KEYS: tuple[str, ...] = (DEVICE_SHADOW, DEVICE_HEAD, CLOUD_BACKBONE, COUPLED)
+GRAPH_ROLES: dict[str, GraphRole] = {
+    DEVICE_SHADOW: "detached-shadow",
+    DEVICE_HEAD: "head",
+    CLOUD_BACKBONE: "cloud-backbone",
+    COUPLED: "coupled",
+}
 
 # Symbolic dimensions.
 BATCH = "batch_size"
@@ -61,7 +89,11 @@ SHADOW_STATES = "shadow_states"
 SHADOW_KV_PREFIX = "shadow_"
 
 KVKind = Literal["key", "value"]
-_KV_KINDS: tuple[str, ...] = ("key", "value")
+KV_KINDS: tuple[str, ...] = ("key", "value")
+_PAST, _PRESENT = "past_key_values", "present"
+_KV_NAME = re.compile(
+    rf"(?P<prefix>(?:{SHADOW_KV_PREFIX})?)(?P<io>{_PAST}|{_PRESENT})\.(?P<layer>\d+)\.(?P<kind>key|value)"
+)
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -84,7 +116,7 @@ def past_key_name(layer: int, kind: KVKind, *, prefix: str = "") -> str:
         ValueError: For a negative layer or an unknown kind.
     """
     _check_kv(layer, kind)
-    return f"{prefix}past_key_values.{layer}.{kind}"
+    return f"{prefix}{_PAST}.{layer}.{kind}"
 
 
 def present_key_name(layer: int, kind: KVKind, *, prefix: str = "") -> str:
@@ -99,7 +131,25 @@ def present_key_name(layer: int, kind: KVKind, *, prefix: str = "") -> str:
         ValueError: For a negative layer or an unknown kind.
     """
     _check_kv(layer, kind)
-    return f"{prefix}present.{layer}.{kind}"
+    return f"{prefix}{_PRESENT}.{layer}.{kind}"
+
+
+def is_past_name(name: str) -> bool:
+    """Whether ``name`` is a KV-cache input (:func:`past_key_name`, with or without the shadow prefix)."""
+    match = _KV_NAME.fullmatch(name)
+    return match is not None and match["io"] == _PAST
+
+
+def present_name_for(past_name: str) -> str:
+    """The output that carries the KV input ``past_name`` to the next step, e.g. ``present.0.key``.
+
+    Raises:
+        ValueError: If ``past_name`` is not a KV-cache input name.
+    """
+    match = _KV_NAME.fullmatch(past_name)
+    if match is None or match["io"] != _PAST:
+        raise ValueError(f"{past_name!r} is not a KV-cache input name such as {past_key_name(0, 'key')!r}.")
+    return present_key_name(int(match["layer"]), match["kind"], prefix=match["prefix"])
 
 
 def detached_shadow_io(
@@ -262,14 +312,14 @@ def _kv_specs(
     return tuple(
         TensorSpec(name(layer, kind, prefix=prefix), dtype, (BATCH, kv_heads, length, head_dim))
         for layer in range(num_layers)
-        for kind in _KV_KINDS
+        for kind in KV_KINDS
     )
 
 
 def _check_kv(layer: int, kind: str) -> None:
     if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
         raise ValueError(f"layer must be an integer >= 0; got {layer!r}.")
-    if kind not in _KV_KINDS:
+    if kind not in KV_KINDS:
         raise ValueError(f"kind must be 'key' or 'value'; got {kind!r}.")
 
 
