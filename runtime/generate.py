@@ -17,10 +17,10 @@ from typing import Literal
 import numpy as np
 
 from shadowpeft.runtime.contract import DEVICE_HEAD, left_pad
-from shadowpeft.runtime.decode import CloudLink, DeviceShadow
 from shadowpeft.runtime.errors import RuntimeGenerationError
 from shadowpeft.runtime.export_dir import ExportDir
 from shadowpeft.runtime.sampling import Sampler, SamplingConfig
+from shadowpeft.runtime.step import CloudLink, DeviceShadow
 
 __all__ = ["MODES", "Generator", "GenerationResult", "Mode", "TokenEvent"]
 

@@ -122,8 +122,8 @@ def test_empty_refuses_a_kv_input_it_cannot_hold() -> None:
 
 
 def test_trim_equals_a_fresh_prefill(toy_export) -> None:
-    from shadowpeft.runtime.decode import DeviceShadow
     from shadowpeft.runtime.export_dir import open_export
+    from shadowpeft.runtime.step import DeviceShadow
 
     export = open_export(toy_export.export)
     ids = np.random.default_rng(3).integers(0, export.manifest.vocab_size, (1, 7))
