@@ -8,9 +8,12 @@ from pathlib import Path
 
 import click
 
+from shadowpeft.export.quantize.formats import FORMATS
+
 __all__ = ["main"]
 
-_WEIGHTS = {"none": "fp32", "int8": "int8", "int4": "int4"}
+# --quantize value -> weight format, from the registry (none, int8, int4).
+_WEIGHTS = {fmt.option: fmt.name for fmt in FORMATS.values()}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
