@@ -8,13 +8,14 @@ from pathlib import Path
 import click
 
 from shadowpeft.export.errors import ExportError
+from shadowpeft.export.quantize.formats import FORMATS
 from shadowpeft.runtime.cli_errors import cli_errors
-from shadowpeft.runtime.contract import FP32, INT4, INT8, NO_QUANTIZATION
 from shadowpeft.runtime.errors import DeviceProfileError
 
 __all__ = ["main"]
 
-_WEIGHTS = {NO_QUANTIZATION: FP32, INT8: INT8, INT4: INT4}  # --quantize choice -> weight format
+# --quantize value -> weight format, from the registry (none, int8, int4).
+_WEIGHTS = {fmt.option: fmt.name for fmt in FORMATS.values()}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -27,10 +27,16 @@ from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_
 from shadowpeft.export.ort_format import ORT_KEY_PREFIX, convert_to_ort
 from shadowpeft.export.plan import GraphJob, graph_jobs, keys_for
 from shadowpeft.export.quality import memory_figures, quantized_agreement
-from shadowpeft.export.quantize import INT8_BLOCK_SIZE, quantize_graph
+from shadowpeft.export.quantize import (
+    FORMATS,
+    FP32,
+    QuantizationParams,
+    WeightFormatPass,
+    quantize_graph,
+    weight_format,
+)
 from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
-from shadowpeft.runtime.contract import CLOUD_BACKBONE, FP32, GRAPH_ROLES, INT4, INT8, GraphSpec
-from shadowpeft.runtime.contract import quantization_name as format_quantization_name
+from shadowpeft.runtime.contract import CLOUD_BACKBONE, GRAPH_ROLES, GraphSpec
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.manifest import SCHEMA_VERSION, Manifest, file_sha256
 
@@ -53,8 +59,8 @@ class ExportOptions:
 
     Attributes:
         selections: Any of ``detached``, ``split``, ``coupled`` (see :data:`~shadowpeft.export.plan.SELECTIONS`).
-        weights: ``fp32``, ``int8`` or ``int4`` for the on-device graphs; ``None`` takes the
-            profile's (``fp32`` without a profile). The cloud graph stays fp32.
+        weights: A registered weight format (``fp32``, ``int8`` or ``int4``) for the on-device graphs;
+            ``None`` takes the profile's (``fp32`` without a profile). The cloud graph stays fp32.
         profile: Device profile: int4 parameters, memory budget, ORT format.
         opset: ONNX opset.
         base: Base model overriding the checkpoint's reference.
@@ -91,15 +97,20 @@ def export_checkpoint(
     report = progress or (lambda stage, detail: None)
     keys = keys_for(options.selections)
     weights = options.weight_format
-    if weights not in (FP32, INT8, INT4):
-        raise ExportError(f"Weight format {weights!r} is not supported by shadow-export; use fp32, int8 or int4.")
+    if weights not in FORMATS:
+        raise ExportError(f"Weight format {weights!r} is not supported by shadow-export; use {', '.join(FORMATS)}.")
+    fmt = weight_format(weights)
+    # The profile's quantization parameters travel from here, once; the format checks them now,
+    # before anything is loaded, and the manifest records what the quantizer wrote.
+    requested = QuantizationParams.from_profile(options.profile)
+    quantization = fmt.manifest_name(fmt.parameters(requested))
     check_destination(out, overwrite=options.overwrite)
     report("load", str(checkpoint))
     loaded = load_checkpoint(checkpoint, base=options.base)
     with staging_directory(out, overwrite=options.overwrite) as root, _scratch() as scratch:
         report("trace", ", ".join(keys))
         jobs = graph_jobs(loaded.model, keys)
-        fp32_root = scratch if weights != FP32 else root
+        fp32_root = scratch if fmt.quantizes else root
         with export_view(loaded.model), torch.no_grad():
             for job in jobs:
                 job.wrapper(*job.example)  # fails here, with a PyTorch traceback, before the exporter runs
@@ -110,10 +121,11 @@ def export_checkpoint(
                 export_graph(job.wrapper, job.example, job.io, target, opset=options.opset)
         report("validate", f"prefill + {options.steps} cached steps")
         figures = _validate(loaded.model, jobs, root, fp32_root, options)
-        if weights != FP32:
-            figures.update(_quantize(loaded, jobs, root, fp32_root, weights, options, report))
+        if fmt.quantizes:
+            quantization, quantized = _quantize(loaded, jobs, root, fp32_root, fmt, requested, report)
+            figures.update(quantized)
         report("write", str(out))
-        manifest = _manifest(loaded, jobs, root, weights, options, figures)
+        manifest = _manifest(loaded, jobs, root, weights, quantization, options, figures)
         if options.profile is not None and options.profile.ort_format:
             manifest = _with_ort_copies(manifest, jobs, root)
         manifest.write(root)
@@ -158,28 +170,36 @@ def _quantize(
     jobs: list[GraphJob],
     root: Path,
     fp32_root: Path,
-    weights: str,
-    options: ExportOptions,
+    fmt: WeightFormatPass,
+    requested: QuantizationParams,
     report: Progress,
-) -> dict[str, float]:
-    profile = options.profile
-    block = profile.int4_block_size if profile is not None else 32
-    level = profile.int4_accuracy_level if profile is not None else 4
+) -> tuple[str, dict[str, float]]:
+    """Quantizes the on-device graphs; returns the manifest's ``quantization`` (the quantizer's answer) and figures."""
     figures: dict[str, float] = {}
+    names = set()
     for job in jobs:
         if not job.on_device:
             continue
-        report("quantize", f"{job.file} -> {weights}")
+        report("quantize", f"{job.file} -> {fmt.name}")
         result = quantize_graph(
-            fp32_root / job.file, root / job.file, weights=weights, block_size=block, accuracy_level=level
+            fp32_root / job.file,
+            root / job.file,
+            weights=fmt.name,
+            block_size=requested.block_size,
+            accuracy_level=requested.accuracy_level,
         )
         figures[f"{job.key}.fp32_bytes"] = result.bytes_before
         figures[f"{job.key}.quantized_matmuls"] = result.quantized_matmuls
+        names.add(result.quantization)
+    if len(names) != 1:
+        raise ExportError(
+            f"The on-device graphs were quantized differently ({', '.join(sorted(names))}); report this."
+        )
     fp32 = {job.key: _session(_fp32_path(job, root, fp32_root)) for job in jobs}
     quantized = {job.key: _session(root / job.file) for job in jobs}
     ios = {job.key: job.io for job in jobs}
-    figures.update(quantized_agreement(fp32, quantized, ios, loaded.tokenizer, prefix=weights))
-    return figures
+    figures.update(quantized_agreement(fp32, quantized, ios, loaded.tokenizer, prefix=fmt.name))
+    return names.pop(), figures
 
 
 def _manifest(
@@ -187,6 +207,7 @@ def _manifest(
     jobs: list[GraphJob],
     root: Path,
     weights: str,
+    quantization: str,
     options: ExportOptions,
     figures: dict[str, float],
 ) -> Manifest:
@@ -214,7 +235,7 @@ def _manifest(
         hidden_size=model.hidden_size,
         tokenizer_files=tokenizer_files,
         device_profile=options.profile.name if options.profile is not None else None,
-        quantization=quantization_name(weights, options.profile),
+        quantization=quantization,
         validation=figures,
         vocab_size=model.base.get_output_embeddings().weight.shape[0],
     )
@@ -278,15 +299,9 @@ def quantize_export(src: Path, dst: Path, *, weights: str) -> Manifest:
 
 
 def quantization_name(weights: str, profile: DeviceProfile | None = None) -> str:
-    """The manifest's ``quantization`` for on-device graphs of ``weights``, e.g. ``int8-block64-acc4``.
+    """The manifest's ``quantization`` that ``weights`` under ``profile`` asks for, e.g. ``int8-block64-acc4``.
 
-    The parameters are the ones :func:`_quantize` passes (int8: fixed; int4: the profile's, else 32 and 4);
-    the name's spelling is the contract's (:func:`shadowpeft.runtime.contract.quantization_name`).
+    An export records what its quantizer wrote instead (the same unless the quantizer overrode a parameter).
     """
-    if weights == INT8:
-        return format_quantization_name(weights, block_size=INT8_BLOCK_SIZE, accuracy_level=4)
-    if weights == FP32:
-        return format_quantization_name(weights)
-    block = profile.int4_block_size if profile is not None else 32
-    level = profile.int4_accuracy_level if profile is not None else 4
-    return format_quantization_name(INT4, block_size=block, accuracy_level=level)
+    fmt = weight_format(weights)
+    return fmt.manifest_name(fmt.parameters(QuantizationParams.from_profile(profile)))

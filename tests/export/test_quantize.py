@@ -16,27 +16,22 @@ from onnx import TensorProto, helper, numpy_helper
 from shadowpeft.export import quantize
 from shadowpeft.export.errors import QuantizationError
 from shadowpeft.export.quantize import (
+    FORMATS,
     INT8_BLOCK_SIZE,
     MIN_QUANTIZED_DIM,
     agreement,
     quantize_graph,
     unquantized_matmul_weights,
 )
+from shadowpeft.export.quantize import graph as quantize_graph_module
+from shadowpeft.export.quantize import passes as quantize_passes
+from tests.tolerances import QUANTIZED_MEAN_KL_TOY as MAX_MEAN_KL
+from tests.tolerances import QUANTIZED_TOP1_TOY as MIN_TOP1
 
 D, HIDDEN, VOCAB = 64, 256, 128
 
-# Quantized graphs are judged by agreement with fp32 on random inputs (STYLE 6.5), never allclose.
-# The toy model has iid Gaussian weights, so its logits (std ~4 over 128 tokens) are iid Gaussian
-# too: a hard case, as the top-2 gap is often smaller than the logit noise of quantization, unlike
-# a trained LM's confident tokens. Measured here on the tests' 128 positions (on 512 in brackets):
-# int8 (block 64, int8 activations per block) top-1 0.98, mean KL 7e-4 nats (per-channel weights with a
-# per-tensor activation scale measured 0.97, 8e-4); int4 (block 32, symmetric,
-# round-to-nearest) top-1 0.90 (0.83), mean KL 0.066 (0.071). int4 cannot promise >= 0.9 on this
-# model (block 16 reaches 0.85 on 512). The bounds leave room for other CPUs' kernels (e.g. int8 U8S8
-# saturation on AVX2 without VNNI) and still fail a broken pass by far: unrelated logits of this
-# kind agree on 1% of positions with a mean KL of ~10 nats.
-MIN_TOP1 = {"int8": 0.9, "int4": 0.7}
-MAX_MEAN_KL = {"int8": 5e-3, "int4": 0.2}
+# Every registered format that quantizes (thresholds: tests/tolerances.py).
+QUANTIZING = [name for name, fmt in FORMATS.items() if fmt.quantizes]
 
 
 def _mlp(*, transposed_head: bool = False, attention: bool = False) -> onnx.ModelProto:
@@ -131,7 +126,7 @@ def test_sizes_shrink_int4_below_int8_below_fp32(fp32: Path, tmp_path: Path) -> 
     assert int4.bytes_after / int4.bytes_before < 0.2  # 4 of 32 bits, plus one scale per 32 weights
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", QUANTIZING)
 def test_quantized_logits_agree_with_fp32(fp32: Path, tmp_path: Path, weights: str) -> None:
     result = quantize_graph(fp32, tmp_path / "q.onnx", weights=weights)
     measured = agreement(_runner(fp32), _runner(result.path), _feeds())
@@ -162,7 +157,7 @@ def test_fp32_is_resaved_unchanged(fp32: Path, tmp_path: Path) -> None:
     assert onnx.load(result.path) == onnx.load(fp32)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", QUANTIZING)
 def test_output_is_byte_identical_on_repeat(fp32: Path, tmp_path: Path, weights: str) -> None:
     first = quantize_graph(fp32, tmp_path / "a" / "q.onnx", weights=weights)
     second = quantize_graph(fp32, tmp_path / "b" / "q.onnx", weights=weights)
@@ -173,7 +168,7 @@ def test_failing_quantizer_leaves_no_output(fp32: Path, tmp_path: Path, monkeypa
     def broken(*args, **kwargs):
         raise ValueError("boom")
 
-    monkeypatch.setattr(quantize, "quantize_dynamic", broken)
+    monkeypatch.setattr(quantize_passes, "quantize_dynamic", broken)
     dst = tmp_path / "out" / "q.onnx"
     with pytest.raises(QuantizationError, match=r"int8 quantizer failed on .*ValueError: boom"):
         quantize_graph(fp32, dst, weights="int8")
@@ -189,7 +184,7 @@ def test_failing_quantizer_keeps_the_previous_output(fp32: Path, tmp_path: Path,
         def __init__(self, *args, **kwargs):
             raise AssertionError("unsupported")
 
-    monkeypatch.setattr(quantize, "_nbits_quantizer", lambda: Broken)
+    monkeypatch.setattr(quantize_passes, "_nbits_quantizer", lambda: Broken)
     with pytest.raises(QuantizationError, match="int4 quantizer failed"):
         quantize_graph(fp32, dst, weights="int4")
     assert dst.read_bytes() == before
@@ -238,7 +233,7 @@ def test_source_with_external_data(tmp_path: Path) -> None:
 
 
 def test_large_output_goes_to_external_data(fp32: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(quantize, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the graph were > 1.5 GiB
+    monkeypatch.setattr(quantize_graph_module, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the graph were > 1.5 GiB
     result = quantize_graph(fp32, tmp_path / "q.onnx", weights="int8")
     locations = {
         entry.value
