@@ -155,7 +155,7 @@ def smollm2_setup(prompt_tokens: int) -> Setup:
     from shadowpeft.checkpoint.assets import SMOLLM2_NAME, load_smollm2
 
     _, tokenizer = load_smollm2()
-    ids = tokenizer(PROMPT_TEXT, return_tensors="pt")["input_ids"]
+    ids = tokenizer(PROMPT_TEXT, return_tensors="pt").input_ids
     if ids.shape[1] < prompt_tokens:
         raise click.BadParameter(f"the built-in prompt has {ids.shape[1]} tokens; --prompt-tokens must be <= that")
     input_ids = ids[:, :prompt_tokens]

@@ -39,7 +39,16 @@ from shadowpeft.export.graphs import HeadWeight, example_past, kv_layout
 from shadowpeft.export.onnx_export import export_graph, external_data_files
 from shadowpeft.export.pipeline import ExportOptions, export_checkpoint, quantize_export
 from shadowpeft.export.quantize import quantize_graph
-from shadowpeft.runtime.contract import SHADOW_STATES, GraphIO, detached_shadow_io
+from shadowpeft.runtime.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    SHADOW_STATES,
+    GraphIO,
+    detached_shadow_io,
+    is_past_name,
+)
 from shadowpeft.runtime.export_dir import session_options
 from shadowpeft.train.jobs import load_base
 
@@ -92,7 +101,7 @@ def prompt_ids(base: str, prompt_tokens: int, *, smoke: bool) -> tuple[int, ...]
     if smoke:
         rng = np.random.default_rng(0)
         return tuple(int(i) for i in rng.integers(4, len(tokenizer), prompt_tokens))
-    ids = tokenizer(PROMPT_TEXT)["input_ids"]
+    ids = tokenizer(PROMPT_TEXT).input_ids
     if len(ids) < prompt_tokens:
         raise ValueError(f"the built-in prompt has {len(ids)} tokens; --prompt-tokens must be <= that")
     return tuple(ids[:prompt_tokens])
@@ -214,13 +223,14 @@ def _plain_parity(model: nn.Module, path: Path, prompt: tuple[int, ...]) -> floa
     ids = np.asarray([prompt], dtype=np.int64)
     session = ort.InferenceSession(str(path), session_options(None), providers=["CPUExecutionProvider"])
     feeds: dict[str, Any] = {
-        "input_ids": ids,
-        "attention_mask": np.ones_like(ids),
-        "position_ids": np.arange(ids.shape[1])[None],
+        INPUT_IDS: ids,
+        ATTENTION_MASK: np.ones_like(ids),
+        POSITION_IDS: np.arange(ids.shape[1])[None],
     }
-    for spec in session.get_inputs()[3:]:
-        feeds[spec.name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
-    (logits,) = session.run(["logits"], feeds)
+    for spec in session.get_inputs():
+        if is_past_name(spec.name):
+            feeds[spec.name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
+    (logits,) = session.run([LOGITS], feeds)
     with torch.no_grad():
         expected = model(torch.from_numpy(ids)).logits.numpy()
     diff = float(np.abs(logits - expected).max())

@@ -180,25 +180,27 @@ def greedy_graph(session: Any, prompt: tuple[int, ...], new_tokens: int) -> tupl
     """Greedy decode with one graph: returns (tokens, prefill seconds, seconds of the other new_tokens - 1 steps)."""
     import numpy as np
 
+    from shadowpeft.runtime.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, is_past_name
+    from shadowpeft.runtime.kv import KVCache
+
     outputs = [o.name for o in session.get_outputs()]
-    past = {
-        i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
-        for i in session.get_inputs()
-        if "past_key_values." in i.name
-    }
+    cache = KVCache(
+        {
+            i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+            for i in session.get_inputs()
+            if is_past_name(i.name)
+        }
+    )
     ids = np.asarray([prompt], dtype=np.int64)
     total, tokens, times = ids.shape[1], [], []
     for _ in range(new_tokens):
         start = time.perf_counter()
         feeds = {
-            "input_ids": ids,
-            "attention_mask": np.ones((1, total), dtype=np.int64),
-            "position_ids": np.arange(total - ids.shape[1], total, dtype=np.int64)[None],
-            **past,
+            INPUT_IDS: ids,
+            ATTENTION_MASK: np.ones((1, total), dtype=np.int64),
+            POSITION_IDS: np.arange(total - ids.shape[1], total, dtype=np.int64)[None],
         }
-        values = dict(zip(outputs, session.run(outputs, feeds), strict=True))
-        token = int(values["logits"][0, -1].argmax())
-        past = {name: values[name.replace("past_key_values", "present")] for name in past}
+        token = int(cache.step(session, outputs, feeds)[LOGITS][0, -1].argmax())
         times.append(time.perf_counter() - start)
         tokens.append(token)
         ids, total = np.asarray([[token]], dtype=np.int64), total + 1

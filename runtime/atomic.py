@@ -1,9 +1,9 @@
 """Atomic publish of files and directories: write beside the target, then rename into place.
 
 A reader (or an interrupted writer) never sees a half-written file or directory: it sees the old
-one, the new one, or none. Torch-free (standard library only), so the runtime, ``shadowpeft.export``,
-the main job and the benchmarks all use this copy. The method core cannot import the runtime and
-keeps its own, identical copy in ``shadowpeft/checkpoint/atomic.py``.
+one, the new one, or none. Standard library only, so every room uses this one copy: the runtime,
+``shadowpeft.export``, the main job, the benchmarks, and the method core's checkpoints and data
+caches (the one runtime module the core may import; ``tests/test_layering.py`` keeps it stdlib-only).
 
 ::
 

@@ -18,18 +18,16 @@ raises one :class:`~shadowpeft.runtime.errors.ManifestError` that lists every pr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shadowpeft.runtime.atomic import write_atomic
 from shadowpeft.runtime.contract import LOGITS, GraphSpec
 from shadowpeft.runtime.contract.fields import (
     check_int,
@@ -211,18 +209,7 @@ class Manifest:
         """
         target = Path(path) / MANIFEST_NAME if Path(path).is_dir() else Path(path)
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(temp, 0o644)  # mkstemp creates 0600; a manifest is meant to be shared.
-            os.replace(temp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
+        write_atomic(target, text)
         return target
 
 

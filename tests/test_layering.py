@@ -2,7 +2,9 @@
 
 * ``shadowpeft.runtime`` imports nothing of ours outside itself, and never torch or transformers.
 * The method core (``shadowpeft`` without ``demo/`` and the ``shadowpeft`` CLI) imports neither
-  ``shadowpeft.export`` nor ``shadowpeft.runtime`` nor ``shadowpeft.demo``.
+  ``shadowpeft.export`` nor ``shadowpeft.runtime`` nor ``shadowpeft.demo``, with one exception:
+  ``shadowpeft.runtime.atomic``, the one copy of atomic publishing, which imports only the standard
+  library (checked below), so that it is written once.
 * ``shadowpeft.export`` may import the core and the runtime, never the demo.
 * Only ``shadowpeft/demo/`` (with the CLI that starts it) crosses all three.
 """
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # folder -> the package name it installs as (pyproject.toml's package-dir)
 PACKAGES = {"shadowpeft": "shadowpeft", "export": "shadowpeft.export", "runtime": "shadowpeft.runtime"}
 CROSSING = ("shadowpeft.demo", "shadowpeft.cli")
+SHARED_WITH_CORE = ("shadowpeft.runtime.atomic",)
 
 
 def module_name(path: Path) -> str:
@@ -65,8 +68,13 @@ def violations(module: str, names: set[str]) -> list[str]:
         return sorted(n for n in ours if _within(n, "shadowpeft.demo"))
     if any(_within(module, c) for c in CROSSING):
         return []
+    layered = ("shadowpeft.export", "shadowpeft.runtime", "shadowpeft.demo")
     return sorted(
-        n for n in ours if any(_within(n, p) for p in ("shadowpeft.export", "shadowpeft.runtime", "shadowpeft.demo"))
+        n
+        for n in ours
+        if any(_within(n, p) for p in layered)
+        and not any(_within(n, s) for s in SHARED_WITH_CORE)
+        and n != "shadowpeft.runtime"
     )
 
 
@@ -81,3 +89,12 @@ def test_the_checker_sees_a_crossing():
     assert violations("shadowpeft.runtime.server", {"torch", "shadowpeft.config"}) == ["shadowpeft.config", "torch"]
     assert violations("shadowpeft.demo.mainjob", {"shadowpeft.export.pipeline"}) == []
     assert violations("shadowpeft.export.cli", {"shadowpeft.demo.mainjob"}) == ["shadowpeft.demo.mainjob"]
+
+
+@pytest.mark.parametrize("module", SHARED_WITH_CORE)
+def test_what_the_core_may_import_from_the_runtime_uses_only_the_standard_library(module):
+    import sys
+
+    path = ROOT / "runtime" / (module.removeprefix("shadowpeft.runtime.").replace(".", "/") + ".py")
+    top = {name.split(".")[0] for name in imported(path)} - {"__future__"}
+    assert top and top <= set(sys.stdlib_module_names), top - set(sys.stdlib_module_names)

@@ -23,7 +23,6 @@ from torch import Size, Tensor, nn
 
 from shadowpeft import __version__
 from shadowpeft.arch import spec_for
-from shadowpeft.checkpoint.atomic import publish_directory, staging_directory
 from shadowpeft.checkpoint.files import (
     CONFIG_NAME,
     check_target,
@@ -46,6 +45,7 @@ from shadowpeft.errors import CheckpointError, ShadowConfigError, UnsupportedArc
 from shadowpeft.heads import ShadowForCausalLM, ShadowForSequenceClassification, get_shadow_model
 from shadowpeft.losses import mark_only_shadow_trainable
 from shadowpeft.model import ShadowModel
+from shadowpeft.runtime.atomic import publish_directory, staging_directory
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shadowpeft.checkpoint.assets import default_cache_root
-from shadowpeft.checkpoint.atomic import write_atomic
 from shadowpeft.errors import DataError
+from shadowpeft.runtime.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 

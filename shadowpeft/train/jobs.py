@@ -23,13 +23,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from shadowpeft.checkpoint.assets import resolve_base
-from shadowpeft.checkpoint.atomic import publish_directory
 from shadowpeft.checkpoint.store import CONFIG_NAME, load_pretrained_shadow_into, load_shadow, save_shadow
 from shadowpeft.config import ShadowConfig
 from shadowpeft.errors import AssetError, CheckpointError, ShadowConfigError
 from shadowpeft.heads import get_shadow_model
 from shadowpeft.model import ShadowModel
 from shadowpeft.params import expected_parameter_counts
+from shadowpeft.runtime.atomic import publish_directory
 from shadowpeft.train.datasets import TaskData, load_task_data
 from shadowpeft.train.evaluation import EvalResult, evaluate
 from shadowpeft.train.recipes import RECIPES, Levers, apply_levers

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shadowpeft.checkpoint.atomic import write_atomic
 from shadowpeft.errors import CheckpointError
+from shadowpeft.runtime.atomic import write_atomic
 
 if TYPE_CHECKING:
     from shadowpeft.train.evaluation import ExampleScores

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from shadowpeft.runtime import manifest as manifest_module
 from shadowpeft.runtime.contract import DTYPES, ROLES, GraphSpec, TensorSpec
 from shadowpeft.runtime.errors import ManifestError
 from shadowpeft.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, file_sha256, verify_files
@@ -339,7 +338,9 @@ def test_interrupted_write_keeps_the_old_file(tmp_path: Path, data: dict[str, An
     def fail_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(manifest_module.os, "replace", fail_replace)
+    from shadowpeft.runtime import atomic
+
+    monkeypatch.setattr(atomic.os, "replace", fail_replace)  # the one atomic writer the manifest uses
     with pytest.raises(OSError, match="disk full"):
         new.write(tmp_path)
     monkeypatch.undo()
