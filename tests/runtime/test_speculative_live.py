@@ -173,3 +173,55 @@ def infer(app, url: str, ids: np.ndarray, offset: int) -> httpx.Response:
     )
     headers = {HEADER_LENGTH: str(size), "Authorization": f"Bearer {TOKEN}"}
     return httpx.post(f"{url}/v2/models/{MODEL_NAME}/infer", content=body, headers=headers)
+
+
+def _shadow_run(toy_export, url: str, *args: str):
+    from click.testing import CliRunner
+
+    from shadowpeft.runtime.run_cli import main
+
+    base = [str(toy_export.export), "-p", "the color is red", "--no-chat", "--server", url, "--token", TOKEN]
+    return CliRunner().invoke(main, [*base, "--max-new-tokens", "8", "--wire", "float32", *args])
+
+
+def test_shadow_run_json_summary(toy_export, live) -> None:
+    import json
+
+    runs = {}
+    for mode, extra in (("coupled", ()), ("speculative", ("--draft-tokens", "3"))):
+        cli = _shadow_run(toy_export, live[1], "--mode", mode, "--json", *extra)
+        assert cli.exit_code == 0, cli.output
+        lines = [json.loads(line) for line in cli.output.splitlines()]
+        runs[mode] = lines[-1]
+        assert runs[mode]["summary"] and [r["mode"] for r in lines[:-1]] == [mode] * len(lines[:-1])
+    coupled, spec = runs["coupled"], runs["speculative"]
+    assert spec["token_ids"] == coupled["token_ids"] and len(spec["token_ids"]) == spec["new_tokens"] == 8
+    assert spec["tokens_by_mode"] == {"speculative": 8} and coupled["tokens_by_mode"] == {"coupled": 8}
+    assert coupled["round_trips"] == 8 + 1 and (coupled["drafted"], coupled["accepted"]) == (0, 0)
+    assert 0 < spec["round_trips"] <= 8 + 1 and spec["drafted"] >= spec["accepted"] >= 0
+    for summary in runs.values():
+        assert summary["bytes_sent"] > 0 and summary["bytes_received"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--mode", "speculative", "--draft-tokens", "auto"), "'auto' (an adaptive draft length) is not implemented"),
+        (("--mode", "speculative", "--draft-tokens", "0"), "drafts at least 1 token"),
+        (("--mode", "speculative", "--draft-tokens", "two"), "not a whole number"),
+        (("--mode", "coupled", "--draft-tokens", "2"), "--draft-tokens applies to --mode speculative only"),
+        (("--mode", "speculative", "--temperature", "0.7"), "decodes greedily only"),
+    ],
+)
+def test_shadow_run_refuses_what_speculative_mode_does_not_do(toy_export, args, message) -> None:
+    cli = _shadow_run(toy_export, "http://127.0.0.1:9", *args)
+    assert cli.exit_code == 2 and message in cli.output, cli.output
+
+
+def test_generator_refuses_bad_draft_tokens_and_sampling(export, live) -> None:
+    client = BackboneClient(live[1], token=TOKEN)
+    for bad in (0, "auto", True, 2.5):
+        with pytest.raises(ValueError, match="draft_tokens must be an integer >= 1"):
+            Generator(export, mode="speculative", client=client, draft_tokens=bad)
+    with pytest.raises(ValueError, match="greedily only"):
+        Generator(export, mode="speculative", client=client).generate(PROMPTS, SamplingConfig(temperature=0.5))
