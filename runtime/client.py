@@ -6,7 +6,8 @@ and returns the backbone's final hidden states; the server keeps the base KV cac
 ``sequence_start``. Tensors travel as binary data both ways, in ``dtype`` (float16 halves the
 bytes). Every request carries ``sequence_offset`` (the tokens this client has sent for the
 sequence) so that a retried step is never appended twice: the server answers a repeat of its last
-step again, and reports any other mismatch as a lost session.
+step again, rolls the sequence back to a smaller offset (:meth:`BackboneClient.rewind` sets it, for
+draft tokens the device rejected), and reports an offset beyond what it holds as a lost session.
 
 Errors (``shadowpeft.runtime.errors``): :class:`ServerUnavailable` when the server does not answer
 after ``retries`` retries with exponential backoff (or answers 5xx), :class:`SessionLost` when it
@@ -151,6 +152,21 @@ class BackboneClient:
         with self._lock:
             self._forget_or_set(sequence_id, offset)
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def rewind(self, sequence_id: int | str, length: int) -> None:
+        """Makes the next step of ``sequence_id`` continue after its first ``length`` tokens.
+
+        Nothing is sent now: the next :meth:`step` carries ``sequence_offset = length``, and the server
+        drops the tokens it holds after that offset before appending (a rollback of rejected drafts).
+
+        Raises:
+            ValueError: For a ``length`` < 0 or beyond the tokens sent for the sequence.
+        """
+        with self._lock:
+            held = self._offsets.get(sequence_id)
+            if not isinstance(length, int) or length < 0 or (held is not None and length > held):
+                raise ValueError(f"rewind(length) takes 0 <= length <= {held} (the tokens sent); got {length!r}.")
+            self._forget_or_set(sequence_id, length)
 
     def end(self, sequence_id: int | str) -> None:
         """Ends a sequence (``sequence_end``), freeing its cache; a sequence the server lost is ignored.

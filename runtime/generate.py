@@ -1,4 +1,5 @@
-"""Generation with an export: detached (device graphs only), coupled (device + remote backbone), auto.
+"""Generation with an export: detached (device graphs only), coupled (device + remote backbone), auto,
+speculative (the device drafts, the backbone verifies several tokens per request: runtime/speculative.py).
 
 Every token event says which mode produced it. In ``auto`` mode the device shadow runs for every
 token anyway (coupled mode needs its ``s0``), so when the server is unreachable, slow or lost the
@@ -20,12 +21,13 @@ from shadowpeft.runtime.contract import DEVICE_HEAD, left_pad
 from shadowpeft.runtime.errors import RuntimeGenerationError
 from shadowpeft.runtime.export_dir import ExportDir
 from shadowpeft.runtime.sampling import Sampler, SamplingConfig
+from shadowpeft.runtime.speculative import SpeculativeDecoder, check_draft_tokens, check_greedy, decode_rounds
 from shadowpeft.runtime.step import CloudLink, DeviceShadow
 
 __all__ = ["MODES", "Generator", "GenerationResult", "Mode", "TokenEvent"]
 
-Mode = Literal["detached", "coupled", "auto"]
-MODES: tuple[str, ...] = ("detached", "coupled", "auto")
+Mode = Literal["detached", "coupled", "auto", "speculative"]
+MODES: tuple[str, ...] = ("detached", "coupled", "auto", "speculative")
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,14 @@ class GenerationResult:
     decode_s: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    round_trips: int = 0  # HTTP requests to the server: prompt chunks, steps, retries, re-prefills, the end
+    drafted: int = 0  # speculative mode: tokens the shadow drafted and the server verified
+    accepted: int = 0  # speculative mode: drafted tokens the attached model agreed with
+    prefill_tokens: int = 0  # tokens the prefill step yielded beyond the first (left out of tokens_per_s)
 
     @property
     def tokens_per_s(self) -> float:
-        return len(self.token_ids) / self.decode_s if self.decode_s > 0 else 0.0
+        return (len(self.token_ids) - self.prefill_tokens) / self.decode_s if self.decode_s > 0 else 0.0
 
 
 class Generator:
@@ -65,12 +71,13 @@ class Generator:
 
     Args:
         export: The opened export (``device/shadow`` needed; ``device/head`` too for coupled/auto).
-        mode: ``detached``, ``coupled`` or ``auto``.
+        mode: ``detached``, ``coupled``, ``auto`` or ``speculative`` (greedy only).
         client: A :class:`~shadowpeft.runtime.client.BackboneClient` for coupled/auto.
         eos_ids: Token ids that end a sequence.
         decode: Turns ids into text (for stop strings and streamed text); identity-free default: ``str`` of ids.
         max_context: Longest prompt + output allowed.
         retry_interval_s: In auto mode, how long to stay detached before trying the server again.
+        draft_tokens: In speculative mode, most tokens the shadow drafts per verify request (k >= 1).
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class Generator:
         decode=None,
         max_context: int | None = None,
         retry_interval_s: float = 1.0,
+        draft_tokens: int = 4,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
@@ -97,6 +105,7 @@ class Generator:
         self.decode = decode or (lambda ids: " ".join(map(str, ids)))
         self.max_context = max_context
         self.retry_interval_s = retry_interval_s
+        self.draft_tokens = check_draft_tokens(draft_tokens) if mode == "speculative" else draft_tokens
 
     # ----- public API -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[GenerationResult]:
@@ -116,6 +125,8 @@ class Generator:
     # ----- the loop ---------------------------------------------------------------------------------
     def _run(self, results: list[GenerationResult], sampling: SamplingConfig) -> Iterator[TokenEvent]:
         budget = self._budget(results, sampling)
+        if self.mode == "speculative":
+            check_greedy(sampling)
         shadow = DeviceShadow(self.export, len(results))
         link = CloudLink(self.export, self.client) if self.mode != "detached" else None
         samplers = [Sampler(sampling) for _ in results]
@@ -123,8 +134,11 @@ class Generator:
         emitted = [0] * len(results)
         done = [False] * len(results)
         ids, real = left_pad([r.prompt_ids for r in results])
-        sent0, received0 = self._wire()
+        sent0, received0, requests0 = self._wire()
         try:
+            if self.mode == "speculative":
+                yield from self._speculative(shadow, link, samplers[0], results[0], sampling.stop, budget)
+                return
             for step in range(budget):
                 started = time.perf_counter()
                 shadow_logits, s0 = shadow.step(ids, real)
@@ -155,9 +169,36 @@ class Generator:
             if link is not None:
                 results[0].restarts = link.restarts
                 link.close()
-            sent, received = self._wire()
+            sent, received, requests = self._wire()
             for result in results:
                 result.bytes_sent, result.bytes_received = sent - sent0, received - received0
+                result.round_trips = requests - requests0
+
+    def _speculative(self, shadow, link, sampler, result: GenerationResult, stop, budget: int):
+        """Speculative mode's rounds for one prompt; see :mod:`shadowpeft.runtime.speculative`."""
+        decoder = SpeculativeDecoder(shadow, link, sampler, draft_tokens=self.draft_tokens, eos_ids=self.eos_ids)
+        emitted = [0]
+
+        def emit(token: int):
+            before = len(result.token_ids)
+            result.token_ids.append(token)
+            result.modes.append("speculative")
+            done, delta = self._advance(result, token, stop, emitted, 0)
+            if decoder.rounds == 1 and len(result.token_ids) > max(before, 1):
+                result.prefill_tokens += 1  # the first round's accepted drafts came with the prefill
+            event = TokenEvent(0, token, delta, "speculative", len(result.token_ids) - 1)
+            return done, event if delta or not done else None
+
+        def timed(seconds: float) -> None:
+            if decoder.rounds == 1:
+                result.prefill_s += seconds
+            else:
+                result.decode_s += seconds
+
+        try:
+            yield from decode_rounds(decoder, result.prompt_ids, budget, emit, timed)
+        finally:
+            result.drafted, result.accepted = decoder.drafted, decoder.accepted
 
     def _coupled(self, link: CloudLink, shadow_logits: np.ndarray, down_since: float | None, result):
         """Base logits from the server, or (auto mode) the shadow's when the server does not answer."""
@@ -208,10 +249,10 @@ class Generator:
             )
         return min(sampling.max_new_tokens, self.max_context - longest)
 
-    def _wire(self) -> tuple[int, int]:
-        if self.client is None:
-            return 0, 0
-        return int(getattr(self.client, "bytes_sent", 0)), int(getattr(self.client, "bytes_received", 0))
+    def _wire(self) -> tuple[int, int, int]:
+        """The client's counters: bytes sent, bytes received, requests."""
+        counters = ("bytes_sent", "bytes_received", "requests")
+        return tuple(int(getattr(self.client, name, 0)) for name in counters)  # type: ignore[return-value]
 
 
 def _held_back(text: str, stop: tuple[str, ...]) -> int:

@@ -1,4 +1,4 @@
-"""``shadow-run``: generate with an export on this machine, detached, coupled to a server, or auto."""
+"""``shadow-run``: generate with an export on this machine, detached, coupled to a server, auto or speculative."""
 
 from __future__ import annotations
 
@@ -14,11 +14,39 @@ from shadowpeft.runtime.errors import DeviceProfileError, ExportLoadError, Manif
 __all__ = ["main"]
 
 
+class _DraftTokens(click.ParamType):
+    """``--draft-tokens``: an integer >= 1; ``auto`` (adaptive) is named and refused until it exists."""
+
+    name = "K"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif str(value).strip().lower() == "auto":
+            self.fail("'auto' (an adaptive draft length) is not implemented yet; give a number of tokens >= 1.")
+        else:
+            try:
+                number = int(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a whole number of tokens; give an integer >= 1, e.g. 4.")
+        if number < 1:
+            self.fail(f"{number} is too small; the shadow drafts at least 1 token per verify request.")
+        return number
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", "prompts", multiple=True, help="A prompt; repeat for a batch.")
 @click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line.")
-@click.option("--mode", type=click.Choice(["detached", "coupled", "auto"]), default="detached", show_default=True)
+@click.option(
+    "--mode", type=click.Choice(["detached", "coupled", "auto", "speculative"]), default="detached", show_default=True
+)
+@click.option(
+    "--draft-tokens",
+    type=_DraftTokens(),
+    default=None,
+    help="speculative: tokens the shadow drafts per verify request (an integer >= 1) [4].",
+)
 @click.option("--server", default=None, help="shadow-serve URL for coupled/auto, e.g. http://127.0.0.1:8000.")
 @click.option("--token", default=None, envvar="SHADOW_SERVE_TOKEN", help="Bearer token [env SHADOW_SERVE_TOKEN].")
 @click.option("--wire", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
@@ -42,6 +70,8 @@ def main(export_dir: Path, prompts, prompts_file, mode, server, token, wire, tim
     detached runs the device graphs alone. coupled sends each token and its shadow state to a
     shadow-serve backbone and applies the head locally (the server sees token ids and shadow
     states). auto is coupled while the server answers within --timeout, detached otherwise.
+    speculative (greedy only) lets the shadow draft --draft-tokens tokens and has the server verify
+    them in one request: the same tokens as coupled, with fewer round trips.
     """
     _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, as_json, options)
 
@@ -58,6 +88,14 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
         raise click.UsageError("Give at least one --prompt or a --prompts-file.")
     if mode != "detached" and not server:
         raise click.UsageError(f"--mode {mode} needs --server URL (a running shadow-serve).")
+    draft_tokens = options.pop("draft_tokens")
+    if draft_tokens is not None and mode != "speculative":
+        raise click.UsageError(f"--draft-tokens applies to --mode speculative only (got --mode {mode}).")
+    if mode == "speculative" and options["temperature"] != 0:
+        raise click.UsageError(
+            "--mode speculative decodes greedily only (--temperature 0); speculative sampling is not implemented "
+            "yet. Use --mode coupled to sample with the attached model."
+        )
     profile = load_device_profile(options.pop("device")) if options.get("device") else None
     options.pop("device", None)
     providers = tuple(options.pop("providers")) or None
@@ -89,6 +127,7 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
         decode=tokenizer.decode,
         max_context=profile.max_context if profile else None,
         retry_interval_s=max(1.0, timeout),
+        draft_tokens=draft_tokens or 4,
     )
     for index, text in enumerate(texts):
         result = GenerationResult(tokenizer.encode(text, chat=chat))
@@ -128,6 +167,12 @@ def _summary(index: int, result) -> dict:
         "new_tokens": tokens,
         "finish_reason": result.finish_reason,
         "tokens_by_mode": modes,
+        "token_ids": list(result.token_ids),
+        "round_trips": result.round_trips,
+        "drafted": result.drafted,
+        "accepted": result.accepted,
+        "bytes_sent": result.bytes_sent,
+        "bytes_received": result.bytes_received,
         "fallbacks": result.fallbacks,
         "session_restarts": result.restarts,
         "prefill_s": round(result.prefill_s, 4),
@@ -144,6 +189,8 @@ def _summary_line(summary: dict) -> str:
     )
     if summary["fallbacks"]:
         line += f", fell back to detached {summary['fallbacks']}x"
+    if summary["drafted"]:
+        line += f", {summary['round_trips']} round trips, {summary['accepted']}/{summary['drafted']} drafts accepted"
     if summary["bytes_per_coupled_token"]:
         line += f", {summary['bytes_per_coupled_token']:.0f} B/token on the wire"
     return line

@@ -9,6 +9,11 @@ coupled mode's cloud side. Per request a client sends, for one sequence (batch 1
                   sequence_offset (optional: tokens the client believes the server holds)
     <- hidden_states [1, T, d] in the dtype of the request's shadow_states (the fp16/fp32 negotiation)
 
+A ``sequence_offset`` below the tokens held rolls the sequence back first: the server drops the
+tokens after it (draft tokens the device rejected in speculative mode), then appends the new ones;
+an exact repeat of the last step is answered again instead (an idempotent retry). An offset above
+the tokens held is a 409.
+
 The server keeps each sequence's base KV cache (:mod:`shadowpeft.runtime.sessions`) and computes
 ``attention_mask`` and ``position_ids`` itself. Status codes: 400 malformed or invalid request
 (JSON ``{"error": ...}`` naming the tensor), 401 missing or wrong bearer token, 404 unknown model
@@ -55,6 +60,7 @@ from shadowpeft.runtime.contract import (
 )
 from shadowpeft.runtime.errors import ExportLoadError, ProtocolError, ServerRejected, SessionLost, format_problems
 from shadowpeft.runtime.export_dir import ExportDir
+from shadowpeft.runtime.kv import KVCache
 from shadowpeft.runtime.protocol import HEADER_LENGTH, datatype_of, decode_request, encode_response
 from shadowpeft.runtime.protocol import parse_header_length as _header_length
 from shadowpeft.runtime.sessions import BackboneRunner, Session, SessionLimits, SessionTable
@@ -236,32 +242,39 @@ class _Backbone:
     async def _compute(self, session: Session, step: _Step) -> np.ndarray:
         new = step.ids.shape[1]
         digest = _digest(step) if new * self.runner.hidden_size <= _REPLAY_ELEMENTS else b""  # only small steps replay
+        past, offset = session.past, session.length
         if step.offset is not None and step.offset != session.length:
             hidden = session.replay(step.offset, new, digest)
             if hidden is not None:  # a retry of the last step whose response was lost
                 return hidden
-            raise SessionLost(
-                f"Sequence {step.sequence_id!r} holds {session.length} tokens on the server, but this request "
-                f"continues at sequence_offset {step.offset}: client and server are out of sync (a lost response "
-                "or a restart). Re-send the whole history with sequence_start=true."
-            )
-        if session.length + new > self.config.limits.max_tokens:
+            if step.offset > session.length:
+                raise SessionLost(
+                    f"Sequence {step.sequence_id!r} holds {session.length} tokens on the server, but this request "
+                    f"continues at sequence_offset {step.offset}: client and server are out of sync (a lost "
+                    "response or a restart). Re-send the whole history with sequence_start=true."
+                )
+            # A rollback (e.g. draft tokens the device rejected): continue after the first `offset` tokens.
+            # The trimmed cache replaces the session's only once the step succeeded.
+            past, offset = KVCache(session.past.past), step.offset
+            past.trim(session.length - offset)
+        if offset + new > self.config.limits.max_tokens:
             raise ServerRejected(
-                f"Sequence {step.sequence_id!r} would hold {session.length + new} tokens; this server allows "
+                f"Sequence {step.sequence_id!r} would hold {offset + new} tokens; this server allows "
                 f"{self.config.limits.max_tokens} per sequence (--max-tokens-per-session). End it "
                 "(sequence_end=true) and start a shorter one.",
                 status=400,
             )
         if new == 0:
+            if offset != session.length:
+                session.past, session.length, session.last_step = past, offset, None
             return np.zeros((1, 0, self.runner.hidden_size), dtype=np.float32)
         try:
-            hidden, present = await run_in_threadpool(self.runner.run, session.past, step.ids, step.s0)
+            hidden, present = await run_in_threadpool(self.runner.run, past, step.ids, step.s0)
         except _ORT_ERRORS as err:
             raise ServerRejected(
                 f"onnxruntime failed on this step ({type(err).__name__}: {err}); the sequence's cache is unchanged.",
                 status=500,
             ) from err
-        offset = session.length
         session.past, session.length, session.steps = present, offset + new, session.steps + 1
         session.last_step = (offset, new, digest, hidden) if digest else None
         return hidden

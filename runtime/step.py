@@ -87,14 +87,35 @@ class CloudLink:
         self.ids.extend(int(i) for i in ids)
         self.states.extend(np.asarray(s0, dtype=np.float32))
 
+    def rollback(self, n: int) -> None:
+        """Forgets the last ``n`` recorded tokens (rejected drafts); the server drops them on the next step."""
+        if not 0 <= n <= len(self.ids):
+            raise ValueError(f"rollback(n) takes 0 <= n <= {len(self.ids)} (the tokens recorded); got {n!r}.")
+        del self.ids[len(self.ids) - n :], self.states[len(self.states) - n :]
+        if self.synced > len(self.ids):
+            self.synced = len(self.ids)
+            if self.sequence_id is not None:
+                self.client.rewind(self.sequence_id, self.synced)  # the next step carries this sequence_offset
+
     def logits(self) -> np.ndarray:
         """Base logits (V,) at the last recorded token; sends the server whatever it is missing.
 
         Raises:
             ServerUnavailable, ServerRejected: From the client; the caller decides (fail or fall back).
         """
+        return self.verify(1)[0]
+
+    def verify(self, last: int) -> np.ndarray:
+        """Base logits (last, V) at the last ``last`` recorded tokens, in one request (plus what the server
+        is missing); they must all be new to the server, e.g. a pending token and the drafts after it.
+
+        Raises:
+            ServerUnavailable, ServerRejected: From the client; the caller decides (fail or fall back).
+        """
         from shadowpeft.runtime.errors import SessionLost
 
+        if not 1 <= last <= len(self.ids) - self.synced:
+            raise ValueError(f"verify(last) needs 1 <= last <= {len(self.ids) - self.synced} (unsent); got {last}.")
         for _attempt in range(2):
             start = self.sequence_id is None or self.synced == 0
             if start:
@@ -107,8 +128,8 @@ class CloudLink:
                 self.synced, self.restarts = 0, self.restarts + 1  # evicted or restarted: re-prefill
                 continue
             self.synced = len(self.ids)
-            (logits,) = self.head.run([LOGITS], {HIDDEN_STATES: hidden[:, -1:].astype(np.float32)})
-            return logits[0, -1]
+            (logits,) = self.head.run([LOGITS], {HIDDEN_STATES: hidden[:, -last:].astype(np.float32)})
+            return logits[0]
         raise SessionLost("The server lost this sequence again right after a re-prefill.")
 
     def close(self) -> None:

@@ -8,6 +8,9 @@ One request carries one sequence's new tokens (batch 1)::
     <- outputs    hidden_states [1, T, d] in the dtype of shadow_states
        parameters sequence_length (tokens the server now holds for the sequence)
 
+A ``sequence_offset`` below the tokens held makes the server drop the tokens after it first (the
+rollback of drafts rejected in speculative mode); above them, the request is refused (409).
+
 The tensor names are the ``cloud/backbone`` graph's (:mod:`~shadowpeft.runtime.contract.graph_io`).
 To add a wire parameter: declare it here, then read it from here in the server and the client.
 """
@@ -37,7 +40,7 @@ MODEL_VERSION = "1"
 SEQUENCE_ID = "sequence_id"  # int in [1, 2**64) or a string: which sequence's KV cache
 SEQUENCE_START = "sequence_start"  # bool: (re)start the sequence with these tokens
 SEQUENCE_END = "sequence_end"  # bool: free the sequence after this request
-SEQUENCE_OFFSET = "sequence_offset"  # int >= 0: tokens the client believes the server holds
+SEQUENCE_OFFSET = "sequence_offset"  # int >= 0: tokens the client believes the server holds; smaller: roll back
 # Response parameter.
 SEQUENCE_LENGTH = "sequence_length"  # tokens the server holds for the sequence after the request
 

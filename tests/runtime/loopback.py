@@ -47,3 +47,8 @@ class LoopbackBackbone:
 
     def end(self, sequence_id: int) -> None:
         self.sessions.pop(sequence_id, None)
+
+    def rewind(self, sequence_id: int, length: int) -> None:
+        """The server side of a rollback, done at once (a real server trims on the next request's offset)."""
+        if sequence_id in self.sessions:
+            self.sessions[sequence_id].trim(self.sessions[sequence_id].length - length)

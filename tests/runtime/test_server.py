@@ -325,14 +325,37 @@ def test_limits_idle_ttl_and_idempotent_retry(export, ref) -> None:
             httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=body, headers=headers) for _ in range(2)
         ]
         assert replies[0].content == replies[1].content and server.stats()["tokens"] == 8
-        with pytest.raises(SessionLost, match="holds 8 tokens .* sequence_offset 3"):
-            client._infer(1, ids[:, 3:4], s0[:, 3:4], False, 3)
+        with pytest.raises(SessionLost, match="holds 8 tokens .* sequence_offset 9: client and server are out"):
+            client._infer(1, ids[:, 8:9], s0[:, 8:9], False, 9)
         time.sleep(0.5)
         with pytest.raises(SessionLost, match="idle for more than 0.3 s"):
             client.step(1, ids[:, 8:9], s0[:, 8:9], start=False)
         assert server.stats()["expired"] == 1
         hidden = client.step(2, ids[:, :8], s0[:, :8], start=True)
         assert np.abs(hidden - expected[:, :8]).max() <= FP32_TOL
+
+
+def test_a_smaller_offset_rolls_the_sequence_back_to_a_fresh_prefill(export, ref) -> None:
+    """Speculative decoding's rollback: a step at a smaller sequence_offset drops the tokens after it first."""
+    ids, other = ref.tokens(8), ref.tokens(3)
+    s0 = ref.s0(ids)
+    expected = ref.hidden(ids, s0)
+    app = create_app(export, ServerConfig(TOKEN, SessionLimits(max_tokens=8)))
+    with serve_in_thread(app) as url, BackboneClient(url, token=TOKEN, dtype="float32") as client:
+        client.step(1, ids[:, :5], s0[:, :5], start=True)
+        client.step(1, other, ref.s0(np.concatenate([ids[:, :5], other], axis=1))[:, 5:], start=False)  # 3 drafts
+        client.rewind(1, 5)  # all three rejected
+        hidden = client.step(1, ids[:, 5:8], s0[:, 5:8], start=False)  # 8 tokens held: within max_tokens
+        assert np.abs(hidden - expected[:, 5:]).max() <= FP32_TOL
+        session = app.state.backbone.table.get(1)
+        app.state.backbone.table.release(session)
+        fresh = app.state.backbone.runner.run(app.state.backbone.runner.empty_past(), ids, s0)[1]
+        assert session.length == 8 and fresh.length == 8
+        for name, value in fresh.past.items():
+            assert np.abs(session.past.past[name] - value).max() <= FP32_TOL, name
+        with pytest.raises(ValueError, match="rewind"):
+            client.rewind(1, 9)
+        client.end(1)
 
 
 def test_load_16_sessions_x_32_tokens(export, ref) -> None:

@@ -1,0 +1,227 @@
+"""Speculative split decoding against a live shadow-serve on loopback: greedy tokens equal coupled mode's
+for k = 1..8 and for drafts that are all right, all wrong or mixed; the rollback leaves both KV caches equal
+to a fresh prefill; an offset beyond what the server holds is refused with a 409 and the device recovers.
+"""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from shadowpeft.runtime.client import BackboneClient
+from shadowpeft.runtime.contract import INPUT_IDS, MODEL_NAME, SEQUENCE_ID, SEQUENCE_OFFSET, SHADOW_STATES
+from shadowpeft.runtime.export_dir import open_export
+from shadowpeft.runtime.generate import GenerationResult, Generator
+from shadowpeft.runtime.protocol import HEADER_LENGTH, encode_request
+from shadowpeft.runtime.sampling import Sampler, SamplingConfig
+from shadowpeft.runtime.server import ServerConfig, create_app
+from shadowpeft.runtime.speculative import SpeculativeDecoder, accepted_prefix
+from shadowpeft.runtime.step import CloudLink, DeviceShadow
+from tests.runtime.conftest import serve_in_thread
+from tests.runtime.test_generate import PROMPTS
+
+TOKEN = "speculative-test-token-0123456789"
+GREEDY = SamplingConfig(max_new_tokens=12)
+FP32_TOL = 1e-5  # cached one-token steps vs one pass over the same tokens, fp32 onnxruntime: ~1e-6 apart
+
+
+@pytest.fixture(scope="module")
+def export(toy_export):
+    return open_export(toy_export.export, threads=1)
+
+
+@pytest.fixture(scope="module")
+def live(export):
+    """(app, url) of one server for the whole module."""
+    app = create_app(export, ServerConfig(TOKEN))
+    with serve_in_thread(app) as url:
+        yield app, url
+
+
+@pytest.fixture(scope="module")
+def coupled(export, live):
+    """Coupled mode's greedy tokens for PROMPTS over the same server (the reference)."""
+    client = BackboneClient(live[1], token=TOKEN, dtype="float32")
+    return [r.token_ids for r in Generator(export, mode="coupled", client=client).generate(PROMPTS, GREEDY)]
+
+
+def speculative(export, url, k, **client_options) -> list[GenerationResult]:
+    client = BackboneClient(url, token=TOKEN, dtype=client_options.pop("dtype", "float32"), **client_options)
+    return Generator(export, mode="speculative", client=client, draft_tokens=k).generate(PROMPTS, GREEDY)
+
+
+def oracle(monkeypatch, expected: list[list[int]], right) -> None:
+    """Makes the shadow draft ``expected`` (coupled's tokens) where ``right(position)``, a wrong token elsewhere."""
+
+    def draft(self, shadow_logits, seen):
+        for prompt, tokens in zip(PROMPTS, expected, strict=True):
+            position = len(seen) - len(prompt)
+            if seen[: len(prompt)] != prompt:
+                continue
+            if seen[len(prompt) :] != tokens[:position]:
+                return 0  # after a wrong draft: rejected whatever it is
+            return tokens[position] if right(position) else (tokens[position] + 1) % shadow_logits.size
+        raise AssertionError("drafting for an unknown prompt")
+
+    monkeypatch.setattr(SpeculativeDecoder, "draft", draft)
+
+
+def test_accepted_prefix() -> None:
+    assert accepted_prefix([], [7]) == 0
+    assert accepted_prefix([1, 2, 3], [1, 2, 3, 4]) == 3  # all right: three drafts plus the bonus token
+    assert accepted_prefix([1, 2, 3], [9, 2, 3, 4]) == 0  # the first is wrong: only the attached token
+    assert accepted_prefix([1, 2, 3], [1, 9, 3, 4]) == 1  # agreement after a mismatch does not count
+    with pytest.raises(ValueError, match="one entry more"):
+        accepted_prefix([1, 2], [1, 2])
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_speculative_greedy_equals_coupled(export, live, coupled, k) -> None:
+    results = speculative(export, live[1], k, max_chunk_tokens=3)  # the 7-token prompt goes up in 3 chunks
+    assert [r.token_ids for r in results] == coupled
+    assert all(r.modes == ["speculative"] * GREEDY.max_new_tokens for r in results)
+    assert all(r.drafted > 0 and 0 <= r.accepted <= r.drafted for r in results)
+    assert all(r.bytes_sent > 0 and r.bytes_received > 0 and r.round_trips > 0 for r in results)
+
+
+def test_fp16_wire_equals_coupled(export, live, coupled) -> None:
+    client = BackboneClient(live[1], token=TOKEN, dtype="float16")
+    reference = [r.token_ids for r in Generator(export, mode="coupled", client=client).generate(PROMPTS, GREEDY)]
+    assert [r.token_ids for r in speculative(export, live[1], 4, dtype="float16")] == reference
+
+
+def test_all_right_drafts(export, live, coupled, monkeypatch) -> None:
+    oracle(monkeypatch, coupled, lambda position: True)
+    results = speculative(export, live[1], 4)
+    assert [r.token_ids for r in results] == coupled
+    for r in results:  # rounds of 4 drafts + 1 bonus: 5 + 5 + (1 + 1): 12 tokens in 3 verify requests
+        assert (r.drafted, r.accepted) == (9, 9)
+        assert r.round_trips == 3 + 1  # + sequence_end
+    assert live[0].state.backbone.table.tokens() == 0, "sessions leaked"
+
+
+def test_all_wrong_drafts(export, live, coupled, monkeypatch) -> None:
+    oracle(monkeypatch, coupled, lambda position: False)
+    results = speculative(export, live[1], 4)
+    assert [r.token_ids for r in results] == coupled
+    for r in results:  # one token per round; rooms 12..1 allow min(4, room - 1) drafts
+        assert (r.drafted, r.accepted) == (4 * 8 + 3 + 2 + 1, 0)
+        assert r.round_trips == 12 + 1
+
+
+def test_mixed_drafts(export, live, coupled, monkeypatch) -> None:
+    oracle(monkeypatch, coupled, lambda position: position % 3 != 2)
+    results = speculative(export, live[1], 4)
+    assert [r.token_ids for r in results] == coupled
+    assert all(0 < r.accepted < r.drafted for r in results)
+
+
+def test_rollback_leaves_both_caches_equal_to_a_fresh_prefill(export, live, coupled, monkeypatch) -> None:
+    oracle(monkeypatch, coupled, lambda position: position % 3 != 1)  # accept 1 draft, then a mismatch
+    app, url = live
+    client = BackboneClient(url, token=TOKEN, dtype="float32")
+    shadow, link = DeviceShadow(export, 1), CloudLink(export, client)
+    decoder = SpeculativeDecoder(shadow, link, Sampler(GREEDY), draft_tokens=4)
+    prompt = PROMPTS[0]
+    first = decoder.round(prompt, list(prompt), room=12)
+    assert (first.accepted, first.tokens) == (1, coupled[0][:2])
+    accepted = prompt + first.tokens[:-1]  # the bonus token is pending: neither cache holds it yet
+    assert link.ids == accepted and shadow.length == len(accepted)
+    fresh = DeviceShadow(export, 1)
+    fresh.step(np.asarray([accepted]))
+    for name, value in fresh.cache.past.items():
+        assert np.abs(shadow.cache.past[name] - value).max() <= FP32_TOL, name
+
+    second = decoder.round(first.tokens[-1:], prompt + first.tokens, room=10)  # its request rolls the server back
+    session = app.state.backbone.table.get(link.sequence_id)
+    app.state.backbone.table.release(session)
+    verified = accepted + first.tokens[-1:] + second.drafts  # what the server held after the second request
+    assert session.length == len(verified)
+    states = np.stack(link.states[: len(accepted) + 1])  # the drafts' rows were rolled back on the device
+    drafted_states = DeviceShadow(export, 1).step(np.asarray([verified]))[1][0, len(accepted) + 1 :]
+    expected = app.state.backbone.runner.run(
+        app.state.backbone.runner.empty_past(), np.asarray([verified]), np.concatenate([states, drafted_states])[None]
+    )[1]
+    for name, value in expected.past.items():
+        assert np.abs(session.past.past[name] - value).max() <= 1e-4, name  # s0 rows: incremental vs one pass
+    link.close()
+
+
+def test_an_offset_beyond_the_server_is_refused_and_the_device_recovers(export, live, coupled) -> None:
+    app, url = live
+    client = BackboneClient(url, token=TOKEN, dtype="float32")
+    client.new_sequence_id = lambda: 4242  # so that this test can reach the device's sequence
+    result = GenerationResult(PROMPTS[0])
+    generator = Generator(export, mode="speculative", client=client, draft_tokens=3)
+    for event in generator.stream(PROMPTS[0], GREEDY, result):
+        if event.index == 0:  # after the first round: roll the server back behind the device's back
+            assert infer(app, url, np.zeros((1, 0), np.int64), 3).status_code == 200  # a v2 client's rollback
+            refused = infer(app, url, np.ones((1, 1), np.int64), 5)
+            assert refused.status_code == 409
+            error = refused.json()["error"]
+            assert "holds 3 tokens on the server, but this request continues at sequence_offset 5" in error
+    assert result.token_ids == coupled[0]
+    assert result.restarts == 1  # the device's next request was refused the same way; it re-prefilled
+
+
+def infer(app, url: str, ids: np.ndarray, offset: int) -> httpx.Response:
+    """A plain KServe v2 request on sequence 4242 at ``offset`` (zero shadow states)."""
+    s0 = np.zeros((1, ids.shape[1], app.state.backbone.runner.hidden_size), np.float32)
+    body, size = encode_request(
+        {INPUT_IDS: ids, SHADOW_STATES: s0}, parameters={SEQUENCE_ID: 4242, SEQUENCE_OFFSET: offset}
+    )
+    headers = {HEADER_LENGTH: str(size), "Authorization": f"Bearer {TOKEN}"}
+    return httpx.post(f"{url}/v2/models/{MODEL_NAME}/infer", content=body, headers=headers)
+
+
+def _shadow_run(toy_export, url: str, *args: str):
+    from click.testing import CliRunner
+
+    from shadowpeft.runtime.run_cli import main
+
+    base = [str(toy_export.export), "-p", "the color is red", "--no-chat", "--server", url, "--token", TOKEN]
+    return CliRunner().invoke(main, [*base, "--max-new-tokens", "8", "--wire", "float32", *args])
+
+
+def test_shadow_run_json_summary(toy_export, live) -> None:
+    import json
+
+    runs = {}
+    for mode, extra in (("coupled", ()), ("speculative", ("--draft-tokens", "3"))):
+        cli = _shadow_run(toy_export, live[1], "--mode", mode, "--json", *extra)
+        assert cli.exit_code == 0, cli.output
+        lines = [json.loads(line) for line in cli.output.splitlines()]
+        runs[mode] = lines[-1]
+        assert runs[mode]["summary"] and [r["mode"] for r in lines[:-1]] == [mode] * len(lines[:-1])
+    coupled, spec = runs["coupled"], runs["speculative"]
+    assert spec["token_ids"] == coupled["token_ids"] and len(spec["token_ids"]) == spec["new_tokens"] == 8
+    assert spec["tokens_by_mode"] == {"speculative": 8} and coupled["tokens_by_mode"] == {"coupled": 8}
+    assert coupled["round_trips"] == 8 + 1 and (coupled["drafted"], coupled["accepted"]) == (0, 0)
+    assert 0 < spec["round_trips"] <= 8 + 1 and spec["drafted"] >= spec["accepted"] >= 0
+    for summary in runs.values():
+        assert summary["bytes_sent"] > 0 and summary["bytes_received"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--mode", "speculative", "--draft-tokens", "auto"), "'auto' (an adaptive draft length) is not implemented"),
+        (("--mode", "speculative", "--draft-tokens", "0"), "drafts at least 1 token"),
+        (("--mode", "speculative", "--draft-tokens", "two"), "not a whole number"),
+        (("--mode", "coupled", "--draft-tokens", "2"), "--draft-tokens applies to --mode speculative only"),
+        (("--mode", "speculative", "--temperature", "0.7"), "decodes greedily only"),
+    ],
+)
+def test_shadow_run_refuses_what_speculative_mode_does_not_do(toy_export, args, message) -> None:
+    cli = _shadow_run(toy_export, "http://127.0.0.1:9", *args)
+    assert cli.exit_code == 2 and message in cli.output, cli.output
+
+
+def test_generator_refuses_bad_draft_tokens_and_sampling(export, live) -> None:
+    client = BackboneClient(live[1], token=TOKEN)
+    for bad in (0, "auto", True, 2.5):
+        with pytest.raises(ValueError, match="draft_tokens must be an integer >= 1"):
+            Generator(export, mode="speculative", client=client, draft_tokens=bad)
+    with pytest.raises(ValueError, match="greedily only"):
+        Generator(export, mode="speculative", client=client).generate(PROMPTS, SamplingConfig(temperature=0.5))
