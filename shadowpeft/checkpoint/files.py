@@ -1,4 +1,4 @@
-"""Checkpoint files: JSON and safetensors read with actionable errors (atomic publish: ``checkpoint.atomic``).
+"""Checkpoint files: JSON and safetensors read with actionable errors (atomic publish: ``shadowpeft.runtime.atomic``).
 
 Weights are only ever read with safetensors (never pickle). A checkpoint directory is written into
 a hidden temporary sibling and renamed into place, so an interrupted save never leaves a directory
