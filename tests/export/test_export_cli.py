@@ -19,6 +19,7 @@ from shadowpeft.export import pipeline
 from shadowpeft.export.cli import main
 from shadowpeft.runtime.manifest import MANIFEST_NAME, Manifest, verify_files
 from tests.conftest import perturb
+from tests.tolerances import BROKEN_PASS_KL, BROKEN_PASS_TOP1
 from tests.toy import save_toy_base
 
 
@@ -55,7 +56,10 @@ def test_split_coupled_int8_for_a_laptop_profile(toy, tmp_path):
     for chain in ("detached", "split", "coupled"):
         assert figures[f"{chain}.logits_max_abs_diff"] <= 1e-4
         assert figures[f"{chain}.greedy_agreement"] == 1.0
-        assert 0.0 <= figures[f"int8.{chain}.top1_agreement"] <= 1.0 and figures[f"int8.{chain}.mean_kl"] >= 0.0
+        # Flat random-toy logits allow no tight bound (tests/tolerances.py); a broken pass agrees on ~1%
+        # of positions with a mean KL of ~10, so these bounds still catch one.
+        assert figures[f"int8.{chain}.top1_agreement"] >= BROKEN_PASS_TOP1
+        assert 0.0 <= figures[f"int8.{chain}.mean_kl"] <= BROKEN_PASS_KL
     assert figures["device/shadow.bytes"] < figures["device/shadow.fp32_bytes"]
     assert figures["memory.estimate_mb"] <= figures["memory.budget_mb"]
     assert "fits" in result.output and "top-1 agreement" in result.output

@@ -14,6 +14,7 @@ from shadowpeft.export.quantize import INT8_BLOCK_SIZE, quantize_graph
 from shadowpeft.runtime.contract import DEVICE_HEAD, DEVICE_SHADOW
 from tests.conftest import no_dropout_config, perturb, tiny_base
 from tests.export.graph_export import export_graphs
+from tests.tolerances import BROKEN_PASS_KL, BROKEN_PASS_TOP1
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,9 @@ def test_head_weight_is_quantized_and_files_shrink(exported, weights, tmp_path):
     # Quantized graphs load and run; agreement with fp32 is reported (a random tiny model's logits
     # are too flat for a meaningful threshold: the slow SmolLM2 test asserts one).
     figures = quantized_agreement(exported.sessions(), exported.sessions(files), exported.ios, None, prefix=weights)
-    assert 0.0 <= figures[f"{weights}.detached.top1_agreement"] <= 1.0
-    assert np.isfinite(figures[f"{weights}.detached.mean_kl"])
+    # A broken pass agrees on ~1% of positions with a mean KL of ~10; these bounds catch that.
+    assert figures[f"{weights}.detached.top1_agreement"] >= BROKEN_PASS_TOP1
+    assert 0.0 <= figures[f"{weights}.detached.mean_kl"] <= BROKEN_PASS_KL
 
 
 def test_ort_format_copy_loads_and_gives_the_same_logits(exported, tmp_path):
