@@ -77,7 +77,8 @@ class Generator:
         decode: Turns ids into text (for stop strings and streamed text); identity-free default: ``str`` of ids.
         max_context: Longest prompt + output allowed.
         retry_interval_s: In auto mode, how long to stay detached before trying the server again.
-        draft_tokens: In speculative mode, most tokens the shadow drafts per verify request (k >= 1).
+        draft_tokens: In speculative mode, most tokens the shadow drafts per verify request (k >= 1), or
+            ``"auto"`` to adapt k to the acceptance (:class:`~shadowpeft.runtime.speculative.DraftLength`).
     """
 
     def __init__(
@@ -90,7 +91,7 @@ class Generator:
         decode=None,
         max_context: int | None = None,
         retry_interval_s: float = 1.0,
-        draft_tokens: int = 4,
+        draft_tokens: int | str = 4,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")

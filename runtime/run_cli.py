@@ -10,25 +10,26 @@ import click
 
 from shadowpeft.runtime.cli_errors import cli_errors
 from shadowpeft.runtime.errors import DeviceProfileError, ExportLoadError, ManifestError, RuntimeGenerationError
+from shadowpeft.runtime.speculative import AUTO
 
 __all__ = ["main"]
 
 
 class _DraftTokens(click.ParamType):
-    """``--draft-tokens``: an integer >= 1; ``auto`` (adaptive) is named and refused until it exists."""
+    """``--draft-tokens``: an integer >= 1, or ``auto`` (the draft length adapts to the acceptance)."""
 
     name = "K"
 
-    def convert(self, value, param, ctx) -> int:
+    def convert(self, value, param, ctx) -> int | str:
         if isinstance(value, int) and not isinstance(value, bool):
             number = value
-        elif str(value).strip().lower() == "auto":
-            self.fail("'auto' (an adaptive draft length) is not implemented yet; give a number of tokens >= 1.")
+        elif str(value).strip().lower() == AUTO:
+            return AUTO
         else:
             try:
                 number = int(str(value).strip())
             except ValueError:
-                self.fail(f"{value!r} is not a whole number of tokens; give an integer >= 1, e.g. 4.")
+                self.fail(f"{value!r} is not a whole number of tokens; give an integer >= 1 (e.g. 4) or auto.")
         if number < 1:
             self.fail(f"{number} is too small; the shadow drafts at least 1 token per verify request.")
         return number
@@ -45,7 +46,8 @@ class _DraftTokens(click.ParamType):
     "--draft-tokens",
     type=_DraftTokens(),
     default=None,
-    help="speculative: tokens the shadow drafts per verify request (an integer >= 1) [4].",
+    help="speculative: tokens the shadow drafts per verify request (an integer >= 1, or auto: 4 to start, "
+    "+2 after a round fully accepted, -1 after a rejection, within 1..8) [4].",
 )
 @click.option("--server", default=None, help="shadow-serve URL for coupled/auto, e.g. http://127.0.0.1:8000.")
 @click.option("--token", default=None, envvar="SHADOW_SERVE_TOKEN", help="Bearer token [env SHADOW_SERVE_TOKEN].")

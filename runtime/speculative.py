@@ -28,6 +28,8 @@ from shadowpeft.runtime.sampling import Sampler, SamplingConfig
 from shadowpeft.runtime.step import CloudLink, DeviceShadow
 
 __all__ = [
+    "AUTO",
+    "DraftLength",
     "Round",
     "SpeculativeDecoder",
     "accepted_prefix",
@@ -39,14 +41,53 @@ __all__ = [
 T = TypeVar("T")
 
 
-def check_draft_tokens(draft_tokens: object) -> int:
-    """``draft_tokens`` as an int >= 1, or a ValueError that says what is accepted."""
+AUTO = "auto"  # draft_tokens: adapt the draft length to the acceptance measured so far
+
+
+def check_draft_tokens(draft_tokens: object) -> int | str:
+    """``draft_tokens`` as an int >= 1 or ``"auto"``, or a ValueError that says what is accepted."""
+    if draft_tokens == AUTO:
+        return AUTO
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ValueError(
-            f"draft_tokens must be an integer >= 1 (tokens the shadow drafts per verify request); got "
-            f"{draft_tokens!r}. An adaptive ('auto') draft length is not implemented yet."
+            f"draft_tokens must be an integer >= 1 (tokens the shadow drafts per verify request) or 'auto'; "
+            f"got {draft_tokens!r}."
         )
     return draft_tokens
+
+
+@dataclass
+class DraftLength:
+    """How many tokens the next round drafts: fixed, or adapted to the acceptance (``auto``).
+
+    The adaptive rule: after a round whose drafts were all accepted, draft 2 more next time (the
+    shadow is on a run the attached model agrees with); after a rejection, 1 fewer. Bounded to
+    [``SMALLEST``, ``LARGEST``] and starting at ``START``, so a shadow that never agrees costs one
+    draft per round and one that always agrees sends up to 8 at once.
+    """
+
+    current: int
+    adaptive: bool = False
+
+    START = 4
+    SMALLEST = 1
+    LARGEST = 8
+
+    @classmethod
+    def of(cls, draft_tokens: int | str) -> DraftLength:
+        """The policy for a checked ``draft_tokens`` (see :func:`check_draft_tokens`)."""
+        if draft_tokens == AUTO:
+            return cls(cls.START, adaptive=True)
+        return cls(int(draft_tokens))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Adapts to a round that drafted ``drafted`` tokens and had ``accepted`` of them accepted."""
+        if not self.adaptive or drafted == 0:
+            return
+        if accepted == drafted:
+            self.current = min(self.LARGEST, self.current + 2)
+        else:
+            self.current = max(self.SMALLEST, self.current - 1)
 
 
 def check_greedy(sampling: SamplingConfig) -> None:
@@ -92,7 +133,7 @@ class SpeculativeDecoder:
         shadow: The device shadow (batch 1); it holds exactly the tokens the link has recorded.
         link: The sequence on the backbone server.
         sampler: Picks tokens (greedy; a repetition penalty applies to drafts and choices alike).
-        draft_tokens: Most tokens drafted per round (k).
+        draft_tokens: Most tokens drafted per round (k), or ``"auto"`` (:class:`DraftLength`).
         eos_ids: Drafting stops after one of these.
     """
 
@@ -102,12 +143,12 @@ class SpeculativeDecoder:
         link: CloudLink,
         sampler: Sampler,
         *,
-        draft_tokens: int,
+        draft_tokens: int | str,
         eos_ids: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         check_greedy(sampler.config)
         self.shadow, self.link, self.sampler = shadow, link, sampler
-        self.draft_tokens = check_draft_tokens(draft_tokens)
+        self.draft_length = DraftLength.of(check_draft_tokens(draft_tokens))
         self.eos_ids = set(eos_ids)
         self.rounds = self.drafted = self.accepted = 0
 
@@ -133,7 +174,7 @@ class SpeculativeDecoder:
         logits, s0 = self.shadow.step(np.asarray([pending], dtype=np.int64))
         self.link.record(np.asarray(pending), s0[0])
         drafts: list[int] = []
-        while len(drafts) < min(self.draft_tokens, room - 1) and not (drafts and drafts[-1] in self.eos_ids):
+        while len(drafts) < min(self.draft_length.current, room - 1) and not (drafts and drafts[-1] in self.eos_ids):
             drafts.append(self.draft(logits[0, -1], seen + drafts))
             logits, s0 = self.shadow.step(np.asarray([drafts[-1:]], dtype=np.int64))
             self.link.record(np.asarray(drafts[-1:]), s0[0])
@@ -146,6 +187,7 @@ class SpeculativeDecoder:
         self.rounds += 1
         self.drafted += len(drafts)
         self.accepted += accepted
+        self.draft_length.update(len(drafts), accepted)
         return Round(drafts, choices, accepted)
 
 

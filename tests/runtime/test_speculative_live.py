@@ -16,7 +16,7 @@ from shadowpeft.runtime.generate import GenerationResult, Generator
 from shadowpeft.runtime.protocol import HEADER_LENGTH, encode_request
 from shadowpeft.runtime.sampling import Sampler, SamplingConfig
 from shadowpeft.runtime.server import ServerConfig, create_app
-from shadowpeft.runtime.speculative import SpeculativeDecoder, accepted_prefix
+from shadowpeft.runtime.speculative import DraftLength, SpeculativeDecoder, accepted_prefix
 from shadowpeft.runtime.step import CloudLink, DeviceShadow
 from tests.runtime.conftest import serve_in_thread
 from tests.runtime.test_generate import PROMPTS
@@ -108,6 +108,32 @@ def test_all_wrong_drafts(export, live, coupled, monkeypatch) -> None:
     for r in results:  # one token per round; rooms 12..1 allow min(4, room - 1) drafts
         assert (r.drafted, r.accepted) == (4 * 8 + 3 + 2 + 1, 0)
         assert r.round_trips == 12 + 1
+
+
+def test_draft_length_adapts_within_its_bounds() -> None:
+    fixed = DraftLength.of(3)
+    fixed.update(3, 0)
+    assert fixed.current == 3  # a fixed k never moves
+    auto = DraftLength.of("auto")
+    assert (auto.current, auto.adaptive) == (DraftLength.START, True)
+    for drafted, accepted, expected in [(4, 4, 6), (6, 6, 8), (8, 8, 8), (8, 2, 7), (0, 0, 7), (7, 0, 6)]:
+        auto.update(drafted, accepted)
+        assert auto.current == expected, (drafted, accepted)
+    for _ in range(10):
+        auto.update(auto.current, 0)
+    assert auto.current == DraftLength.SMALLEST
+
+
+def test_auto_draft_length_equals_coupled_and_follows_the_acceptance(export, live, coupled, monkeypatch) -> None:
+    assert [r.token_ids for r in speculative(export, live[1], "auto")] == coupled
+    oracle(monkeypatch, coupled, lambda position: True)
+    for r in speculative(export, live[1], "auto"):  # rounds of 4 + 1, then 6 + 1 = 12 tokens in 2 requests
+        assert (r.drafted, r.accepted, r.round_trips) == (10, 10, 2 + 1)
+    oracle(monkeypatch, coupled, lambda position: False)
+    results = speculative(export, live[1], "auto")
+    assert [r.token_ids for r in results] == coupled
+    for r in results:  # k shrinks 4, 3, 2, then 1 per round (rooms 9..2), nothing in the last room of 1
+        assert (r.drafted, r.accepted, r.round_trips) == (4 + 3 + 2 + 8, 0, 12 + 1)
 
 
 def test_mixed_drafts(export, live, coupled, monkeypatch) -> None:
@@ -206,7 +232,6 @@ def test_shadow_run_json_summary(toy_export, live) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--mode", "speculative", "--draft-tokens", "auto"), "'auto' (an adaptive draft length) is not implemented"),
         (("--mode", "speculative", "--draft-tokens", "0"), "drafts at least 1 token"),
         (("--mode", "speculative", "--draft-tokens", "two"), "not a whole number"),
         (("--mode", "coupled", "--draft-tokens", "2"), "--draft-tokens applies to --mode speculative only"),
@@ -220,7 +245,7 @@ def test_shadow_run_refuses_what_speculative_mode_does_not_do(toy_export, args, 
 
 def test_generator_refuses_bad_draft_tokens_and_sampling(export, live) -> None:
     client = BackboneClient(live[1], token=TOKEN)
-    for bad in (0, "auto", True, 2.5):
+    for bad in (0, "Auto", True, 2.5):
         with pytest.raises(ValueError, match="draft_tokens must be an integer >= 1"):
             Generator(export, mode="speculative", client=client, draft_tokens=bad)
     with pytest.raises(ValueError, match="greedily only"):
