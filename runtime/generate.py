@@ -1,11 +1,13 @@
-"""Generation with an export: detached (device graphs only), coupled (device + remote backbone), auto,
-speculative (the device drafts, the backbone verifies several tokens per request: runtime/speculative.py).
+"""Generation with an export: detached (device graphs only), coupled (device + remote backbone, one
+token per request), speculative (the device drafts, the backbone verifies several tokens per request:
+runtime/speculative.py) and auto (the device while the shadow is confident, the cloud otherwise:
+runtime/escalation.py).
 
-Every token event says which mode produced it. In ``auto`` mode the device shadow runs for every
-token anyway (coupled mode needs its ``s0``), so when the server is unreachable, slow or lost the
-shadow's own logits take over for that token with no extra work, and once the server answers again
-(checked at most every ``retry_interval_s``) the link sends it the tokens it missed and coupled
-decoding resumes on a fresh session.
+Every token event says which mode produced it, and so which side (:attr:`TokenEvent.side`). The
+device shadow runs for every token in every mode (the cloud needs its ``s0``), so when auto mode's
+server is unreachable, slow or lost the shadow's own logits take over with no extra work, and once
+the server answers again (tried at most every ``retry_interval_s``) the link sends it the tokens it
+missed and escalation resumes on a fresh session.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import numpy as np
 
 from shadowpeft.runtime.contract import DEVICE_HEAD, left_pad
 from shadowpeft.runtime.errors import RuntimeGenerationError
+from shadowpeft.runtime.escalation import EscalationPolicy, Escalator
 from shadowpeft.runtime.export_dir import ExportDir
 from shadowpeft.runtime.sampling import Sampler, SamplingConfig
-from shadowpeft.runtime.speculative import SpeculativeDecoder, check_draft_tokens, check_greedy, decode_rounds
+from shadowpeft.runtime.speculative import SpeculativeDecoder, check_draft_tokens, decode_rounds, speculative_step
 from shadowpeft.runtime.step import CloudLink, DeviceShadow
 
 __all__ = ["MODES", "Generator", "GenerationResult", "Mode", "TokenEvent"]
@@ -40,6 +43,11 @@ class TokenEvent:
     mode: str
     index: int
 
+    @property
+    def side(self) -> str:
+        """``device`` for a detached token, ``cloud`` for one the attached model chose (coupled, speculative)."""
+        return "device" if self.mode == "detached" else "cloud"
+
 
 @dataclass
 class GenerationResult:
@@ -50,20 +58,26 @@ class GenerationResult:
     text: str = ""
     modes: list[str] = field(default_factory=list)
     finish_reason: str = "length"
-    fallbacks: int = 0  # times auto mode switched from coupled to detached
+    fallbacks: int = 0  # times auto mode found the cloud gone and answered on the device
+    escalated: int = 0  # auto mode: steps whose confidence sent them to the cloud (answered there or not)
     restarts: int = 0  # times the link re-prefilled a fresh server session
     prefill_s: float = 0.0
     decode_s: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
     round_trips: int = 0  # HTTP requests to the server: prompt chunks, steps, retries, re-prefills, the end
-    drafted: int = 0  # speculative mode: tokens the shadow drafted and the server verified
-    accepted: int = 0  # speculative mode: drafted tokens the attached model agreed with
+    drafted: int = 0  # speculative rounds: tokens the shadow drafted and the server verified
+    accepted: int = 0  # speculative rounds: drafted tokens the attached model accepted
     prefill_tokens: int = 0  # tokens the prefill step yielded beyond the first (left out of tokens_per_s)
 
     @property
     def tokens_per_s(self) -> float:
         return (len(self.token_ids) - self.prefill_tokens) / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def cloud_fraction(self) -> float:
+        """Share of the generated tokens the attached model chose (0.0 when nothing was generated)."""
+        return sum(m != "detached" for m in self.modes) / len(self.modes) if self.modes else 0.0
 
 
 class Generator:
@@ -71,14 +85,17 @@ class Generator:
 
     Args:
         export: The opened export (``device/shadow`` needed; ``device/head`` too for coupled/auto).
-        mode: ``detached``, ``coupled``, ``auto`` or ``speculative`` (greedy only).
-        client: A :class:`~shadowpeft.runtime.client.BackboneClient` for coupled/auto.
+        mode: ``detached``, ``coupled``, ``speculative`` or ``auto``.
+        client: A :class:`~shadowpeft.runtime.client.BackboneClient` for every mode but detached.
         eos_ids: Token ids that end a sequence.
         decode: Turns ids into text (for stop strings and streamed text); identity-free default: ``str`` of ids.
         max_context: Longest prompt + output allowed.
         retry_interval_s: In auto mode, how long to stay detached before trying the server again.
-        draft_tokens: In speculative mode, most tokens the shadow drafts per verify request (k >= 1), or
-            ``"auto"`` to adapt k to the acceptance (:class:`~shadowpeft.runtime.speculative.DraftLength`).
+        draft_tokens: Speculative rounds (speculative mode, and auto mode's cloud): most tokens the shadow
+            drafts per verify request (k >= 1), or ``"auto"`` to adapt k to the acceptance
+            (:class:`~shadowpeft.runtime.speculative.DraftLength`).
+        escalation: Auto mode's policy (:class:`~shadowpeft.runtime.escalation.EscalationPolicy`); by
+            default the threshold the export's manifest carries (none: every step goes to the cloud).
     """
 
     def __init__(
@@ -92,6 +109,7 @@ class Generator:
         max_context: int | None = None,
         retry_interval_s: float = 1.0,
         draft_tokens: int | str = 4,
+        escalation: EscalationPolicy | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
@@ -106,7 +124,8 @@ class Generator:
         self.decode = decode or (lambda ids: " ".join(map(str, ids)))
         self.max_context = max_context
         self.retry_interval_s = retry_interval_s
-        self.draft_tokens = check_draft_tokens(draft_tokens) if mode == "speculative" else draft_tokens
+        self.draft_tokens = check_draft_tokens(draft_tokens)
+        self.escalation = escalation or default_policy(export)
 
     # ----- public API -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[GenerationResult]:
@@ -126,19 +145,16 @@ class Generator:
     # ----- the loop ---------------------------------------------------------------------------------
     def _run(self, results: list[GenerationResult], sampling: SamplingConfig) -> Iterator[TokenEvent]:
         budget = self._budget(results, sampling)
-        if self.mode == "speculative":
-            check_greedy(sampling)
         shadow = DeviceShadow(self.export, len(results))
         link = CloudLink(self.export, self.client) if self.mode != "detached" else None
         samplers = [Sampler(sampling) for _ in results]
-        down_since: float | None = None
         emitted = [0] * len(results)
         done = [False] * len(results)
         ids, real = left_pad([r.prompt_ids for r in results])
         sent0, received0, requests0 = self._wire()
         try:
-            if self.mode == "speculative":
-                yield from self._speculative(shadow, link, samplers[0], results[0], sampling.stop, budget)
+            if self.mode in ("speculative", "auto"):
+                yield from self._rounds(shadow, link, samplers[0], results[0], sampling.stop, budget)
                 return
             for step in range(budget):
                 started = time.perf_counter()
@@ -146,7 +162,7 @@ class Generator:
                 logits, mode = shadow_logits[:, -1], "detached"
                 if link is not None:
                     link.record(ids[0], s0[0])
-                    logits, mode, down_since = self._coupled(link, logits, down_since, results[0])
+                    logits, mode = self._coupled(link), "coupled"
                 for row, result in enumerate(results):
                     if done[row]:
                         continue
@@ -175,50 +191,47 @@ class Generator:
                 result.bytes_sent, result.bytes_received = sent - sent0, received - received0
                 result.round_trips = requests - requests0
 
-    def _speculative(self, shadow, link, sampler, result: GenerationResult, stop, budget: int):
-        """Speculative mode's rounds for one prompt; see :mod:`shadowpeft.runtime.speculative`."""
+    def _rounds(self, shadow, link, sampler, result: GenerationResult, stop, budget: int):
+        """Speculative and auto mode: rounds of one or more tokens for one prompt (runtime/speculative.py)."""
         decoder = SpeculativeDecoder(shadow, link, sampler, draft_tokens=self.draft_tokens, eos_ids=self.eos_ids)
+        escalator = None
+        if self.mode == "auto":
+            escalator = Escalator(decoder, self.escalation, retry_interval_s=self.retry_interval_s)
         emitted = [0]
 
-        def emit(token: int):
-            before = len(result.token_ids)
+        def emit(token: int, mode: str, first_round: bool):
             result.token_ids.append(token)
-            result.modes.append("speculative")
+            result.modes.append(mode)
             done, delta = self._advance(result, token, stop, emitted, 0)
-            if decoder.rounds == 1 and len(result.token_ids) > max(before, 1):
+            if first_round and len(result.token_ids) > 1:
                 result.prefill_tokens += 1  # the first round's accepted drafts came with the prefill
-            event = TokenEvent(0, token, delta, "speculative", len(result.token_ids) - 1)
+            event = TokenEvent(0, token, delta, mode, len(result.token_ids) - 1)
             return done, event if delta or not done else None
 
-        def timed(seconds: float) -> None:
-            if decoder.rounds == 1:
+        def timed(seconds: float, first_round: bool) -> None:
+            if first_round:
                 result.prefill_s += seconds
             else:
                 result.decode_s += seconds
 
         try:
-            yield from decode_rounds(decoder, result.prompt_ids, budget, emit, timed)
+            yield from decode_rounds(escalator or speculative_step(decoder), result.prompt_ids, budget, emit, timed)
         finally:
             result.drafted, result.accepted = decoder.drafted, decoder.accepted
+            if escalator is not None:
+                result.escalated, result.fallbacks = escalator.escalated, escalator.fallbacks
 
-    def _coupled(self, link: CloudLink, shadow_logits: np.ndarray, down_since: float | None, result):
-        """Base logits from the server, or (auto mode) the shadow's when the server does not answer."""
+    def _coupled(self, link: CloudLink) -> np.ndarray:
+        """Base logits (1, V) from the server, or a clear error when it does not answer."""
         from shadowpeft.runtime.errors import ServerRejected, ServerUnavailable
 
-        if self.mode == "auto" and down_since is not None and time.monotonic() - down_since < self.retry_interval_s:
-            return shadow_logits, "detached", down_since
         try:
-            return link.logits()[None], "coupled", None
+            return link.logits()[None]
         except (ServerUnavailable, ServerRejected) as err:
-            if self.mode == "coupled":
-                raise RuntimeGenerationError(
-                    f"Coupled mode lost the backbone server: {err}. Start it again, or run with --mode auto "
-                    "(falls back to the device shadow) or --mode detached."
-                ) from err
-            if down_since is None:
-                result.fallbacks += 1
-            link.sequence_id, link.synced = None, 0  # next time: a fresh session, re-prefilled
-            return shadow_logits, "detached", time.monotonic()
+            raise RuntimeGenerationError(
+                f"Coupled mode lost the backbone server: {err}. Start it again, or run with --mode auto "
+                "(falls back to the device shadow) or --mode detached."
+            ) from err
 
     def _advance(self, result: GenerationResult, token: int, stop: tuple[str, ...], emitted: list[int], row: int):
         """Updates text and finish state after ``token``; returns (finished, new text to emit)."""
@@ -254,6 +267,14 @@ class Generator:
         """The client's counters: bytes sent, bytes received, requests."""
         counters = ("bytes_sent", "bytes_received", "requests")
         return tuple(int(getattr(self.client, name, 0)) for name in counters)  # type: ignore[return-value]
+
+
+def default_policy(export: ExportDir) -> EscalationPolicy:
+    """Auto mode's policy from the export: the threshold its manifest carries, escalating per token."""
+    carried = getattr(export.manifest, "escalation", None)
+    if carried is None:
+        return EscalationPolicy()
+    return EscalationPolicy(threshold=float(carried.threshold), source="manifest")
 
 
 def _held_back(text: str, stop: tuple[str, ...]) -> int:

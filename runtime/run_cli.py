@@ -46,8 +46,28 @@ class _DraftTokens(click.ParamType):
     "--draft-tokens",
     type=_DraftTokens(),
     default=None,
-    help="speculative: tokens the shadow drafts per verify request (an integer >= 1, or auto: 4 to start, "
-    "+2 after a round fully accepted, -1 after a rejection, within 1..8) [4].",
+    help="speculative, and auto's cloud rounds: tokens the shadow drafts per verify request (an integer >= 1, "
+    "or auto: 4 to start, +2 after a round fully accepted, -1 after a rejection, within 1..8) [4].",
+)
+@click.option(
+    "--escalate-below",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="auto: go to the cloud when the shadow's top-token probability is below P [the threshold the export's "
+    "manifest carries from training; none there: every token goes to the cloud].",
+    metavar="P",
+)
+@click.option(
+    "--escalate",
+    type=click.Choice(["token", "request"]),
+    default=None,
+    help="auto: decide at every token, or once per prompt at its first token [token].",
+)
+@click.option(
+    "--cloud",
+    type=click.Choice(["speculative", "coupled"]),
+    default=None,
+    help="auto: how escalated tokens use the server: draft-and-verify rounds, or one token per request [speculative].",
 )
 @click.option("--server", default=None, help="shadow-serve URL for coupled/auto, e.g. http://127.0.0.1:8000.")
 @click.option("--token", default=None, envvar="SHADOW_SERVE_TOKEN", help="Bearer token [env SHADOW_SERVE_TOKEN].")
@@ -71,9 +91,11 @@ def main(export_dir: Path, prompts, prompts_file, mode, server, token, wire, tim
 
     detached runs the device graphs alone. coupled sends each token and its shadow state to a
     shadow-serve backbone and applies the head locally (the server sees token ids and shadow
-    states). auto is coupled while the server answers within --timeout, detached otherwise.
-    speculative (greedy only) lets the shadow draft --draft-tokens tokens and has the server verify
-    them in one request: the same tokens as coupled, with fewer round trips.
+    states). speculative lets the shadow draft --draft-tokens tokens and has the server verify them
+    in one request: the attached model's tokens (greedy: exactly coupled's), in fewer round trips.
+    auto stays on the device while the shadow is confident (--escalate-below), goes to the server
+    when it is not (--cloud), and answers on the device whenever the server does not answer within
+    --timeout.
     """
     _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, as_json, options)
 
@@ -91,13 +113,12 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
     if mode != "detached" and not server:
         raise click.UsageError(f"--mode {mode} needs --server URL (a running shadow-serve).")
     draft_tokens = options.pop("draft_tokens")
-    if draft_tokens is not None and mode != "speculative":
-        raise click.UsageError(f"--draft-tokens applies to --mode speculative only (got --mode {mode}).")
-    if mode == "speculative" and options["temperature"] != 0:
-        raise click.UsageError(
-            "--mode speculative decodes greedily only (--temperature 0); speculative sampling is not implemented "
-            "yet. Use --mode coupled to sample with the attached model."
-        )
+    if draft_tokens is not None and mode not in ("speculative", "auto"):
+        raise click.UsageError(f"--draft-tokens applies to --mode speculative or auto only (got --mode {mode}).")
+    escalation_options = {name: options.pop(name) for name in ("escalate_below", "escalate", "cloud")}
+    for name, value in escalation_options.items():
+        if value is not None and mode != "auto":
+            raise click.UsageError(f"--{name.replace('_', '-')} applies to --mode auto only (got --mode {mode}).")
     profile = load_device_profile(options.pop("device")) if options.get("device") else None
     options.pop("device", None)
     providers = tuple(options.pop("providers")) or None
@@ -110,6 +131,9 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
         spin_wait=mode == "detached",
     )
     tokenizer = RuntimeTokenizer.from_export(export.root, export.manifest)
+    escalation = _policy(export, **escalation_options) if mode == "auto" else None
+    if escalation is not None and not as_json:
+        click.echo(_policy_line(escalation), err=True)
     client = _client(server, token, wire, timeout) if mode != "detached" else None
     chat = options.pop("chat")
     sampling = SamplingConfig(
@@ -130,6 +154,7 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
         max_context=profile.max_context if profile else None,
         retry_interval_s=max(1.0, timeout),
         draft_tokens=draft_tokens or 4,
+        escalation=escalation,
     )
     for index, text in enumerate(texts):
         result = GenerationResult(tokenizer.encode(text, chat=chat))
@@ -137,7 +162,13 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
             click.echo(f"[{index}] ", nl=False)
         for event in generator.stream(result.prompt_ids, sampling, result):
             if as_json:
-                record = {"prompt": index, "token_id": event.token_id, "text": event.text, "mode": event.mode}
+                record = {
+                    "prompt": index,
+                    "token_id": event.token_id,
+                    "text": event.text,
+                    "mode": event.mode,
+                    "side": event.side,
+                }
                 click.echo(json.dumps(record))
             else:
                 click.echo(event.text, nl=False)
@@ -146,6 +177,29 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
         click.echo(json.dumps(summary) if as_json else "")
         if not as_json:
             click.echo(_summary_line(summary), err=True)
+
+
+def _policy(export, escalate_below: float | None, escalate: str | None, cloud: str | None):
+    from shadowpeft.runtime.escalation import EscalationPolicy
+    from shadowpeft.runtime.generate import default_policy
+
+    carried = default_policy(export)
+    threshold, source = (escalate_below, "--escalate-below") if escalate_below is not None else (None, "none")
+    if escalate_below is None and carried.threshold is not None:
+        threshold, source = carried.threshold, carried.source
+    return EscalationPolicy(threshold, scope=escalate or "token", cloud=cloud or "speculative", source=source)
+
+
+def _policy_line(policy) -> str:
+    if policy.threshold is None:
+        return (
+            f"auto: no escalation threshold (the manifest carries none; --escalate-below P sets one): every token "
+            f"goes to the server ({policy.cloud}), the device answers when it does not."
+        )
+    return (
+        f"auto: on the device while the shadow's confidence >= {policy.threshold:.4g} ({policy.source}), "
+        f"decided per {policy.scope}; below it the server ({policy.cloud})."
+    )
 
 
 def _client(server: str, token: str | None, wire: str, timeout: float):
@@ -161,7 +215,7 @@ def _read_prompts(path: Path) -> list[str]:
 def _summary(index: int, result) -> dict:
     tokens = len(result.token_ids)
     modes = {mode: result.modes.count(mode) for mode in dict.fromkeys(result.modes)}
-    coupled = modes.get("coupled", 0)
+    cloud = tokens - modes.get("detached", 0)
     return {
         "prompt": index,
         "summary": True,
@@ -175,11 +229,14 @@ def _summary(index: int, result) -> dict:
         "accepted": result.accepted,
         "bytes_sent": result.bytes_sent,
         "bytes_received": result.bytes_received,
+        "cloud_fraction": round(result.cloud_fraction, 4),
+        "round_trips_per_token": round(result.round_trips / tokens, 4) if tokens else 0.0,
+        "escalated": result.escalated,
         "fallbacks": result.fallbacks,
         "session_restarts": result.restarts,
         "prefill_s": round(result.prefill_s, 4),
         "decode_tokens_per_s": round(result.tokens_per_s, 2),
-        "bytes_per_coupled_token": round((result.bytes_sent + result.bytes_received) / coupled, 1) if coupled else 0,
+        "bytes_per_cloud_token": round((result.bytes_sent + result.bytes_received) / cloud, 1) if cloud else 0,
     }
 
 
@@ -189,10 +246,12 @@ def _summary_line(summary: dict) -> str:
         f"  {summary['new_tokens']} tokens ({modes}), {summary['decode_tokens_per_s']} tok/s, "
         f"finish: {summary['finish_reason']}"
     )
+    if summary["escalated"]:
+        line += f", {summary['escalated']} steps escalated, {summary['cloud_fraction']:.0%} of tokens from the cloud"
     if summary["fallbacks"]:
         line += f", fell back to detached {summary['fallbacks']}x"
     if summary["drafted"]:
         line += f", {summary['round_trips']} round trips, {summary['accepted']}/{summary['drafted']} drafts accepted"
-    if summary["bytes_per_coupled_token"]:
-        line += f", {summary['bytes_per_coupled_token']:.0f} B/token on the wire"
+    if summary["bytes_per_cloud_token"]:
+        line += f", {summary['bytes_per_cloud_token']:.0f} B per cloud token on the wire"
     return line

@@ -61,6 +61,15 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, seen: list[int]) -> int:
         """Next token id from ``logits`` (V,) given the ids ``seen`` so far (prompt and output)."""
+        return self.pick(self.distribution(logits, seen))
+
+    @property
+    def greedy(self) -> bool:
+        return self.config.temperature == 0
+
+    def distribution(self, logits: np.ndarray, seen: list[int]) -> np.ndarray:
+        """The probabilities (V,) float64 that :meth:`pick` draws from: the repetition penalty, temperature,
+        top-k and top-p applied to ``logits``; greedy decoding gives all the mass to the argmax."""
         c = self.config
         scores = logits.astype(np.float64)
         if c.repetition_penalty != 1.0 and seen:
@@ -68,7 +77,9 @@ class Sampler:
             picked = scores[ids]
             scores[ids] = np.where(picked > 0, picked / c.repetition_penalty, picked * c.repetition_penalty)
         if c.temperature == 0:
-            return int(np.argmax(scores))
+            probs = np.zeros_like(scores)
+            probs[int(np.argmax(scores))] = 1.0
+            return probs
         scores = scores / c.temperature
         if c.top_k and c.top_k < scores.size:
             kth = np.partition(scores, -c.top_k)[-c.top_k]
@@ -83,4 +94,10 @@ class Sampler:
             mask[keep] = True
             probs = np.where(mask, probs, 0.0)
             probs /= probs.sum()
+        return probs
+
+    def pick(self, probs: np.ndarray) -> int:
+        """A token drawn from ``probs`` (V,) (the argmax when greedy: no random number is used)."""
+        if self.greedy:
+            return int(np.argmax(probs))
         return int(self.rng.choice(probs.size, p=probs))

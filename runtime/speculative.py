@@ -5,13 +5,19 @@ One round, for a sequence whose last chosen token ``b`` (the prompt, at first) i
     device  shadow.step(b) -> s0(b), draft d1; shadow.step(d1) -> s0(d1), d2; ... shadow.step(dk) -> s0(dk)
     up      one infer request: ids [b, d1..dk] and their s0 rows (plus any tokens the server is missing)
     cloud   one backbone pass over the k+1 tokens -> hidden states (k+1, d)
-    down    hidden states; device/head -> the attached model's choice t1..t(k+1) after b, d1, .., dk
-    accept  the longest prefix with d(j) == t(j), then the attached model's own next token
+    down    hidden states; device/head -> the attached model's distributions p1..p(k+1) after b, d1, .., dk
+    accept  d(j) with probability min(1, p(j)[d(j)] / q(j)[d(j)]) in order (q(j): the shadow's distribution
+            d(j) was drawn from); at the first rejection a token from max(p(j) - q(j), 0), normalised;
+            after k acceptances a token from p(k+1)
     trim    both KV caches drop the rejected drafts (device: now; server: on the next request's
             sequence_offset); the new last token's s0 is computed at the next round's first shadow step
 
-Each round emits 1 to k+1 tokens, all of them the attached model's greedy choices, so the output is
-the coupled mode's token for token. Sampling (temperature > 0) is not supported here yet.
+This is speculative sampling: every emitted token is distributed exactly as the attached model would
+have sampled it (with the same temperature, top-k, top-p and repetition penalty), whatever the
+shadow drafts. Greedy decoding is its special case in which every distribution is one-hot: a draft
+is accepted when it is the attached model's argmax, and the output is the coupled mode's token for
+token. A round may also start from shadow logits already computed (:meth:`SpeculativeDecoder.round_from`),
+which is how auto mode escalates a token it is not confident about.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import TypeVar
 import numpy as np
 
 from shadowpeft.runtime.errors import RuntimeGenerationError
-from shadowpeft.runtime.sampling import Sampler, SamplingConfig
+from shadowpeft.runtime.sampling import Sampler
 from shadowpeft.runtime.step import CloudLink, DeviceShadow
 
 __all__ = [
@@ -32,10 +38,10 @@ __all__ = [
     "DraftLength",
     "Round",
     "SpeculativeDecoder",
-    "accepted_prefix",
     "check_draft_tokens",
-    "check_greedy",
     "decode_rounds",
+    "speculative_step",
+    "verify_drafts",
 ]
 
 T = TypeVar("T")
@@ -90,40 +96,51 @@ class DraftLength:
             self.current = max(self.SMALLEST, self.current - 1)
 
 
-def check_greedy(sampling: SamplingConfig) -> None:
-    if sampling.temperature != 0:
-        raise ValueError(
-            f"Speculative mode decodes greedily only (temperature 0); got temperature {sampling.temperature}. "
-            "Speculative sampling is not implemented yet: use --mode coupled to sample with the attached model."
-        )
+def verify_drafts(
+    sampler: Sampler, drafts: Sequence[int], draft_probs: Sequence[np.ndarray], target_probs: Sequence[np.ndarray]
+) -> tuple[int, int]:
+    """Speculative sampling's acceptance test: how many drafts to keep, and the token that follows them.
 
+    Args:
+        sampler: Draws the random numbers and the next token (greedy: no randomness is used).
+        drafts: The drafted tokens d(1..k).
+        draft_probs: q(j), the distribution (V,) each draft was drawn from.
+        target_probs: p(j), the attached model's distribution (V,) at each draft's position, plus one
+            more after the last draft (k + 1 rows).
 
-def accepted_prefix(drafts: Sequence[int], choices: Sequence[int]) -> int:
-    """How many drafts the verifier accepts: the longest prefix where ``drafts[j] == choices[j]``.
-
-    ``choices[j]`` is the attached model's token after the drafts before ``j``; it has one more entry
-    than ``drafts``, so ``choices[accepted]`` is the attached model's own next token in every case.
+    Returns:
+        (accepted, next token): drafts[:accepted] then the next token are distributed as tokens drawn
+        from the attached model one by one.
     """
-    if len(choices) != len(drafts) + 1:
-        raise ValueError(f"choices needs one entry more than drafts; got {len(choices)} and {len(drafts)}.")
-    accepted = 0
-    while accepted < len(drafts) and drafts[accepted] == choices[accepted]:
-        accepted += 1
-    return accepted
+    if len(target_probs) != len(drafts) + 1 or len(draft_probs) != len(drafts):
+        raise ValueError(
+            f"verify_drafts needs one draft distribution per draft and one target more; got {len(drafts)} drafts, "
+            f"{len(draft_probs)} draft and {len(target_probs)} target distributions."
+        )
+    for j, token in enumerate(drafts):
+        p, q = target_probs[j], draft_probs[j]
+        ratio = p[token] / q[token] if q[token] > 0 else 0.0
+        if ratio >= 1.0 or (ratio > 0.0 and sampler.rng.random() < ratio):
+            continue
+        residual = np.maximum(p - q, 0.0)
+        total = residual.sum()
+        # p != q whenever a draft can be rejected, so the residual has mass; rounding could still empty it.
+        return j, sampler.pick(residual / total if total > 0 else p)
+    return len(drafts), sampler.pick(target_probs[-1])
 
 
 @dataclass(frozen=True)
 class Round:
-    """One draft-and-verify round: what was drafted, the attached choices, and the tokens it yields."""
+    """One draft-and-verify round: what was drafted, how much of it was accepted, and the token after."""
 
     drafts: list[int]
-    choices: list[int]
     accepted: int
+    next_token: int
 
     @property
     def tokens(self) -> list[int]:
         """The accepted drafts, then the attached model's own next token."""
-        return self.drafts[: self.accepted] + [self.choices[self.accepted]]
+        return self.drafts[: self.accepted] + [self.next_token]
 
 
 class SpeculativeDecoder:
@@ -132,7 +149,7 @@ class SpeculativeDecoder:
     Args:
         shadow: The device shadow (batch 1); it holds exactly the tokens the link has recorded.
         link: The sequence on the backbone server.
-        sampler: Picks tokens (greedy; a repetition penalty applies to drafts and choices alike).
+        sampler: Picks tokens; its settings (and a repetition penalty) apply to drafts and targets alike.
         draft_tokens: Most tokens drafted per round (k), or ``"auto"`` (:class:`DraftLength`).
         eos_ids: Drafting stops after one of these.
     """
@@ -146,15 +163,15 @@ class SpeculativeDecoder:
         draft_tokens: int | str,
         eos_ids: set[int] | frozenset[int] = frozenset(),
     ) -> None:
-        check_greedy(sampler.config)
         self.shadow, self.link, self.sampler = shadow, link, sampler
         self.draft_length = DraftLength.of(check_draft_tokens(draft_tokens))
         self.eos_ids = set(eos_ids)
         self.rounds = self.drafted = self.accepted = 0
 
-    def draft(self, shadow_logits: np.ndarray, seen: list[int]) -> int:
-        """The drafted token from the shadow's logits (V,) (tests override it to force drafts)."""
-        return self.sampler(shadow_logits, seen)
+    def draft(self, shadow_logits: np.ndarray, seen: list[int]) -> tuple[int, np.ndarray]:
+        """A drafted token and the distribution (V,) it was drawn from (tests override it to force drafts)."""
+        probs = self.sampler.distribution(shadow_logits, seen)
+        return self.sampler.pick(probs), probs
 
     def round(self, pending: Sequence[int], seen: list[int], room: int) -> Round:
         """Processes the ``pending`` tokens (not yet seen by the shadow), drafts, verifies, rolls back.
@@ -173,61 +190,97 @@ class SpeculativeDecoder:
         """
         logits, s0 = self.shadow.step(np.asarray([pending], dtype=np.int64))
         self.link.record(np.asarray(pending), s0[0])
+        return self.round_from(logits[0, -1], seen, room)
+
+    def round_from(self, shadow_logits: np.ndarray, seen: list[int], room: int, *, most: int | None = None) -> Round:
+        """A round whose pending tokens the shadow (and the link) already processed.
+
+        Args:
+            shadow_logits: The shadow's logits (V,) after the last processed token.
+            seen: Every token so far.
+            room: Most tokens this round may yield (>= 1).
+            most: Draft at most this many tokens (0: a plain coupled step); by default the draft length.
+
+        Raises:
+            ServerUnavailable, ServerRejected: From the link; the drafts are rolled back on both sides
+            first, so the shadow's cache ends at the last processed token again.
+        """
+        limit = min(self.draft_length.current if most is None else most, room - 1)
+        logits = shadow_logits
         drafts: list[int] = []
-        while len(drafts) < min(self.draft_length.current, room - 1) and not (drafts and drafts[-1] in self.eos_ids):
-            drafts.append(self.draft(logits[0, -1], seen + drafts))
-            logits, s0 = self.shadow.step(np.asarray([drafts[-1:]], dtype=np.int64))
-            self.link.record(np.asarray(drafts[-1:]), s0[0])
-        attached = self.link.verify(len(drafts) + 1)  # (k+1, V): after the last pending token, d1, .., dk
-        choices = [self.sampler(attached[j], seen + drafts[:j]) for j in range(len(drafts) + 1)]
-        accepted = accepted_prefix(drafts, choices)
+        draft_probs: list[np.ndarray] = []
+        while len(drafts) < limit and not (drafts and drafts[-1] in self.eos_ids):
+            token, probs = self.draft(logits, seen + drafts)
+            drafts.append(token)
+            draft_probs.append(probs)
+            step_logits, s0 = self.shadow.step(np.asarray([[token]], dtype=np.int64))
+            logits = step_logits[0, -1]
+            self.link.record(np.asarray([token]), s0[0])
+        try:
+            attached = self.link.verify(len(drafts) + 1)  # (k+1, V): after the last pending token, d1, .., dk
+        except Exception:
+            self.shadow.trim(len(drafts))
+            self.link.rollback(len(drafts))
+            raise
+        targets = [self.sampler.distribution(attached[j], seen + drafts[:j]) for j in range(len(drafts) + 1)]
+        accepted, next_token = verify_drafts(self.sampler, drafts, draft_probs, targets)
         rejected = len(drafts) - accepted
         self.shadow.trim(rejected)
         self.link.rollback(rejected)
         self.rounds += 1
         self.drafted += len(drafts)
         self.accepted += accepted
-        self.draft_length.update(len(drafts), accepted)
-        return Round(drafts, choices, accepted)
+        if most is None:
+            self.draft_length.update(len(drafts), accepted)
+        return Round(drafts, accepted, next_token)
 
 
 def decode_rounds(
-    decoder: SpeculativeDecoder,
+    step: Callable[[list[int], list[int], int], tuple[list[int], str]],
     prompt: Sequence[int],
     budget: int,
-    emit: Callable[[int], tuple[bool, T | None]],
-    timed: Callable[[float], None],
+    emit: Callable[[int, str, bool], tuple[bool, T | None]],
+    timed: Callable[[float, bool], None],
 ) -> Iterator[T]:
     """Runs rounds until ``emit`` says the sequence finished or ``budget`` tokens were generated.
 
     Args:
-        decoder: The rounds' decoder (a fresh shadow and link).
-        prompt: The prompt's ids.
+        step: Takes (pending tokens, every token so far, room) and returns the round's tokens (1..room)
+            and the mode that produced them; the last token is pending for the next round.
+        prompt: The prompt's ids (pending for the first round).
         budget: Most tokens to generate.
-        emit: Takes each token in order; returns (finished, an event to yield or ``None``).
-        timed: Gets each round's seconds (drafting, the verify request, the rollback).
-
-    Raises:
-        RuntimeGenerationError: The server is gone or refuses the sequence.
+        emit: Takes each token in order, its mode and whether it came from the first round; returns
+            (finished, an event to yield or ``None``).
+        timed: Gets each round's seconds and whether it was the first round (the prefill).
     """
-    from shadowpeft.runtime.errors import ServerRejected, ServerUnavailable
-
-    pending, seen, produced = list(prompt), list(prompt), 0
+    pending, seen, produced, first = list(prompt), list(prompt), 0, True
     while produced < budget:
         started = time.perf_counter()
-        try:
-            result = decoder.round(pending, seen, budget - produced)
-        except (ServerUnavailable, ServerRejected) as err:
-            raise RuntimeGenerationError(
-                f"Speculative mode lost the backbone server: {err}. Start it again, or run with --mode detached."
-            ) from err
-        timed(time.perf_counter() - started)
-        seen += result.tokens
-        pending = result.tokens[-1:]
-        for token in result.tokens:
+        tokens, mode = step(pending, seen, budget - produced)
+        timed(time.perf_counter() - started, first)
+        seen += tokens
+        pending = tokens[-1:]
+        for token in tokens:
             produced += 1
-            finished, event = emit(token)
+            finished, event = emit(token, mode, first)
             if event is not None:
                 yield event
             if finished:
                 return
+        first = False
+
+
+def speculative_step(decoder: SpeculativeDecoder) -> Callable[[list[int], list[int], int], tuple[list[int], str]]:
+    """Speculative mode's round for :func:`decode_rounds`: always the cloud, a clear error when it is gone."""
+    from shadowpeft.runtime.errors import ServerRejected, ServerUnavailable
+
+    def step(pending: list[int], seen: list[int], room: int) -> tuple[list[int], str]:
+        try:
+            return decoder.round(pending, seen, room).tokens, "speculative"
+        except (ServerUnavailable, ServerRejected) as err:
+            raise RuntimeGenerationError(
+                f"Speculative mode lost the backbone server: {err}. Start it again, or run with --mode auto "
+                "(falls back to the device shadow) or --mode detached."
+            ) from err
+
+    return step

@@ -16,7 +16,7 @@ from shadowpeft.runtime.generate import GenerationResult, Generator
 from shadowpeft.runtime.sampling import SamplingConfig
 from shadowpeft.runtime.server import ServerConfig, create_app
 from tests.runtime.conftest import serve_in_thread
-from tests.runtime.test_generate import GREEDY, PROMPTS, graph_greedy, model, pytorch_greedy  # noqa: F401
+from tests.runtime.test_generate import COUPLED_CLOUD, GREEDY, PROMPTS, graph_greedy, model, pytorch_greedy  # noqa: F401
 
 TOKEN = "live-test-token-0123456789"
 
@@ -53,7 +53,7 @@ def test_auto_mode_falls_back_when_the_server_dies_and_returns_when_it_restarts(
     with serving(export) as port:
         pass  # reserve a port number that is free again now
     client = client_for(port, timeout=1.0, retries=0)
-    generator = Generator(export, mode="auto", client=client, retry_interval_s=0.0)
+    generator = Generator(export, mode="auto", client=client, retry_interval_s=0.0, escalation=COUPLED_CLOUD)
     result = GenerationResult(PROMPTS[0])
     server = contextlib.ExitStack()
     server.enter_context(serving(export, port))

@@ -11,6 +11,7 @@ from shadowpeft.export.validate import ChainRunner
 from shadowpeft.reference_decode import greedy_decode
 from shadowpeft.runtime.contract import GraphIO, positions_for
 from shadowpeft.runtime.errors import RuntimeGenerationError
+from shadowpeft.runtime.escalation import EscalationPolicy
 from shadowpeft.runtime.export_dir import open_export
 from shadowpeft.runtime.generate import Generator
 from shadowpeft.runtime.sampling import SamplingConfig
@@ -18,6 +19,7 @@ from tests.runtime.loopback import LoopbackBackbone
 
 PROMPTS = [[5, 9, 31, 7, 12, 40, 3 + 8], [17, 23, 6]]
 GREEDY = SamplingConfig(max_new_tokens=10)
+COUPLED_CLOUD = EscalationPolicy(cloud="coupled")  # auto mode without a threshold: the server for every token
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_coupled_fails_clearly_when_the_server_goes_away(export):
 
 def test_auto_falls_back_to_detached_and_returns_to_coupled(export, model):
     backbone = LoopbackBackbone(export)
-    generator = Generator(export, mode="auto", client=backbone, retry_interval_s=0.0)
+    generator = Generator(export, mode="auto", client=backbone, retry_interval_s=0.0, escalation=COUPLED_CLOUD)
     from shadowpeft.runtime.generate import GenerationResult
 
     result = GenerationResult(PROMPTS[0])

@@ -16,7 +16,7 @@ from shadowpeft.runtime.generate import GenerationResult, Generator
 from shadowpeft.runtime.protocol import HEADER_LENGTH, encode_request
 from shadowpeft.runtime.sampling import Sampler, SamplingConfig
 from shadowpeft.runtime.server import ServerConfig, create_app
-from shadowpeft.runtime.speculative import DraftLength, SpeculativeDecoder, accepted_prefix
+from shadowpeft.runtime.speculative import DraftLength, SpeculativeDecoder, verify_drafts
 from shadowpeft.runtime.step import CloudLink, DeviceShadow
 from tests.runtime.conftest import serve_in_thread
 from tests.runtime.test_generate import PROMPTS
@@ -51,6 +51,13 @@ def speculative(export, url, k, **client_options) -> list[GenerationResult]:
     return Generator(export, mode="speculative", client=client, draft_tokens=k).generate(PROMPTS, GREEDY)
 
 
+def one_hot(token: int, size: int) -> tuple[int, np.ndarray]:
+    """A draft chosen for sure (greedy): the token and its one-hot distribution."""
+    probs = np.zeros(size)
+    probs[token] = 1.0
+    return token, probs
+
+
 def oracle(monkeypatch, expected: list[list[int]], right) -> None:
     """Makes the shadow draft ``expected`` (coupled's tokens) where ``right(position)``, a wrong token elsewhere."""
 
@@ -60,20 +67,28 @@ def oracle(monkeypatch, expected: list[list[int]], right) -> None:
             if seen[: len(prompt)] != prompt:
                 continue
             if seen[len(prompt) :] != tokens[:position]:
-                return 0  # after a wrong draft: rejected whatever it is
-            return tokens[position] if right(position) else (tokens[position] + 1) % shadow_logits.size
+                return one_hot(0, shadow_logits.size)  # after a wrong draft: rejected whatever it is
+            token = tokens[position] if right(position) else (tokens[position] + 1) % shadow_logits.size
+            return one_hot(token, shadow_logits.size)
         raise AssertionError("drafting for an unknown prompt")
 
     monkeypatch.setattr(SpeculativeDecoder, "draft", draft)
 
 
-def test_accepted_prefix() -> None:
-    assert accepted_prefix([], [7]) == 0
-    assert accepted_prefix([1, 2, 3], [1, 2, 3, 4]) == 3  # all right: three drafts plus the bonus token
-    assert accepted_prefix([1, 2, 3], [9, 2, 3, 4]) == 0  # the first is wrong: only the attached token
-    assert accepted_prefix([1, 2, 3], [1, 9, 3, 4]) == 1  # agreement after a mismatch does not count
-    with pytest.raises(ValueError, match="one entry more"):
-        accepted_prefix([1, 2], [1, 2])
+def test_greedy_verification_keeps_the_agreeing_prefix_then_the_attached_token() -> None:
+    greedy = Sampler(SamplingConfig())
+
+    def verify(drafts, choices):
+        size = 10
+        draft_probs = [one_hot(d, size)[1] for d in drafts]
+        return verify_drafts(greedy, drafts, draft_probs, [one_hot(c, size)[1] for c in choices])
+
+    assert verify([], [7]) == (0, 7)
+    assert verify([1, 2, 3], [1, 2, 3, 4]) == (3, 4)  # all right: three drafts plus the bonus token
+    assert verify([1, 2, 3], [9, 2, 3, 4]) == (0, 9)  # the first is wrong: only the attached token
+    assert verify([1, 2, 3], [1, 9, 3, 4]) == (1, 9)  # agreement after a mismatch does not count
+    with pytest.raises(ValueError, match="one target more"):
+        verify([1, 2], [1, 2])
 
 
 @pytest.mark.parametrize("k", range(1, 9))
@@ -234,8 +249,10 @@ def test_shadow_run_json_summary(toy_export, live) -> None:
     [
         (("--mode", "speculative", "--draft-tokens", "0"), "drafts at least 1 token"),
         (("--mode", "speculative", "--draft-tokens", "two"), "not a whole number"),
-        (("--mode", "coupled", "--draft-tokens", "2"), "--draft-tokens applies to --mode speculative only"),
-        (("--mode", "speculative", "--temperature", "0.7"), "decodes greedily only"),
+        (("--mode", "coupled", "--draft-tokens", "2"), "--draft-tokens applies to --mode speculative or auto"),
+        (("--mode", "speculative", "--escalate-below", "0.5"), "--escalate-below applies to --mode auto only"),
+        (("--mode", "auto", "--escalate-below", "1.5"), "1.5 is not in the range"),
+        (("--mode", "coupled", "--cloud", "coupled"), "--cloud applies to --mode auto only"),
     ],
 )
 def test_shadow_run_refuses_what_speculative_mode_does_not_do(toy_export, args, message) -> None:
@@ -243,10 +260,21 @@ def test_shadow_run_refuses_what_speculative_mode_does_not_do(toy_export, args, 
     assert cli.exit_code == 2 and message in cli.output, cli.output
 
 
-def test_generator_refuses_bad_draft_tokens_and_sampling(export, live) -> None:
+def test_generator_refuses_bad_draft_tokens(export, live) -> None:
     client = BackboneClient(live[1], token=TOKEN)
     for bad in (0, "Auto", True, 2.5):
         with pytest.raises(ValueError, match="draft_tokens must be an integer >= 1"):
             Generator(export, mode="speculative", client=client, draft_tokens=bad)
-    with pytest.raises(ValueError, match="greedily only"):
-        Generator(export, mode="speculative", client=client).generate(PROMPTS, SamplingConfig(temperature=0.5))
+
+
+def test_speculative_sampling_with_one_candidate_is_greedy_and_a_seed_repeats_itself(export, live, coupled) -> None:
+    # top-k 1 leaves one candidate per step: sampling must give coupled's greedy tokens, through the
+    # sampling path (acceptance ratios, residuals) rather than the greedy one.
+    client = BackboneClient(live[1], token=TOKEN, dtype="float32")
+    one = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=1, seed=0)
+    results = Generator(export, mode="speculative", client=client, draft_tokens=3).generate(PROMPTS, one)
+    assert [r.token_ids for r in results] == coupled
+    free = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=11)
+    runs = [Generator(export, mode="speculative", client=client, draft_tokens=3).generate(PROMPTS, free) for _ in "ab"]
+    assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]
+    assert all(len(r.token_ids) == 12 for r in runs[0])
