@@ -278,3 +278,26 @@ def test_speculative_sampling_with_one_candidate_is_greedy_and_a_seed_repeats_it
     runs = [Generator(export, mode="speculative", client=client, draft_tokens=3).generate(PROMPTS, free) for _ in "ab"]
     assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]
     assert all(len(r.token_ids) == 12 for r in runs[0])
+
+
+def test_shadow_run_auto_mode_reports_sides_and_the_cloud_fraction(toy_export, live) -> None:
+    import json
+
+    summaries = {}
+    for threshold in ("0", "1"):  # 0: every token on the device; 1: every token escalated
+        cli = _shadow_run(toy_export, live[1], "--mode", "auto", "--escalate-below", threshold, "--json")
+        assert cli.exit_code == 0, cli.output
+        lines = [json.loads(line) for line in cli.output.splitlines()]
+        summaries[threshold] = lines[-1]
+        sides = {line["side"] for line in lines[:-1]}
+        assert sides == ({"device"} if threshold == "0" else {"cloud"})
+    device, cloud = summaries["0"], summaries["1"]
+    assert device["cloud_fraction"] == 0.0 and device["escalated"] == 0 and device["round_trips"] == 0
+    assert cloud["cloud_fraction"] == 1.0 and cloud["tokens_by_mode"] == {"speculative": 8}
+    assert cloud["escalated"] >= 1 and cloud["round_trips_per_token"] == round(cloud["round_trips"] / 8, 4)
+
+
+def test_shadow_run_auto_mode_says_where_its_threshold_comes_from(toy_export, live) -> None:
+    cli = _shadow_run(toy_export, live[1], "--mode", "auto", "--escalate-below", "0.25", "--escalate", "request")
+    assert cli.exit_code == 0, cli.output
+    assert "confidence >= 0.25 (--escalate-below), decided per request" in cli.output
