@@ -2,7 +2,8 @@
 
 The base model is found from the checkpoint's own reference (``shadow_config.json``), or from
 ``--base``; :func:`shadowpeft.checkpoint.store.load_shadow` then checks the base fingerprint, so a
-checkpoint never attaches silently to a different base.
+checkpoint never attaches silently to a different base. :func:`read_escalation` reads the escalation
+threshold saved beside the checkpoint, which the manifest carries to the runtime.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from shadowpeft.checkpoint.fingerprint import fingerprint
 from shadowpeft.checkpoint.store import CONFIG_NAME, load_shadow
 from shadowpeft.errors import CheckpointError
 from shadowpeft.heads import ShadowForCausalLM
+from shadowpeft.runtime.manifest import Escalation
 from shadowpeft.train.jobs import load_base
+from shadowpeft.train.selective import ESCALATION_NAME, EscalationRecord
 
-__all__ = ["LoadedCheckpoint", "load_checkpoint"]
+__all__ = ["LoadedCheckpoint", "load_checkpoint", "read_escalation"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,22 @@ def load_checkpoint(checkpoint: Path, *, base: str | None = None) -> LoadedCheck
         raise CheckpointError(f"{checkpoint} did not load as a causal LM; re-save it with shadowpeft.")
     digest = hashlib.sha256(json.dumps(fingerprint(model.base).to_dict(), sort_keys=True).encode()).hexdigest()
     return LoadedCheckpoint(model.eval(), tokenizer, str(base_ref), digest)
+
+
+def read_escalation(checkpoint: Path) -> Escalation | None:
+    """The checkpoint's escalation threshold (``escalation.json``) as the manifest records it; None without one.
+
+    Raises:
+        CheckpointError: ``escalation.json`` exists but is not valid JSON or not a valid record.
+    """
+    try:
+        record = EscalationRecord.read(checkpoint)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err} shadow-export copies {ESCALATION_NAME} into the export's manifest: rewrite it with "
+            f"`shadowpeft eval --checkpoint {checkpoint} --selective`, or delete it to export without a threshold."
+        ) from err
+    return None if record is None else Escalation.from_dict(record.to_dict())
 
 
 def _read_header(checkpoint: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from shadowpeft import __version__
 from shadowpeft.export.bundle import check_destination, graph_files, staging_directory, write_tokenizer
 from shadowpeft.export.errors import ExportError
 from shadowpeft.export.graphs import export_view
-from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint
+from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint, read_escalation
 from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_data_files
 from shadowpeft.export.ort_format import ORT_KEY_PREFIX, convert_to_ort
 from shadowpeft.export.plan import GraphJob, graph_jobs, keys_for
@@ -38,7 +38,7 @@ from shadowpeft.export.quantize import (
 from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
 from shadowpeft.runtime.contract import CLOUD_BACKBONE, GRAPH_ROLES, GraphSpec
 from shadowpeft.runtime.devices import DeviceProfile
-from shadowpeft.runtime.manifest import SCHEMA_VERSION, Manifest, file_sha256
+from shadowpeft.runtime.manifest import SCHEMA_VERSION, Escalation, Manifest, file_sha256
 
 __all__ = [
     "STAGES",
@@ -90,6 +90,8 @@ def export_checkpoint(
 ) -> Manifest:
     """Exports ``checkpoint`` into the directory ``out`` and returns its manifest.
 
+    The checkpoint's ``escalation.json``, if it has one, becomes the manifest's ``escalation``.
+
     Raises:
         ExportError: Any stage failed (the message names it); nothing is left at ``out``.
         CheckpointError, AssetError: The checkpoint or its base cannot be loaded.
@@ -106,6 +108,7 @@ def export_checkpoint(
     quantization = fmt.manifest_name(fmt.parameters(requested))
     check_destination(out, overwrite=options.overwrite)
     report("load", str(checkpoint))
+    escalation = read_escalation(checkpoint)  # a malformed file stops the export before the slow stages
     loaded = load_checkpoint(checkpoint, base=options.base)
     with staging_directory(out, overwrite=options.overwrite) as root, _scratch() as scratch:
         report("trace", ", ".join(keys))
@@ -125,7 +128,7 @@ def export_checkpoint(
             quantization, quantized = _quantize(loaded, jobs, root, fp32_root, fmt, requested, report)
             figures.update(quantized)
         report("write", str(out))
-        manifest = _manifest(loaded, jobs, root, weights, quantization, options, figures)
+        manifest = _manifest(loaded, jobs, root, weights, quantization, options, figures, escalation)
         if options.profile is not None and options.profile.ort_format:
             manifest = _with_ort_copies(manifest, jobs, root)
         manifest.write(root)
@@ -210,6 +213,7 @@ def _manifest(
     quantization: str,
     options: ExportOptions,
     figures: dict[str, float],
+    escalation: Escalation | None,
 ) -> Manifest:
     graphs = {}
     device_bytes = 0
@@ -238,6 +242,7 @@ def _manifest(
         quantization=quantization,
         validation=figures,
         vocab_size=model.base.get_output_embeddings().weight.shape[0],
+        escalation=escalation,
     )
 
 

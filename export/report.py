@@ -1,10 +1,11 @@
-"""The summary ``shadow-export`` prints: graphs and sizes, parity, quantization agreement, memory fit."""
+"""The summary ``shadow-export`` prints: graphs and sizes, parity, quantization agreement, memory fit, escalation."""
 
 from __future__ import annotations
 
 from shadowpeft.runtime.contract import FP32
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.train.selective import CONFIDENCE_MEASURES
 
 __all__ = ["summary_lines"]
 
@@ -45,4 +46,25 @@ def summary_lines(manifest: Manifest, profile: DeviceProfile | None) -> list[str
             f"at {profile.max_context} tokens {figures['memory.kv_cache_mb']:.0f} MB)"
             + (f" vs budget {budget:.0f} MB: {verdict}" if budget is not None else f": {verdict}")
         )
+    lines += _escalation_lines(manifest)
     return lines
+
+
+def _escalation_lines(manifest: Manifest) -> list[str]:
+    """The escalation threshold the export carries (from the checkpoint's escalation.json), or that it has none."""
+    e = manifest.escalation
+    if e is None:
+        return ["Escalation: none (the checkpoint has no escalation.json; `shadowpeft eval --selective` writes one)."]
+    if e.threshold > 1.0:  # selective.ALL_ESCALATED
+        line = f"Escalation: threshold {e.threshold!r} on {e.confidence}, above 1: every step is escalated"
+    else:
+        line = f"Escalation: threshold {e.threshold:.4f}, answer on the device when {e.confidence} >= it"
+    if e.local_fraction is not None and e.combined_accuracy is not None and e.attached_accuracy is not None:
+        unit = "predicted tokens" if e.confidence == CONFIDENCE_MEASURES["lm"] else "examples"
+        line += (
+            f" ({e.local_fraction:.1%} local, combined accuracy {e.combined_accuracy:.1%} vs attached "
+            f"{e.attached_accuracy:.1%}"
+            + (f" on {e.examples} {unit} of the {e.split} split" if e.examples is not None and e.split else "")
+            + ")"
+        )
+    return [line + "."]

@@ -13,7 +13,8 @@ name, dtype and symbolic dimension from it and hard-codes none of them::
 The graph records (:class:`~shadowpeft.runtime.contract.specs.GraphSpec`, ``TensorSpec``) and the
 names in them are declared in :mod:`shadowpeft.runtime.contract`. Reading validates every key and
 raises one :class:`~shadowpeft.runtime.errors.ManifestError` that lists every problem;
-:func:`verify_files` checks the files against their recorded sha256.
+:func:`verify_files` checks the files against their recorded sha256. An export of a checkpoint with
+an ``escalation.json`` also carries its threshold (:class:`Escalation`, ``Manifest.escalation``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from shadowpeft.runtime.atomic import write_atomic
 from shadowpeft.runtime.contract import LOGITS, GraphSpec
 from shadowpeft.runtime.contract.fields import (
+    at,
     check_int,
     check_kind,
     check_path,
@@ -44,7 +46,7 @@ from shadowpeft.runtime.contract.fields import (
 from shadowpeft.runtime.contract.specs import graph_problems
 from shadowpeft.runtime.errors import ManifestError, format_problems
 
-__all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "Manifest", "file_sha256", "verify_files"]
+__all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "Escalation", "Manifest", "file_sha256", "verify_files"]
 
 MANIFEST_NAME = "manifest.json"
 #: Highest manifest schema this runtime reads. Bump it (and keep reading older ones) on any change.
@@ -54,6 +56,76 @@ SCHEMA_VERSION = 2
 _VOCAB_SIZE_SINCE = 2
 
 _HASH_CHUNK = 1 << 20
+#: Largest escalation threshold accepted: training's "escalate everything" threshold is the float just
+#: above 1.0, so no confidence reaches it; this leaves room for it and for rounding, and no more.
+_THRESHOLD_MAX = 1.0000001
+_FRACTIONS = (
+    "tolerance",
+    "local_fraction",
+    "combined_accuracy",
+    "attached_accuracy",
+    "detached_accuracy",
+    "detached_ece",
+)
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """When the device answers alone and when it asks the cloud: the threshold chosen for the checkpoint.
+
+    ``shadow-export`` copies it from the checkpoint's ``escalation.json`` (written by training or by
+    ``shadowpeft eval --selective``). A step (or an example) is answered by the detached shadow when its
+    confidence is at least ``threshold`` and escalated to the attached model otherwise.
+
+    Attributes:
+        confidence: Name of the confidence measure the threshold applies to: ``token-probability`` (the
+            largest softmax probability of the detached shadow's logits at each step, temperature 1),
+            ``first-token-probability`` or ``class-probability``.
+        threshold: Answer locally when the confidence is >= this, in [0, 1]; just above 1.0 means
+            "always escalate".
+        tolerance: Accuracy the combined model was allowed to lose against attached.
+        local_fraction: Share of the held-out examples answered locally at ``threshold``.
+        combined_accuracy: Accuracy of the local / escalated mix at ``threshold``.
+        attached_accuracy: Attached accuracy on the same examples.
+        detached_accuracy: Detached accuracy on the same examples.
+        detached_ece: Expected calibration error of the detached confidence.
+        examples: Number of examples (predicted tokens, for ``token-probability``) it was chosen on.
+        split: The split they came from, e.g. ``"test"``.
+
+    Raises:
+        ManifestError: On construction, listing every invalid field.
+    """
+
+    confidence: str
+    threshold: float
+    tolerance: float | None = None
+    local_fraction: float | None = None
+    combined_accuracy: float | None = None
+    attached_accuracy: float | None = None
+    detached_accuracy: float | None = None
+    detached_ece: float | None = None
+    examples: int | None = None
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        raise_if(escalation_problems(dataclasses.asdict(self), "escalation"), "Invalid Escalation")
+        for name in ("threshold", *_FRACTIONS):  # JSON's 1 and 0 read back as ints; keep the floats floats
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "escalation") -> Escalation:
+        """Builds the record from its JSON form; keys other than ``confidence`` and ``threshold`` may be absent.
+
+        Raises:
+            ManifestError: Listing every unknown, missing or invalid key.
+        """
+        raise_if(escalation_problems(data, where), f"Invalid {where}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the JSON form: every field, ``null`` for those not recorded."""
+        return shallow_values(self)
 
 
 @dataclass(frozen=True)
@@ -77,6 +149,8 @@ class Manifest:
         vocab_size: Vocabulary size of the base model (token ids are in ``[0, vocab_size)``). Required
             from schema version 2; a version-1 manifest takes it from its graphs' ``logits`` outputs
             (``None`` if none has a fixed width) and does not write it back.
+        escalation: The escalation threshold of the exported checkpoint (its ``escalation.json``), or
+            ``None`` when it had none; the key is then absent from ``manifest.json``.
 
     Raises:
         ManifestError: On construction, listing every invalid field.
@@ -95,12 +169,18 @@ class Manifest:
     quantization: str
     validation: dict[str, float]
     vocab_size: int | None = None
+    escalation: Escalation | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tokenizer_files, list):
             object.__setattr__(self, "tokenizer_files", tuple(self.tokenizer_files))
         graphs = self.graphs.values() if isinstance(self.graphs, Mapping) else ()
         problems = instance_problems(tuple(graphs), GraphSpec, "graphs")
+        if self.escalation is not None and not isinstance(self.escalation, Escalation):
+            problems.append(
+                f"escalation must be an Escalation or None; got {show(self.escalation)}. Build it with "
+                "Escalation(...) or Escalation.from_dict(...)."
+            )
         if not problems and _is_legacy(self.schema_version) and self.vocab_size is None:
             object.__setattr__(self, "vocab_size", legacy_vocab_size(self.graphs))
         if not problems:
@@ -146,8 +226,15 @@ class Manifest:
         raise_if(problems, f"Invalid {source}", fix="re-export with shadow-export, or fix these keys")
         graphs = {key: GraphSpec.from_dict(graph) for key, graph in data["graphs"].items()}
         tokenizer_files = tuple(data["tokenizer_files"])
+        escalation = Escalation.from_dict(data["escalation"]) if data.get("escalation") is not None else None
         return cls(
-            **{**data, "graphs": graphs, "tokenizer_files": tokenizer_files, "validation": dict(data["validation"])}
+            **{
+                **data,
+                "graphs": graphs,
+                "tokenizer_files": tokenizer_files,
+                "validation": dict(data["validation"]),
+                "escalation": escalation,
+            }
         )
 
     @classmethod
@@ -194,6 +281,10 @@ class Manifest:
         }
         if _is_legacy(self.schema_version):  # a version-1 reader does not know the key
             del data["vocab_size"]
+        if self.escalation is None:  # absent rather than null: exports without one read as before
+            del data["escalation"]
+        else:
+            data["escalation"] = self.escalation.to_dict()
         return data
 
     def write(self, path: str | Path) -> Path:
@@ -314,12 +405,42 @@ def _manifest_problems(data: Any) -> list[str]:
     if "tokenizer_files" in data and check_kind(data["tokenizer_files"], "tokenizer_files", problems, array=True):
         for index, relative in enumerate(data["tokenizer_files"]):
             check_path(relative, f"tokenizer_files[{index}]", problems)
+    if data.get("escalation") is not None:
+        problems += escalation_problems(data["escalation"], "escalation")
     if "validation" in data and check_kind(data["validation"], "validation", problems, array=False):
         for metric, value in data["validation"].items():
             is_int = isinstance(value, int) and not isinstance(value, bool)
             if not is_int and not (isinstance(value, float) and math.isfinite(value)):
                 problems.append(f"validation[{metric!r}] must be a finite number; got {show(value)}. Re-export.")
     return problems
+
+
+def escalation_problems(data: Any, where: str) -> list[str]:
+    """Every problem of an escalation record's JSON form (``Manifest.escalation``)."""
+    problems: list[str] = []
+    if not record_problems(data, where, Escalation, problems):
+        return problems
+    if "confidence" in data:
+        check_str(data["confidence"], at(where, "confidence"), problems)
+    if "threshold" in data and not _is_number_in(data["threshold"], 0.0, _THRESHOLD_MAX):
+        problems.append(
+            f"{at(where, 'threshold')} must be a finite number in [0, 1] (just above 1 for 'always escalate'); "
+            f"got {show(data['threshold'])}. Choose the threshold again (shadowpeft eval --selective) and re-export."
+        )
+    for key in _FRACTIONS:
+        if data.get(key) is not None and not _is_number_in(data[key], 0.0, 1.0):
+            problems.append(f"{at(where, key)} must be a fraction in [0, 1] or null; got {show(data[key])}.")
+    if data.get("examples") is not None:
+        check_int(data["examples"], at(where, "examples"), problems, minimum=1)
+    if data.get("split") is not None:
+        check_str(data["split"], at(where, "split"), problems, optional=True)
+    return problems
+
+
+def _is_number_in(value: Any, low: float, high: float) -> bool:
+    """A finite int or float (never a bool) in [low, high]."""
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    return is_number and math.isfinite(value) and low <= value <= high
 
 
 def _digest_problem(root: Path, relative: str, expected: str) -> str | None:

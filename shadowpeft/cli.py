@@ -388,16 +388,17 @@ def eval_command(
         return
     if modes:
         raise click.BadParameter("--selective always scores both modes; drop --mode.", param_hint="--mode")
-    from shadowpeft.train.selective import format_selective_table
+    from shadowpeft.train.selective import CONFIDENCE_MEASURES, format_selective_table
 
     record, rows = selective_job(
         checkpoint=checkpoint, data=data, limit=limit, base=base, tolerance=tolerance, save=save_threshold
     )
     chosen = next(row for row in rows if row.threshold == record.threshold)
     click.echo(format_selective_table(rows, record.attached_accuracy, chosen))
+    unit = "predicted tokens" if record.confidence == CONFIDENCE_MEASURES["lm"] else "examples"
     click.echo(
         f"attached {100 * record.attached_accuracy:.2f}%, detached {100 * record.detached_accuracy:.2f}% on "
-        f"{record.examples} examples; detached expected calibration error {record.detached_ece:.3f} "
+        f"{record.examples} {unit}; detached expected calibration error {record.detached_ece:.3f} "
         f"(confidence: {record.confidence})"
     )
     click.echo(

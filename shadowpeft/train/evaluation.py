@@ -1,6 +1,8 @@
 """Task metrics: accuracy (classification, label generation) and perplexity (language modelling).
 
 Works for ShadowPEFT models (pass ``mode``) and for any HF / peft model (``mode=None``).
+:func:`score_examples` scores each answer with a confidence, for selective prediction: an example
+of a classification or generation task, or each predicted token of a language-modelling text.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from shadowpeft.train.datasets import GenerationExample, TaskData
-from shadowpeft.train.encoding import PadCollator, encode_prompt, encode_task
+from shadowpeft.train.encoding import IGNORE_INDEX, PadCollator, encode_prompt, encode_task
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,15 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 class ExampleScores:
     """Per-example correctness and confidence of one model (in one ``mode``) on one split.
 
+    For a language-modelling task the "examples" are the predicted tokens of the test texts (see
+    :func:`score_examples`), so ``examples`` counts tokens, not texts.
+
     Attributes:
         mode: ``attached``, ``detached`` or ``None`` (a plain HF / peft model).
-        correct: Whether each example was answered correctly, in split order.
+        correct: Whether each example was answered correctly, in split order (tokens in text order).
         confidence: The model's confidence in each answer, in [0, 1]: the largest class probability
-            (classification) or the probability of the first generated token (generation).
+            (classification), the probability of the first generated token (generation), or the
+            largest next-token probability at that position (language modelling, teacher-forced).
     """
 
     mode: str | None
@@ -120,26 +126,23 @@ def score_examples(
     Classification: correct when the argmax of the class logits is the label; confidence is the
     largest softmax probability of the class logits. Generation: greedy decode, correct on an exact
     match (:func:`normalise_answer`); confidence is the probability of the first generated token,
-    the largest softmax probability of the first decoding step's raw logits.
+    the largest softmax probability of the first decoding step's raw logits. Language modelling:
+    every predicted token of the test texts is an example, scored teacher-forced (one forward per
+    batch): at each real position ``t`` whose next token is a label (labels != -100), correct when
+    the argmax of the logits is token ``t + 1``; confidence is the largest softmax probability
+    (float32, temperature 1) of those logits, the same measure the runtime's token-level escalation
+    reads from the detached shadow's logits at each step. ``limit`` counts texts, not tokens.
 
     Args:
         model: A ShadowPEFT model (pass ``mode``) or any HF / peft model (``mode=None``).
-        task: A classification or generation task.
+        task: A classification, generation or language-modelling task.
         tokenizer: The model's tokenizer.
         mode: ``attached`` or ``detached`` for ShadowPEFT models.
         max_length: Tokens kept per input.
-        batch_size: Examples per forward / generate call.
+        batch_size: Examples (texts, for language modelling) per forward / generate call.
         max_new_tokens: Generation budget; by default the longest completion plus 2 tokens.
-        limit: Score a fixed random subset of this many examples.
-
-    Raises:
-        ValueError: ``task`` is a language-modelling task, which has no per-example answer to be confident in.
+        limit: Score a fixed random subset of this many examples (texts, for language modelling).
     """
-    if task.kind not in ("classification", "generation"):
-        raise ValueError(
-            f"score_examples needs a classification or generation task; {task.name!r} is {task.kind!r}. "
-            "Language modelling has no per-example answer (and so no confidence); use evaluate() for perplexity."
-        )
     with _eval_mode(model):
         subset = TaskData(task.name, task.kind, (), evaluation_subset(task.test, limit), task.labels)
         args = (model, subset, tokenizer, mode, max_length, batch_size, max_new_tokens)
@@ -151,9 +154,11 @@ def score_examples(
 def _score_subset(
     model, task, tokenizer, mode, max_length, batch_size, max_new_tokens, *, with_confidence: bool
 ) -> tuple[list[bool], list[float] | None]:
-    """Per-example correctness, and confidence when asked (always computed for classification: it is free)."""
+    """Per-example correctness, and confidence when asked (always computed for classification and LM: it is free)."""
     if task.kind == "classification":
         return _classification_scores(model, task, tokenizer, mode, max_length, batch_size)
+    if task.kind == "lm":
+        return _token_scores(model, task, tokenizer, mode, max_length, batch_size)
     return _generation_scores(model, task, tokenizer, mode, max_length, batch_size, max_new_tokens, with_confidence)
 
 
@@ -194,6 +199,25 @@ def _classification_scores(model, task, tokenizer, mode, max_length, batch_size)
         logits = model(**inputs, **_mode_kwargs(mode)).logits  # (B, C)
         correct += (logits.argmax(-1) == labels).tolist()
         confidence += _top_probability(logits)
+    return correct, confidence
+
+
+def _token_scores(model, task, tokenizer, mode, max_length, batch_size) -> tuple[list[bool], list[float]]:
+    """Teacher-forced next-token scores of every predicted token, texts in split order, tokens in text order."""
+    rows = encode_task(task, tokenizer, split="test", max_length=max_length)
+    collate = PadCollator.for_tokenizer(tokenizer, side="right")
+    correct: list[bool] = []
+    confidence: list[float] = []
+    for batch in _batches(rows, batch_size):
+        inputs = _on_device(collate(list(batch)), model)
+        labels = inputs.pop("labels")
+        logits = model(**inputs, **_mode_kwargs(mode)).logits[:, :-1]  # (B, T-1, V): position t predicts t + 1
+        targets = labels[:, 1:]  # (B, T-1); -100 on padding
+        predicted = targets != IGNORE_INDEX
+        # Only the predicted positions, row-major: softmax over (N, V), not over the padded (B, T-1, V).
+        kept = logits[predicted]  # (N, V)
+        correct += (kept.argmax(-1) == targets[predicted]).tolist()
+        confidence += _top_probability(kept)
     return correct, confidence
 
 

@@ -33,7 +33,7 @@ from shadowpeft.runtime.atomic import publish_directory
 from shadowpeft.train.datasets import TaskData, load_task_data
 from shadowpeft.train.evaluation import EvalResult, evaluate
 from shadowpeft.train.recipes import RECIPES, Levers, apply_levers
-from shadowpeft.train.selective import CONFIDENCE_MEASURES, EscalationRecord, SelectiveRow
+from shadowpeft.train.selective import EscalationRecord, SelectiveRow
 from shadowpeft.train.trainer import (
     TrainSettings,
     TrainSummary,
@@ -388,20 +388,17 @@ def selective_job(
     The threshold keeps the largest share of examples local (detached confidence at or above it) while
     the combined accuracy stays within ``tolerance`` of attached; with ``save`` it is written to
     ``<checkpoint>/escalation.json`` (replacing the one training saved), where ``shadow-export`` finds it.
+    A language-modelling checkpoint is scored per predicted token (``token-probability``, see
+    :func:`~shadowpeft.train.evaluation.score_examples`); ``limit`` then counts texts.
 
     Raises:
-        CheckpointError: not a ShadowPEFT checkpoint with both modes, or a task without per-example answers.
+        CheckpointError: not a ShadowPEFT checkpoint with both modes.
     """
     loaded = load_for_eval(checkpoint, data=data, base=base)
     if loaded.method != "shadow":
         raise CheckpointError(
             f"--selective compares the detached and attached modes of a ShadowPEFT checkpoint; {checkpoint} is a "
             f"{loaded.method} checkpoint."
-        )
-    if loaded.task.kind not in CONFIDENCE_MEASURES:
-        raise CheckpointError(
-            f"--selective needs a classification or generation task; {loaded.task.name!r} is {loaded.task.kind!r} "
-            "(language modelling has no per-example answer to escalate)."
         )
     _, record, rows = escalation_scores(
         loaded.model, loaded.task, loaded.tokenizer, max_length=loaded.max_length, limit=limit, tolerance=tolerance

@@ -9,6 +9,15 @@ and by the attached (cloud) model otherwise::
 :func:`selective_rows` sweeps the threshold, :func:`choose_threshold` picks the one that keeps most
 examples local within a tolerance of the attached accuracy, and :class:`EscalationRecord` saves the
 choice as ``escalation.json`` beside a checkpoint. Pure Python: no torch import.
+
+The confidence depends on the task (:data:`CONFIDENCE_MEASURES`, computed by
+:func:`shadowpeft.train.evaluation.score_examples`): the largest class probability
+(classification), the probability of the first generated token (generation), or, for language
+modelling, the largest next-token probability at each predicted token: there every token is an
+example, answered locally or escalated on its own. That is the measure the runtime's token-level
+escalation reads at each decoding step (the largest softmax probability of the detached shadow's
+logits, temperature 1), so a threshold chosen on ``token-probability`` applies to it as is.
+``shadow-export`` carries the record into the export's manifest (``Manifest.escalation``).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ ESCALATION_NAME = "escalation.json"
 CONFIDENCE_MEASURES: dict[str, str] = {
     "classification": "class-probability",
     "generation": "first-token-probability",
+    "lm": "token-probability",
 }
 # A threshold just above 1.0: no confidence reaches it, so every example is escalated.
 ALL_ESCALATED = math.nextafter(1.0, 2.0)
@@ -190,7 +200,7 @@ class EscalationRecord:
         attached_accuracy: Attached accuracy on the same examples.
         detached_accuracy: Detached accuracy on the same examples.
         detached_ece: Expected calibration error of the detached confidence (10 bins).
-        examples: Number of examples the threshold was chosen on.
+        examples: Number of examples the threshold was chosen on (predicted tokens, for ``token-probability``).
         split: The split they came from, e.g. ``"test"``.
     """
 

@@ -271,23 +271,24 @@ def final_evaluation(
 ) -> None:
     """Fill ``summary.metrics`` (one per mode) and, with both modes, ``summary.escalation``.
 
-    With an attached and a detached mode on a classification or generation task, both are scored
-    per example, and the escalation threshold (the largest local share whose combined accuracy stays
-    within 1 point of attached, :mod:`shadowpeft.train.selective`) is chosen on these test examples.
+    With an attached and a detached mode, both are scored per example, and the escalation threshold
+    (the largest local share whose combined accuracy stays within 1 point of attached,
+    :mod:`shadowpeft.train.selective`) is chosen on these test examples. Classification and generation
+    report those per-example accuracies as their metrics; language modelling keeps perplexity as its
+    metric and chooses the threshold on the predicted tokens' next-token accuracy (``token-probability``).
     """
     selective = set(modes) == {"attached", "detached"} and task.kind in CONFIDENCE_MEASURES
-    if not selective:
+    limit = settings.eval_examples
+    if not selective or task.kind == "lm":
         for mode in modes:
             summary.metrics.append(
-                evaluate(
-                    model, task, tokenizer, mode=mode, max_length=settings.max_length, limit=settings.eval_examples
-                )
+                evaluate(model, task, tokenizer, mode=mode, max_length=settings.max_length, limit=limit)
             )
+    if not selective:
         return
-    scores, record, _ = escalation_scores(
-        model, task, tokenizer, max_length=settings.max_length, limit=settings.eval_examples
-    )
-    summary.metrics += [EvalResult("accuracy", s.accuracy, s.examples, mode) for mode, s in scores.items()]
+    scores, record, _ = escalation_scores(model, task, tokenizer, max_length=settings.max_length, limit=limit)
+    if task.kind != "lm":
+        summary.metrics += [EvalResult("accuracy", s.accuracy, s.examples, mode) for mode, s in scores.items()]
     summary.escalation = record.to_dict()
 
 

@@ -17,7 +17,9 @@ from shadowpeft import get_shadow_model
 from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export import pipeline
 from shadowpeft.export.cli import main
-from shadowpeft.runtime.manifest import MANIFEST_NAME, Manifest, verify_files
+from shadowpeft.runtime.export_dir import open_export
+from shadowpeft.runtime.manifest import MANIFEST_NAME, Escalation, Manifest, verify_files
+from shadowpeft.train.selective import ESCALATION_NAME, EscalationRecord
 from tests.conftest import perturb
 from tests.tolerances import BROKEN_PASS_KL, BROKEN_PASS_TOP1
 from tests.toy import save_toy_base
@@ -36,6 +38,20 @@ def toy(tmp_path_factory) -> dict[str, Path]:
 
 def run(*args: str | Path) -> object:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+ESCALATION = EscalationRecord(
+    confidence="token-probability",
+    threshold=0.4375,
+    tolerance=0.01,
+    local_fraction=0.625,
+    combined_accuracy=0.5,
+    attached_accuracy=0.505,
+    detached_accuracy=0.375,
+    detached_ece=0.08,
+    examples=96,
+    split="test",
+)
 
 
 def test_split_coupled_int8_for_a_laptop_profile(toy, tmp_path):
@@ -79,6 +95,8 @@ def test_detached_reexport_is_byte_identical_and_int4_applies(toy, tmp_path):
         assert result.exit_code == 0, result.output
     manifest = Manifest.from_file(first)
     assert set(manifest.graphs) == {"device/shadow"} and manifest.quantization == "int4-block32-acc4"
+    # No escalation.json in the checkpoint: no escalation in the manifest, not even a null.
+    assert manifest.escalation is None and "escalation" not in json.loads((first / MANIFEST_NAME).read_text())
     names = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
     for name in names:
@@ -120,6 +138,8 @@ def test_failure_mid_export_leaves_nothing_that_looks_complete(toy, tmp_path, mo
         ("ok", ["--device", "no-such-phone"], "Unknown device profile 'no-such-phone'"),
         ("published", [], "--base"),
         ("ok", ["--quantize", "int3"], "Invalid value for '--quantize'"),
+        ("escalation-not-json", [], "escalation.json is not valid JSON"),
+        ("escalation-bad-threshold", [], "threshold=2.5 is not a number in [0, 1]"),
     ],
 )
 def test_bad_input_gets_one_clear_error_and_no_output(toy, tmp_path, setup, args, expected):
@@ -132,12 +152,18 @@ def test_bad_input_gets_one_clear_error_and_no_output(toy, tmp_path, setup, args
         (ckpt / "shadow_model.safetensors").write_bytes(b"not safetensors")
     if setup == "published":
         (ckpt / "shadow_config.json").write_text(json.dumps({"num_shadow_layers": 1}))
+    if setup == "escalation-not-json":
+        (ckpt / ESCALATION_NAME).write_text("{")
+    if setup == "escalation-bad-threshold":
+        (ckpt / ESCALATION_NAME).write_text(json.dumps({**ESCALATION.to_dict(), "threshold": 2.5}))
     args = [str(toy["other"]) if a == "OTHER" else a for a in args]
     result = run(ckpt, "-o", tmp_path / "out", "--detached", *args)
     assert result.exit_code in (1, 2), result.output
     assert expected in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+    if setup.startswith("escalation"):  # names the file and the command that rewrites it
+        assert f"{ckpt / ESCALATION_NAME}" in result.output and "--selective" in result.output
 
 
 def test_unsupported_architecture_is_named(toy, tmp_path):
@@ -192,3 +218,18 @@ def test_a_multi_layer_shadow_copied_from_base_layers_exports_with_parity(toy, t
     for chain in ("detached", "split", "coupled"):
         assert manifest.validation[f"{chain}.logits_max_abs_diff"] <= 1e-4
         assert manifest.validation[f"{chain}.greedy_agreement"] == 1.0
+
+
+def test_the_checkpoints_escalation_threshold_travels_into_the_manifest(toy, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy["ckpt"], ckpt)
+    ESCALATION.save(ckpt)
+    out = tmp_path / "export"
+    result = run(ckpt, "-o", out, "--detached")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / MANIFEST_NAME).read_text())["escalation"] == ESCALATION.to_dict()
+    escalation = open_export(out).manifest.escalation  # verified, as the runtime opens it
+    assert escalation == Escalation(**ESCALATION.to_dict())
+    assert (escalation.confidence, escalation.threshold) == ("token-probability", 0.4375)
+    assert "Escalation: threshold 0.4375, answer on the device when token-probability >= it" in result.output
+    assert "62.5% local" in result.output and "on 96 predicted tokens of the test split" in result.output

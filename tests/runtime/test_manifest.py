@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,14 @@ import pytest
 
 from shadowpeft.runtime.contract import DTYPES, ROLES, GraphSpec, TensorSpec
 from shadowpeft.runtime.errors import ManifestError
-from shadowpeft.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, file_sha256, verify_files
+from shadowpeft.runtime.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    Escalation,
+    Manifest,
+    file_sha256,
+    verify_files,
+)
 
 SHA_A = "a" * 64
 
@@ -458,3 +466,81 @@ def test_schema_1_manifest_from_file(tmp_path: Path, data: dict[str, Any]) -> No
     data["schema_version"] = 1
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     assert Manifest.from_file(tmp_path).vocab_size == 128
+
+
+# --- escalation: the threshold the exported checkpoint chose (optional) ------------------------------
+
+ESCALATION = {
+    "confidence": "token-probability",
+    "threshold": 0.625,
+    "tolerance": 0.01,
+    "local_fraction": 0.5,
+    "combined_accuracy": 0.75,
+    "attached_accuracy": 0.76,
+    "detached_accuracy": 0.6,
+    "detached_ece": 0.05,
+    "examples": 1200,
+    "split": "test",
+}
+
+
+def test_without_escalation_the_key_stays_absent(data: dict[str, Any]) -> None:
+    manifest = Manifest.from_dict(data)
+    assert manifest.escalation is None and "escalation" not in manifest.to_dict()
+    assert Manifest.from_dict({**data, "escalation": None}).escalation is None
+
+
+def test_escalation_round_trips_through_the_file(tmp_path: Path, data: dict[str, Any]) -> None:
+    data["escalation"] = dict(ESCALATION)
+    manifest = Manifest.from_dict(data)
+    assert manifest.escalation == Escalation(**ESCALATION)
+    assert manifest.escalation.threshold == 0.625 and manifest.escalation.confidence == "token-probability"
+    assert manifest.to_dict() == data
+    manifest.write(tmp_path)
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["escalation"] == ESCALATION
+    assert Manifest.from_file(tmp_path) == manifest
+
+
+def test_escalation_needs_only_confidence_and_threshold(data: dict[str, Any]) -> None:
+    data["escalation"] = {"confidence": "class-probability", "threshold": 1}
+    escalation = Manifest.from_dict(data).escalation
+    assert escalation == Escalation("class-probability", 1.0) and isinstance(escalation.threshold, float)
+    assert escalation.examples is None and escalation.split is None
+    always = Escalation("token-probability", math.nextafter(1.0, 2.0))  # training's "escalate everything"
+    assert always.threshold > 1.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("threshold", 1.5, "escalation.threshold must be a finite number in [0, 1]"),
+        ("threshold", -0.1, "escalation.threshold must be a finite number in [0, 1]"),
+        ("threshold", float("nan"), "escalation.threshold must be a finite number in [0, 1]"),
+        ("threshold", "0.5", "escalation.threshold must be a finite number in [0, 1]"),
+        ("threshold", True, "escalation.threshold must be a finite number in [0, 1]"),
+        ("confidence", "", "escalation.confidence must be a non-empty string; got ''"),
+        ("confidence", 3, "escalation.confidence must be a non-empty string; got 3"),
+        ("local_fraction", 1.2, "escalation.local_fraction must be a fraction in [0, 1] or null; got 1.2"),
+        ("examples", 0, "escalation.examples must be an integer >= 1; got 0"),
+        ("split", "", "escalation.split must be a non-empty string or null"),
+        ("margin", 0.1, "escalation: unknown key 'margin'. Allowed keys: confidence, threshold, tolerance"),
+    ],
+)
+def test_bad_escalation_is_named(data: dict[str, Any], key: str, value: Any, expected: str) -> None:
+    data["escalation"] = {**ESCALATION, key: value}
+    assert _one_problem(data).startswith(expected)
+
+
+def test_escalation_without_threshold_or_not_an_object(data: dict[str, Any]) -> None:
+    data["escalation"] = {"confidence": "token-probability"}
+    assert _one_problem(data).startswith("escalation: missing key 'threshold'")
+    data["escalation"] = 0.5
+    assert _one_problem(data).startswith("escalation must be a JSON object; got 0.5 (float)")
+
+
+def test_escalation_in_code_is_validated(data: dict[str, Any]) -> None:
+    with pytest.raises(ManifestError, match=r"escalation\.threshold must be a finite number"):
+        Escalation("token-probability", 2.0)
+    values = {**Manifest.from_dict(data).__dict__, "escalation": dict(ESCALATION)}
+    with pytest.raises(ManifestError, match=r"escalation must be an Escalation or None; got \{"):
+        Manifest(**values)

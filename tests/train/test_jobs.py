@@ -18,6 +18,7 @@ from shadowpeft import ShadowConfig
 from shadowpeft.checkpoint.store import load_pretrained_shadow_into, load_shadow
 from shadowpeft.cli import main
 from shadowpeft.train.jobs import eval_job, load_base, train_job
+from shadowpeft.train.selective import EscalationRecord
 from shadowpeft.train.trainer import TrainSettings
 from tests.toy import save_toy_base, write_toy_data
 
@@ -41,13 +42,22 @@ def test_training_reduces_loss_and_the_checkpoint_reloads(toy, tmp_path, kind):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["shadow_config.json", "shadow_model.safetensors", "training.json"]
         + (["shadow_modules.safetensors"] if kind == "classification" else [])
-        + (["escalation.json"] if kind != "lm" else [])  # a threshold needs per-example answers
+        + ["escalation.json"]  # language modelling too: one example per predicted token
     )
     assert not out.with_name("adapter.partial").exists()
     again = eval_job(checkpoint=out, data=None, modes=("attached", "detached"))
     assert [(r.metric, r.value, r.examples) for r in again] == [
         (m.metric, m.value, m.examples) for m in summary.metrics
     ]
+    record = EscalationRecord.read(out)
+    assert record is not None and record.to_dict() == summary.escalation
+    if kind == "lm":  # perplexity stays the metric; the threshold is chosen per token
+        assert [m.metric for m in summary.metrics] == ["perplexity", "perplexity"]
+        assert record.confidence == "token-probability" and record.examples > summary.metrics[0].examples
+        code, output = _cli(["eval", "--checkpoint", str(out), "--selective", "--no-save-threshold"])
+        assert code == 0, output
+        assert f"on {record.examples} predicted tokens" in output and "(confidence: token-probability)" in output
+        assert f"threshold {record.threshold:.4f}:" in output  # the same choice as training's
 
 
 def test_resume_continues_from_the_saved_step(toy, tmp_path, monkeypatch):

@@ -14,7 +14,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from shadowpeft import get_shadow_model
 from shadowpeft.errors import CheckpointError
-from shadowpeft.train.datasets import ClassificationExample, GenerationExample, TaskData, load_task_data
+from shadowpeft.train.datasets import (
+    ClassificationExample,
+    GenerationExample,
+    TaskData,
+    TextExample,
+    load_task_data,
+)
 from shadowpeft.train.encoding import encode_prompt, encode_task
 from shadowpeft.train.evaluation import ExampleScores, evaluate, evaluation_subset, score_examples
 from shadowpeft.train.selective import (
@@ -248,11 +254,13 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     base = save_toy_base(root / "base")
     lm = load_task_data(write_toy_data(root, rows=20)["lm"], test_fraction=0.5)
     classes = tuple(ClassificationExample(_text(i), COLORS[i % 3]) for i in range(10))
+    texts = tuple(TextExample(_text(i)) for i in range(10))  # 2 to 6 words: batches are right-padded
     return {
         "base": base,
         "tokenizer": AutoTokenizer.from_pretrained(base),
         "classification": TaskData("toy-classes", "classification", (), classes, tuple(sorted(COLORS))),
         "lm": lm,
+        "texts": TaskData("toy-texts", "lm", (), texts, ()),
     }
 
 
@@ -355,10 +363,47 @@ def test_evaluate_still_works_when_generate_returns_only_ids(toy) -> None:
         score_examples(_IdsOnly(model), task, tokenizer, **kwargs)
 
 
-def test_score_examples_refuses_language_modelling(toy) -> None:
+@pytest.mark.parametrize("mode", ["attached", "detached"])
+def test_lm_scores_every_predicted_token_teacher_forced(toy, mode: str) -> None:
+    model, task, tokenizer = _shadow_model(toy, "lm"), toy["texts"], toy["tokenizer"]
+    rows = encode_task(task, tokenizer, split="test", max_length=MAX_LENGTH)
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # batches of 4 are right-padded
+    scores = score_examples(model, task, tokenizer, mode=mode, batch_size=4, max_length=MAX_LENGTH)
+    assert scores.mode == mode and scores.examples == sum(len(r["input_ids"]) - 1 for r in rows)
+    assert all(0.0 <= c <= 1.0 for c in scores.confidence) and len(set(scores.confidence)) > 1
+    # By hand: one unpadded forward per text; position t predicts token t + 1.
+    expected_correct, expected_confidence = [], []
+    for features in rows:
+        with torch.no_grad():
+            logits = model(**_collate(features), mode=mode).logits[0, :-1]  # (T-1, V)
+        probabilities = logits.float().softmax(-1)
+        expected_correct += (probabilities.argmax(-1) == torch.tensor(features["input_ids"][1:])).tolist()
+        expected_confidence += probabilities.amax(-1).tolist()
+    assert list(scores.correct) == expected_correct
+    assert scores.confidence == pytest.approx(expected_confidence, abs=1e-5)
+    # limit counts texts: the tokens of the evaluation subset's texts.
+    limited = score_examples(model, task, tokenizer, mode=mode, batch_size=4, max_length=MAX_LENGTH, limit=3)
+    kept = encode_task(
+        TaskData(task.name, "lm", (), evaluation_subset(task.test, 3), ()),
+        tokenizer,
+        split="test",
+        max_length=MAX_LENGTH,
+    )
+    assert limited.examples == sum(len(r["input_ids"]) - 1 for r in kept)
+
+
+def test_lm_escalation_record_uses_token_probability(toy) -> None:
+    from shadowpeft.train.selective import CONFIDENCE_MEASURES
+    from shadowpeft.train.trainer import escalation_scores
+
     model = _shadow_model(toy, "lm")
-    with pytest.raises(ValueError, match="needs a classification or generation task; 'lm' is 'lm'"):
-        score_examples(model, toy["lm"], toy["tokenizer"], mode="attached")
+    scores, record, rows = escalation_scores(model, toy["lm"], toy["tokenizer"], max_length=MAX_LENGTH, limit=None)
+    assert record.confidence == CONFIDENCE_MEASURES["lm"] == "token-probability"
+    assert record.examples == scores["detached"].examples == scores["attached"].examples > len(toy["lm"].test)
+    assert record.attached_accuracy == scores["attached"].accuracy and record.combined_accuracy >= (
+        record.attached_accuracy - 0.01 - 1e-9
+    )
+    assert any(row.threshold == record.threshold for row in rows)
 
 
 def test_example_scores_accuracy_and_validation() -> None:
