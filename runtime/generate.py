@@ -271,7 +271,7 @@ class Generator:
 
 def default_policy(export: ExportDir) -> EscalationPolicy:
     """Auto mode's policy from the export: the threshold its manifest carries, escalating per token."""
-    carried = getattr(export.manifest, "escalation", None)
+    carried = export.manifest.escalation
     if carried is None:
         return EscalationPolicy()
     return EscalationPolicy(threshold=float(carried.threshold), source="manifest")

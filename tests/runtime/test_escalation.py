@@ -131,3 +131,16 @@ def test_bad_policies_are_refused() -> None:
         EscalationPolicy(scope="prompt")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cloud must be one of speculative, coupled"):
         EscalationPolicy(cloud="detached")
+
+
+def test_the_default_policy_is_the_threshold_the_manifest_carries(export) -> None:  # noqa: F811
+    import dataclasses
+
+    from shadowpeft.runtime.generate import default_policy
+    from shadowpeft.runtime.manifest import Escalation
+
+    assert default_policy(export) == EscalationPolicy()  # the toy export carries none: every token to the cloud
+    escalation = Escalation(confidence="token-probability", threshold=0.3)
+    carried = dataclasses.replace(export.manifest, escalation=escalation)
+    policy = default_policy(dataclasses.replace(export, manifest=carried))
+    assert (policy.threshold, policy.scope, policy.cloud, policy.source) == (0.3, "token", "speculative", "manifest")
