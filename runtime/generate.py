@@ -68,6 +68,7 @@ class GenerationResult:
     round_trips: int = 0  # HTTP requests to the server: prompt chunks, steps, retries, re-prefills, the end
     drafted: int = 0  # speculative rounds: tokens the shadow drafted and the server verified
     accepted: int = 0  # speculative rounds: drafted tokens the attached model accepted
+    rounds: int = 0  # speculative rounds: verify requests (each yields its accepted drafts plus one token)
     prefill_tokens: int = 0  # tokens the prefill step yielded beyond the first (left out of tokens_per_s)
 
     @property
@@ -217,7 +218,7 @@ class Generator:
         try:
             yield from decode_rounds(escalator or speculative_step(decoder), result.prompt_ids, budget, emit, timed)
         finally:
-            result.drafted, result.accepted = decoder.drafted, decoder.accepted
+            result.drafted, result.accepted, result.rounds = decoder.drafted, decoder.accepted, decoder.rounds
             if escalator is not None:
                 result.escalated, result.fallbacks = escalator.escalated, escalator.fallbacks
 
