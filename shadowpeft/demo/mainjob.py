@@ -1,12 +1,15 @@
-"""The main job behind ``shadowpeft demo``: train a shadow, export it, serve it, run it three ways.
+"""The main job behind ``shadowpeft demo``: train a shadow, export it, serve it, run it five ways.
 
 Stages (each timed and announced through ``progress``)::
 
     model ─> data ─> train (train_job) ─> export split, int8 (export_checkpoint)
           ─> serve: shadow-serve subprocess on loopback, random bearer token
                ├─ detached: the same held-out prompts, device graphs only
-               ├─ coupled:  device shadow + backbone server + device head
-               └─ auto:     coupled until the server is stopped half-way through, then the fallback
+               ├─ coupled:  device shadow + backbone server + device head, one request per token
+               ├─ speculative: the shadow drafts, the server verifies several tokens per request
+               ├─ escalating:  auto mode: the device while the shadow is confident (the exported
+               │               threshold, per prompt), speculative rounds on the server otherwise
+               └─ auto:     every token to the server until it is stopped half-way through, then the fallback
           ─> report: summary table, summary.md / summary.json, PNG plots
 
 Everything is written into a hidden staging directory beside ``out`` and renamed into place at the
@@ -20,6 +23,7 @@ it is the end-to-end job across all three packages, so it imports them (nothing 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -63,8 +67,9 @@ from shadowpeft.runtime.errors import (
     ServerRejected,
     ServerUnavailable,
 )
+from shadowpeft.runtime.escalation import EscalationPolicy
 from shadowpeft.runtime.export_dir import ExportDir, open_export
-from shadowpeft.runtime.generate import GenerationResult, Generator, TokenEvent
+from shadowpeft.runtime.generate import GenerationResult, Generator, TokenEvent, default_policy
 from shadowpeft.runtime.manifest import Manifest
 from shadowpeft.runtime.sampling import SamplingConfig
 from shadowpeft.runtime.tokenizer import RuntimeTokenizer
@@ -333,7 +338,13 @@ def export_graphs(settings: MainJobSettings, checkpoint: Path, out: Path, say: P
 def serve_and_run(
     settings: MainJobSettings, work: Path, examples: Sequence[GenerationExample], clock: StageClock, say: Progress
 ) -> tuple[dict[str, ModeRun], list[TokenRecord], ServerStop, int]:
-    """Start the server; run the prompts detached, coupled, then auto (stopping the server half-way)."""
+    """Start the server; run the prompts detached, coupled, speculative, escalating, then auto (the server stopped
+    half-way).
+
+    ``escalating`` is auto mode with the threshold the export carries from training, decided per prompt
+    (request scope, the way that threshold was chosen); ``auto`` has no threshold (every token goes to
+    the server in speculative rounds) so that stopping the server shows the device taking over.
+    """
     profile = load_device_profile(settings.device)
     threads = settings.threads or max(1, min(profile.intra_op_threads, os.cpu_count() or 1))
     # No spin-waiting: the device sessions share the cores with the local server.
@@ -351,10 +362,15 @@ def serve_and_run(
             client = stack.enter_context(BackboneClient(server.url, token=server.token, timeout=CLIENT_TIMEOUT_S))
             runner = RuntimeRunner(export, tokenizer, client, profile, sampling, bars=settings.progress_bars)
             runner.warm_up(prompts[0])
-        for mode in ("detached", "coupled"):
+        for mode in ("detached", "coupled", "speculative"):
             with clock.stage(mode, f"{len(prompts)} held-out prompts"):
                 runs[mode] = summarize(mode, runner.run(mode, prompts), answers)
                 say(f"  {runs[mode].describe()}")
+        escalation = runner.escalation()
+        described = "no threshold" if escalation.threshold is None else f"threshold {escalation.threshold:.3f}"
+        with clock.stage("escalating", f"{len(prompts)} prompts, auto mode, {described} ({escalation.source})"):
+            runs["escalating"] = summarize("escalating", runner.run("auto", prompts, escalation=escalation), answers)
+            say(f"  {runs['escalating'].describe()}")
         # Until the server stops, auto produces exactly the coupled tokens: stop it half-way through them.
         stop_after = max(1, runs["coupled"].tokens // 2)
         with clock.stage("auto", f"{len(prompts)} prompts; the server is stopped after {stop_after} tokens"):
@@ -386,7 +402,7 @@ class RuntimeRunner:
         self.export, self.tokenizer, self.client = export, tokenizer, client
         self.profile, self.sampling, self.bars = profile, sampling, bars
 
-    def generator(self, mode: str) -> Generator:
+    def generator(self, mode: str, escalation: EscalationPolicy | None = None) -> Generator:
         return Generator(
             self.export,
             mode=mode,  # type: ignore[arg-type]
@@ -395,7 +411,14 @@ class RuntimeRunner:
             decode=self.tokenizer.decode,
             max_context=self.profile.max_context,
             retry_interval_s=RETRY_INTERVAL_S,
+            draft_tokens="auto",
+            escalation=escalation or EscalationPolicy(),  # by default: no threshold, every token to the cloud
         )
+
+    def escalation(self) -> EscalationPolicy:
+        """The escalating run's policy: the export's threshold, decided once per prompt."""
+        carried = default_policy(self.export)
+        return dataclasses.replace(carried, scope="request")
 
     def warm_up(self, prompt: list[int]) -> None:
         """Create the device sessions and a first server session outside the timed runs."""
@@ -403,10 +426,15 @@ class RuntimeRunner:
             self.generator(mode).generate([prompt], SamplingConfig(max_new_tokens=2))
 
     def run(
-        self, mode: str, prompts: Sequence[list[int]], on_token: Callable[[int, TokenEvent], float] | None = None
+        self,
+        mode: str,
+        prompts: Sequence[list[int]],
+        on_token: Callable[[int, TokenEvent], float] | None = None,
+        *,
+        escalation: EscalationPolicy | None = None,
     ) -> list[GenerationResult]:
         """Stream every prompt in ``mode``; ``on_token`` returns seconds it spent, taken out of the timings."""
-        generator = self.generator(mode)
+        generator = self.generator(mode, escalation)
         results = []
         for row, prompt in enumerate(tqdm(prompts, desc=mode, unit="prompt", disable=not self.bars, leave=False)):
             result = GenerationResult(list(prompt))
@@ -459,6 +487,10 @@ def summarize(mode: str, results: Sequence[GenerationResult], answers: Sequence[
         bytes_received=sum(r.bytes_received for r in results),
         exact_match=correct / max(len(results), 1),
         outputs=[r.text for r in results],
+        round_trips=sum(r.round_trips for r in results),
+        drafted=sum(r.drafted for r in results),
+        accepted=sum(r.accepted for r in results),
+        escalated=sum(r.escalated for r in results),
     )
 
 

@@ -33,7 +33,16 @@ PLOT_FILES = {
     "timeline": "auto_timeline.png",
     "loss": "training_loss.png",
 }
-MODE_COLORS = {"coupled": "#1f77b4", "detached": "#ff7f0e", "auto": "#2ca02c"}
+MODE_COLORS = {
+    "coupled": "#1f77b4",
+    "detached": "#ff7f0e",
+    "auto": "#2ca02c",
+    "speculative": "#9467bd",
+    "escalating": "#8c564b",
+}
+
+
+OUTPUT_COLUMNS = ("detached", "coupled", "escalating", "auto")  # speculative's outputs are coupled's
 
 
 @dataclass
@@ -125,6 +134,19 @@ class ModeRun:
     bytes_received: int
     exact_match: float
     outputs: list[str] = field(default_factory=list)
+    round_trips: int = 0  # HTTP requests to the server, prompt chunks and sequence ends included
+    drafted: int = 0  # speculative rounds: tokens the shadow drafted
+    accepted: int = 0  # speculative rounds: drafts the attached model accepted
+    escalated: int = 0  # auto mode: steps the confidence sent to the cloud
+
+    @property
+    def cloud_fraction(self) -> float:
+        """Share of the generated tokens the attached model chose (coupled or speculative)."""
+        return (self.tokens - self.tokens_by_mode.get("detached", 0)) / self.tokens if self.tokens else 0.0
+
+    @property
+    def round_trips_per_token(self) -> float:
+        return self.round_trips / self.tokens if self.tokens else 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -149,6 +171,10 @@ class ModeRun:
         )
         if self.wire_bytes_per_token is not None:
             line += f", {self.wire_bytes_per_token:.0f} B/token on the wire"
+        if self.round_trips:
+            line += f", {self.round_trips_per_token:.2f} round trips/token, cloud {100 * self.cloud_fraction:.0f}%"
+        if self.drafted:
+            line += f", {self.accepted}/{self.drafted} drafts accepted"
         if self.fallbacks:
             line += f", {self.fallbacks} fallback(s) to detached"
         return line
@@ -159,6 +185,8 @@ class ModeRun:
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_tokens_per_s": self.decode_tokens_per_s,
             "wire_bytes_per_token": self.wire_bytes_per_token,
+            "cloud_fraction": self.cloud_fraction,
+            "round_trips_per_token": self.round_trips_per_token,
         }
 
 
@@ -266,7 +294,7 @@ def summary_markdown(report: MainJobReport) -> str:
     plots = [f"![{name}]({file})" for name, file in PLOT_FILES.items() if name != "loss" or t.loss_history]
     outputs = [
         f"| {i} | {_cell(answer)} | "
-        + " | ".join(_cell(report.runs[mode].outputs[i]) for mode in ("detached", "coupled", "auto"))
+        + " | ".join(_cell(report.runs[mode].outputs[i]) for mode in OUTPUT_COLUMNS)
         + " |"
         for i, answer in enumerate(report.answers)
     ]
@@ -289,8 +317,8 @@ def summary_markdown(report: MainJobReport) -> str:
             "",
             report.server_stop.describe() + f"; fallback events: {report.fallback_events}.",
             "",
-            "| prompt | expected | detached | coupled | auto |",
-            "|---:|---|---|---|---|",
+            "| prompt | expected | " + " | ".join(OUTPUT_COLUMNS) + " |",
+            "|---:|---|" + "---|" * len(OUTPUT_COLUMNS),
             *outputs,
             "",
             "## Settings",
@@ -309,13 +337,16 @@ def _accuracy_lines(report: MainJobReport) -> list[str]:
     return [
         "Accuracy on held-out examples (exact match of the generated label)",
         "",
-        "| engine | examples | with backbone | shadow alone (detached) | auto (server stopped half-way) |",
-        "|---|---:|---:|---:|---:|",
+        "| engine | examples | with backbone | shadow alone (detached) | escalating by confidence "
+        "| auto (server stopped half-way) |",
+        "|---|---:|---:|---:|---:|---:|",
         f"| PyTorch | {report.train.eval_examples} | {_pct(acc.get('attached'))} attached | "
-        f"{_pct(acc.get('detached'))} | - |",
+        f"{_pct(acc.get('detached'))} | - | - |",
         f"| onnxruntime, device graphs {weights} | {runs['coupled'].prompts} | "
-        f"{_pct(runs['coupled'].exact_match)} coupled | {_pct(runs['detached'].exact_match)} | "
-        f"{_pct(runs['auto'].exact_match)} |",
+        f"{_pct(runs['coupled'].exact_match)} coupled, {_pct(runs['speculative'].exact_match)} speculative | "
+        f"{_pct(runs['detached'].exact_match)} | {_pct(runs['escalating'].exact_match)} "
+        f"({_pct(1 - runs['escalating'].cloud_fraction)} of tokens on the device) "
+        f"| {_pct(runs['auto'].exact_match)} |",
         *_escalation_lines(report.train.escalation),
     ]
 
@@ -338,16 +369,18 @@ def _mode_lines(report: MainJobReport) -> list[str]:
     rows = [
         "Runtime per mode (greedy, one prompt at a time; prefill = prompt in, first token out)",
         "",
-        "| mode | tokens | coupled / detached | prefill tok/s | decode tok/s | wire B/token | wire KB | fallbacks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | tokens | cloud / device | cloud fraction | round trips/token | drafts accepted | prefill tok/s "
+        "| decode tok/s | wire B/token | wire KB | fallbacks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, run in report.runs.items():
-        wire, counts = run.wire_bytes_per_token, run.tokens_by_mode
+        wire, device = run.wire_bytes_per_token, run.tokens_by_mode.get("detached", 0)
+        drafts = f"{run.accepted}/{run.drafted}" if run.drafted else "-"
         rows.append(
-            f"| {mode} | {run.tokens} | {counts.get('coupled', 0)} / {counts.get('detached', 0)} "
-            f"| {run.prefill_tokens_per_s:.0f} | {run.decode_tokens_per_s:.1f} | "
-            f"{'-' if wire is None else f'{wire:.0f}'} | {(run.bytes_sent + run.bytes_received) / 1e3:.1f} | "
-            f"{run.fallbacks} |"
+            f"| {mode} | {run.tokens} | {run.tokens - device} / {device} | {run.cloud_fraction:.2f} "
+            f"| {run.round_trips_per_token:.2f} | {drafts} | {run.prefill_tokens_per_s:.0f} "
+            f"| {run.decode_tokens_per_s:.1f} | {'-' if wire is None else f'{wire:.0f}'} "
+            f"| {(run.bytes_sent + run.bytes_received) / 1e3:.1f} | {run.fallbacks} |"
         )
     rows.append("")
     rows.append(
@@ -437,7 +470,7 @@ def _plot_timeline(report: MainJobReport, path: Path) -> None:
 
     fig = _figure(8, 3.2)
     ax = fig.subplots()
-    for mode in ("coupled", "detached"):
+    for mode in ("coupled", "speculative", "detached"):
         points = [(i, t.prompt) for i, t in enumerate(report.auto_timeline) if t.mode == mode]
         if points:
             xs, ys = zip(*points, strict=True)

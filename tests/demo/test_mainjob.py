@@ -1,8 +1,9 @@
 """The main job (shadowpeft/demo/mainjob.py) end to end on the toy base: the same code path as ``shadowpeft demo``.
 
 One run trains a toy shadow, exports it split with int8 device graphs, starts the real ``shadow-serve``
-subprocess, runs three prompts detached, coupled and auto (stopping the server half-way) and writes
-the report. Interrupted runs reuse its checkpoint and export, so they cost one server start each.
+subprocess, runs three prompts detached, coupled, speculative, escalating (auto with the exported
+threshold) and auto (stopping the server half-way) and writes the report. Interrupted runs reuse its
+checkpoint and export, so they cost one server start each.
 """
 
 from __future__ import annotations
@@ -30,7 +31,19 @@ from shadowpeft.runtime.export_dir import open_export
 from shadowpeft.train.trainer import TrainSummary
 from tests.toy import save_toy_base, write_toy_data
 
-STAGES = ("model", "data", "train", "export", "serve", "detached", "coupled", "auto", "report")
+STAGES = (
+    "model",
+    "data",
+    "train",
+    "export",
+    "serve",
+    "detached",
+    "coupled",
+    "speculative",
+    "escalating",
+    "auto",
+    "report",
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,21 +119,33 @@ def test_report_directory_holds_summary_plots_and_checkpoint(finished):
     assert summary["settings"]["recipe"] == "paper"
 
 
-def test_three_modes_and_the_fallback(finished):
+def test_every_mode_and_the_fallback(finished):
     report, out, _ = finished
     runs = json.loads((out / "summary.json").read_text())["runs"]
-    assert set(runs) == {"detached", "coupled", "auto"}
+    assert set(runs) == {"detached", "coupled", "speculative", "escalating", "auto"}
     assert set(runs["detached"]["tokens_by_mode"]) == {"detached"}
     assert set(runs["coupled"]["tokens_by_mode"]) == {"coupled"}
+    # Speculative decoding gives coupled's greedy outputs, in no more round trips.
+    assert set(runs["speculative"]["tokens_by_mode"]) == {"speculative"}
+    assert runs["speculative"]["outputs"] == runs["coupled"]["outputs"]
+    assert 0 < runs["speculative"]["round_trips"] <= runs["coupled"]["round_trips"]
+    assert runs["speculative"]["cloud_fraction"] == 1.0 and runs["detached"]["cloud_fraction"] == 0.0
+    assert runs["detached"]["round_trips"] == 0 and runs["detached"]["bytes_sent"] == 0
+    # Escalating: each prompt entirely on the device or entirely on the server (decided at its first token).
+    escalating = runs["escalating"]
+    assert set(escalating["tokens_by_mode"]) <= {"detached", "speculative"} and escalating["fallbacks"] == 0
+    assert escalating["cloud_fraction"] == pytest.approx(
+        escalating["tokens_by_mode"].get("speculative", 0) / escalating["tokens"]
+    )
     auto = runs["auto"]["tokens_by_mode"]
-    assert auto.get("coupled", 0) >= 1 and auto.get("detached", 0) >= 1
+    assert auto.get("speculative", 0) >= 1 and auto.get("detached", 0) >= 1
     assert runs["auto"]["fallbacks"] >= 1 and report.fallback_events >= 1
-    assert runs["coupled"]["wire_bytes_per_token"] > 0 and runs["detached"]["bytes_sent"] == 0
+    assert runs["coupled"]["wire_bytes_per_token"] > 0
     stop = report.server_stop
     assert stop.prompt is not None and stop.after_tokens == max(1, runs["coupled"]["tokens"] // 2)
-    # Before the stop, auto is coupled decoding: the same tokens, each from the server.
+    # Before the stop, auto has the server verify every token: coupled's tokens, from the server.
     timeline = report.auto_timeline
-    assert [t.mode for t in timeline[: stop.after_tokens]] == ["coupled"] * stop.after_tokens
+    assert [t.mode for t in timeline[: stop.after_tokens]] == ["speculative"] * stop.after_tokens
     assert all(t.mode == "detached" for t in timeline[stop.after_tokens :] if t.prompt > stop.prompt)
 
 
