@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "BackboneMismatch",
     "DeviceProfileError",
     "ExportLoadError",
     "ManifestError",
@@ -70,6 +71,11 @@ class ExportLoadError(ValueError):
 
 class RuntimeGenerationError(RuntimeError):
     """Generation cannot go on (e.g. coupled mode lost its server); the message says what to do."""
+
+
+class BackboneMismatch(RuntimeGenerationError):
+    """The backbone server runs another backbone than the device export was made with (another checkpoint,
+    base model or export run); the message names what differs and what to serve instead."""
 
 
 class ServerUnavailable(ConnectionError):

@@ -162,6 +162,7 @@ class _Backbone:
                     "base_model": self.export.manifest.base_model,
                     "base_fingerprint": self.export.manifest.base_fingerprint,
                     "graph_sha256": self.spec.sha256,
+                    "graph_external_data": dict(self.spec.external_data),  # weights stored outside the graph
                     "max_sessions": self.config.limits.max_sessions,
                     "max_tokens_per_session": self.config.limits.max_tokens,
                     "idle_ttl_s": self.config.limits.idle_ttl,
