@@ -168,8 +168,13 @@ class BackboneClient:
                 raise ValueError(f"rewind(length) takes 0 <= length <= {held} (the tokens sent); got {length!r}.")
             self._forget_or_set(sequence_id, length)
 
-    def end(self, sequence_id: int | str) -> None:
+    def end(self, sequence_id: int | str, *, timeout: float | None = None, retries: int | None = None) -> None:
         """Ends a sequence (``sequence_end``), freeing its cache; a sequence the server lost is ignored.
+
+        Args:
+            sequence_id: The sequence.
+            timeout: Seconds to wait for the answer (default: the client's ``timeout``).
+            retries: Retries (default: the client's ``retries``).
 
         Raises:
             ServerUnavailable, ServerRejected: As :meth:`step`.
@@ -178,7 +183,7 @@ class BackboneClient:
             offset = self._offsets.pop(sequence_id, None)
         empty_ids = np.zeros((1, 0), dtype=np.int64)
         try:
-            self._infer(sequence_id, empty_ids, None, False, offset, end=True)
+            self._infer(sequence_id, empty_ids, None, False, offset, end=True, timeout=timeout, retries=retries)
         except SessionLost:
             logger.debug("sequence %r was already gone when ended", sequence_id)
 
@@ -225,6 +230,8 @@ class BackboneClient:
         offset: int | None,
         *,
         end: bool = False,
+        timeout: float | None = None,
+        retries: int | None = None,
     ) -> np.ndarray:
         """One request; returns (1, T, d) float32."""
         if s0 is None:  # an empty step (sequence_end only) still sends a well-formed (1, 0, d) tensor
@@ -239,7 +246,8 @@ class BackboneClient:
             {INPUT_IDS: ids, SHADOW_STATES: states}, parameters=parameters, outputs={HIDDEN_STATES: True}
         )
         headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(json_size)}
-        response = self._request("POST", f"/v2/models/{self.model_name}/infer", content=body, headers=headers)
+        path, waiting = f"/v2/models/{self.model_name}/infer", {} if timeout is None else {"timeout": timeout}
+        response = self._request("POST", path, retries=retries, content=body, headers=headers, **waiting)
         try:
             size = parse_header_length(response.headers.get(HEADER_LENGTH), len(response.content))
             hidden = decode_response(response.content, size).outputs[HIDDEN_STATES]

@@ -138,6 +138,5 @@ class Escalator:
     def _cloud_failed(self) -> None:
         if self.down_since is None:
             self.fallbacks += 1
-        link = self.decoder.link
-        link.sequence_id, link.synced = None, 0  # next time: a fresh session, re-prefilled with the history
+        self.decoder.link.abandon()  # ends the server's session; next time: a fresh one, re-prefilled
         self.down_since = self.clock()
