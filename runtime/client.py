@@ -189,7 +189,7 @@ class BackboneClient:
                 raise ValueError(f"rewind(length) takes 0 <= length <= {held} (the tokens sent); got {length!r}.")
             self._forget_or_set(sequence_id, length)
 
-    def end(self, sequence_id: int | str, *, timeout: float | None = None) -> None:
+    def end(self, sequence_id: int | str, *, timeout: float | None = None, retries: int = 0) -> None:
         """Ends a sequence (``sequence_end``), freeing its cache; a sequence the server lost is ignored.
 
         Best effort: one attempt, no retry, so that a dead server does not delay the caller's exit (the
@@ -198,6 +198,7 @@ class BackboneClient:
         Args:
             sequence_id: The sequence.
             timeout: Seconds to wait for the answer (default: the client's ``timeout``).
+            retries: Retries (default 0: one attempt).
 
         Raises:
             ServerUnavailable, ServerRejected: As :meth:`step`.
@@ -206,7 +207,7 @@ class BackboneClient:
             offset = self._offsets.pop(sequence_id, None)
         empty_ids = np.zeros((1, 0), dtype=np.int64)
         try:
-            self._infer(sequence_id, empty_ids, None, False, offset, end=True, retries=0, timeout=timeout)
+            self._infer(sequence_id, empty_ids, None, False, offset, end=True, retries=retries, timeout=timeout)
         except SessionLost:
             logger.debug("sequence %r was already gone when ended", sequence_id)
 

@@ -89,15 +89,19 @@ class SessionLost(RuntimeError):
 class ServerRejected(RuntimeError):
     """The server refused a request with a 4xx status; the message is the server's.
 
-    The backbone server raises it too, for requests it refuses; ``status`` is then the HTTP status it sends.
+    The backbone server raises it too, for requests it refuses; ``status`` is then the HTTP status it sends,
+    and ``retry_after`` (for a refusal that may succeed later: a full KV budget, a busy server) its
+    ``Retry-After`` header.
 
     Attributes:
         status: The HTTP status (``None`` when unknown).
+        retry_after: Seconds after which the same request may succeed (``None``: retrying will not help).
     """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 class ProtocolError(ValueError):

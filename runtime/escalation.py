@@ -173,6 +173,5 @@ class Escalator:
         if self.down_since is None:
             self.fallbacks += 1
         self.fallback_reason = self.fallback_reason or f"{err}"
-        link = self.decoder.link
-        link.sequence_id, link.synced = None, 0  # next time: a fresh session, re-prefilled with the history
+        self.decoder.link.abandon()  # ends the server's session; next time: a fresh one, re-prefilled
         self.down_since = self.clock()

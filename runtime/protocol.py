@@ -299,6 +299,10 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
             f"The JSON part of the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
             + (f" (the first {size} bytes, per {HEADER_LENGTH})." if header_length is not None else ".")
         ) from None
+    except RecursionError:  # e.g. "[[[[...": Python's parser recurses once per level
+        raise ProtocolError(
+            "The JSON part of the body nests arrays or objects too deeply to parse; tensors are flat or [1, T, d]."
+        ) from None
     if not isinstance(header, dict):
         raise ProtocolError(f"The JSON part of the body must be an object; got {type(header).__name__}.")
     return header, view[size:]

@@ -32,6 +32,8 @@ from shadowpeft.runtime.kv import KVCache
 
 __all__ = ["CloudLink", "DeviceShadow"]
 
+_ABANDON_TIMEOUT_S = 0.5  # ending a sequence after a failure must not hold up the fallback to the device
+
 
 class DeviceShadow:
     """``device/shadow`` with its KV cache for a batch of sequences (left-padded)."""
@@ -174,12 +176,23 @@ class CloudLink:
             return logits[0]
         raise SessionLost("The server lost this sequence again right after a re-prefill.")
 
+    def abandon(self) -> None:
+        """Gives the remote sequence up after the server failed (auto mode falls back to the device): ends it
+        with one short try, so that it does not hold a session and its KV cache until the server's idle TTL;
+        the next step starts a fresh sequence and re-sends the whole history."""
+        if self.sequence_id is not None and not self.unreachable:
+            self._end(timeout=_ABANDON_TIMEOUT_S, retries=0)
+        self.sequence_id, self.synced = None, 0
+
     def close(self) -> None:
         """Ends the remote sequence, best effort: one request with no retry (the client's ``end``), and none when the
         last request found no server (the server's idle TTL frees the sequence otherwise)."""
         if self.sequence_id is not None and self.synced and not self.unreachable:
-            try:
-                self.client.end(self.sequence_id)
-            except Exception:  # noqa: BLE001 - the server may be gone; nothing else to free here
-                pass
+            self._end()
         self.sequence_id, self.synced = None, 0
+
+    def _end(self, **options) -> None:
+        try:
+            self.client.end(self.sequence_id, **options)
+        except Exception:  # noqa: BLE001 - the server may be gone; nothing else to free here
+            pass

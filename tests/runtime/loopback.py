@@ -32,6 +32,7 @@ class LoopbackBackbone:
         self.sessions: dict[int, KVCache] = {}
         self.down = False
         self.calls = 0
+        self.ended: list[int] = []
         self.bytes_sent = self.bytes_received = 0
         self._ids = itertools.count(1)
 
@@ -70,7 +71,10 @@ class LoopbackBackbone:
         self.bytes_received += hidden.astype(np.float16).nbytes
         return hidden
 
-    def end(self, sequence_id: int) -> None:
+    def end(self, sequence_id: int, **options) -> None:
+        if self.down:
+            raise ServerUnavailable("loopback backbone is down")
+        self.ended.append(sequence_id)
         self.sessions.pop(sequence_id, None)
 
     def rewind(self, sequence_id: int, length: int) -> None:

@@ -121,6 +121,7 @@ def _entry(name="x", datatype="FP32", shape=(2,), **extra) -> dict:
     [
         (b"\xff\xfe garbage", None, "not UTF-8"),
         (b"{not json", None, "not valid JSON"),
+        (b"[" * 100_000, None, "nests arrays or objects too deeply"),
         (b"[1, 2]", None, "must be an object; got list"),
         (b"{}", None, "'inputs' must be a non-empty array"),
         (json.dumps({"inputs": [5]}).encode(), None, r"inputs\[0\] must be an object"),
