@@ -32,7 +32,7 @@ from shadowpeft.runtime.kv import KVCache
 
 __all__ = ["CloudLink", "DeviceShadow"]
 
-_ABANDON_TIMEOUT_S = 0.5  # ending a sequence after a failure must not hold up the fallback to the device
+_ABANDON_TIMEOUT_S = 0.5  # ending an abandoned sequence, once the server answers again: one short try
 
 
 class DeviceShadow:
@@ -93,6 +93,7 @@ class CloudLink:
         self.restarts = 0
         self.checked = False  # the handshake passed
         self.unreachable = False  # the last request found no server: close() does not try to end the sequence
+        self.abandoned: list[int | str] = []  # sequences given up after a failure, ended once the server answers
 
     def handshake(self, *, deadline: float | None = None) -> None:
         """Checks, once per link (the client fetches the metadata once), that the server runs this export's backbone.
@@ -172,27 +173,38 @@ class CloudLink:
                 self.unreachable = True
                 raise
             self.synced, self.unreachable = len(self.ids), False
+            self._end_abandoned()
             (logits,) = self.head.run([LOGITS], {HIDDEN_STATES: hidden[:, -last:].astype(np.float32)})
             return logits[0]
         raise SessionLost("The server lost this sequence again right after a re-prefill.")
 
     def abandon(self) -> None:
-        """Gives the remote sequence up after the server failed (auto mode falls back to the device): ends it
-        with one short try, so that it does not hold a session and its KV cache until the server's idle TTL;
-        the next step starts a fresh sequence and re-sends the whole history."""
-        if self.sequence_id is not None and not self.unreachable:
-            self._end(timeout=_ABANDON_TIMEOUT_S, retries=0)
+        """Gives the remote sequence up after the server failed (auto mode falls back to the device).
+
+        Nothing is sent now (the server did not answer; waiting on it would hold up the device): the
+        sequence is ended with one short request as soon as the server answers again, or at
+        :meth:`close`, so that it does not keep a session and its KV cache until the server's idle TTL.
+        The next step starts a fresh sequence and re-sends the whole history.
+        """
+        if self.sequence_id is not None:
+            self.abandoned.append(self.sequence_id)
         self.sequence_id, self.synced = None, 0
+
+    def _end_abandoned(self) -> None:
+        while self.abandoned:
+            self._end(self.abandoned.pop(), timeout=_ABANDON_TIMEOUT_S, retries=0)
 
     def close(self) -> None:
         """Ends the remote sequence, best effort: one request with no retry (the client's ``end``), and none when the
         last request found no server (the server's idle TTL frees the sequence otherwise)."""
-        if self.sequence_id is not None and self.synced and not self.unreachable:
-            self._end()
+        if not self.unreachable:
+            if self.sequence_id is not None and self.synced:
+                self._end(self.sequence_id)
+            self._end_abandoned()
         self.sequence_id, self.synced = None, 0
 
-    def _end(self, **options) -> None:
+    def _end(self, sequence_id: int | str, **options) -> None:
         try:
-            self.client.end(self.sequence_id, **options)
+            self.client.end(sequence_id, **options)
         except Exception:  # noqa: BLE001 - the server may be gone; nothing else to free here
             pass

@@ -128,11 +128,11 @@ class _FailsOnce(LoopbackBackbone):
         return super().step(*args, **options)
 
 
-def test_a_fallback_ends_the_abandoned_server_session(export) -> None:  # noqa: F811
+def test_an_abandoned_server_session_is_ended_once_the_server_answers_again(export) -> None:  # noqa: F811
     backbone = _FailsOnce(export)
     result, _, _ = run(export, EscalationPolicy(), backbone=backbone)
     assert result.fallbacks == 1 and "detached" in result.modes and "speculative" in result.modes
-    assert backbone.ended[0] == 1  # the abandoned first sequence, ended at the fallback (best effort)
+    assert backbone.ended[0] == 1  # the abandoned first sequence, ended once the server answered again
     assert backbone.sessions == {}  # and the second one at the end: the server holds nothing
 
 
