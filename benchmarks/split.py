@@ -275,7 +275,8 @@ def render_markdown(record: dict[str, Any]) -> str:
         "# Split decoding over a simulated network",
         "",
         "Commands (in the order they ran): " + "; ".join(f"`{c}`" for c in record.get("commands", [])) + "  ",
-        f"Machine: {m.get('cpu', '?')}, {m.get('threads', '?')} threads; {s.get('machine_note', '')}  ",
+        f"Machine: {m.get('cpu_model', '?')}, {m.get('physical_cores', '?')} cores, onnxruntime {s['threads']} "
+        f"threads (device and in-thread server share them); {s.get('machine_note', '')}  ",
         f"Checkpoint: {s['checkpoint']} ({s['task']}); export {s['weights']} device graphs, fp32 cloud graph; "
         f"{s['prompts']} held-out prompts of {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens each, "
         "greedy.  ",

@@ -9,6 +9,12 @@ sequence) so that a retried step is never appended twice: the server answers a r
 step again, rolls the sequence back to a smaller offset (:meth:`BackboneClient.rewind` sets it, for
 draft tokens the device rejected), and reports an offset beyond what it holds as a lost session.
 
+Before the first step, :meth:`BackboneClient.verify_backbone` compares the backbone the server
+publishes in its model metadata (fetched once per client) with the device export's manifest
+(runtime/handshake.py). A step may carry a ``deadline`` (``time.monotonic()`` seconds): its
+requests and retries then stop when it passes, whatever ``retries`` allows (auto mode waits at most
+its timeout per step). :meth:`BackboneClient.end` is best effort: one attempt, no retry.
+
 Errors (``shadowpeft.runtime.errors``): :class:`ServerUnavailable` when the server does not answer
 after ``retries`` retries with exponential backoff (or answers 5xx), :class:`SessionLost` when it
 no longer holds the sequence (evicted, expired, restarted: re-send the whole history with
@@ -39,7 +45,9 @@ from shadowpeft.runtime.contract import (
     SHADOW_STATES,
     WIRE_DTYPES,
 )
-from shadowpeft.runtime.errors import ProtocolError, ServerRejected, ServerUnavailable, SessionLost
+from shadowpeft.runtime.errors import BackboneMismatch, ProtocolError, ServerRejected, ServerUnavailable, SessionLost
+from shadowpeft.runtime.handshake import BackboneCheck, check_backbone
+from shadowpeft.runtime.manifest import Manifest
 from shadowpeft.runtime.protocol import HEADER_LENGTH, decode_response, encode_request, parse_header_length
 
 __all__ = ["BackboneClient", "new_sequence_id"]
@@ -49,6 +57,7 @@ logger = logging.getLogger(__name__)
 _RETRY_STATUSES = (502, 503, 504)
 _MAX_BACKOFF = 5.0
 _MAX_TRACKED = 4096
+_MIN_ATTEMPT = 0.05  # seconds: with less time left before a deadline, no attempt is started (none could be answered)
 
 
 def new_sequence_id() -> int:
@@ -62,8 +71,10 @@ class BackboneClient:
     Args:
         url: Server base URL, e.g. ``http://127.0.0.1:8000``.
         token: Bearer token (``--token`` of the server), or ``None`` for a server run with ``--no-auth``.
-        timeout: Seconds to wait for a connection and for each response.
-        retries: Retries after a connection failure, a timeout or a 502/503/504 (0: try once).
+        timeout: Seconds to wait for a connection and for each response (a step with a deadline waits no longer
+            than the deadline allows).
+        retries: Retries after a connection failure, a timeout or a 502/503/504 (0: try once); a step with a
+            deadline stops retrying when it passes.
         backoff: Seconds before the first retry; doubled each time (with up to 10% jitter).
         dtype: Wire type of ``shadow_states`` and ``hidden_states``: ``"float16"`` or ``"float32"``.
         max_chunk_tokens: Most tokens per request; longer steps are split.
@@ -74,6 +85,7 @@ class BackboneClient:
         bytes_sent: Bytes of every request sent (request line, headers and body, as HTTP/1.1 frames them).
         bytes_received: Bytes of every response received (status line, headers, body).
         requests: HTTP requests made, retries included.
+        timeout: The ``timeout`` given.
     """
 
     def __init__(
@@ -98,7 +110,7 @@ class BackboneClient:
                 "max_chunk_tokens must be >= 1, retries >= 0, timeout > 0 and backoff >= 0; got "
                 f"{max_chunk_tokens}, {retries}, {timeout}, {backoff}."
             )
-        self.url, self.dtype, self.model_name = url.rstrip("/"), np.dtype(dtype), model_name
+        self.url, self.dtype, self.model_name, self.timeout = url.rstrip("/"), np.dtype(dtype), model_name, timeout
         self.retries, self.backoff, self.max_chunk_tokens = retries, backoff, max_chunk_tokens
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # TCP_NODELAY: httpx writes headers and body separately, and Nagle's algorithm holds the body back
@@ -108,12 +120,20 @@ class BackboneClient:
         self._offsets: dict[int | str, int] = {}  # tokens the server holds per sequence, as far as we know
         self._lock = threading.Lock()  # guards the counters and _offsets (steps may run on many threads)
         self._d: int | None = None  # hidden size, from the first step (or the metadata)
+        self._metadata: dict[str, Any] | None = None  # the model metadata, fetched once
+        self._warned_unverified = False
         self.bytes_sent = self.bytes_received = self.requests = 0
 
     new_sequence_id = staticmethod(new_sequence_id)
 
     def step(
-        self, sequence_id: int | str, input_ids: np.ndarray, shadow_states: np.ndarray, *, start: bool
+        self,
+        sequence_id: int | str,
+        input_ids: np.ndarray,
+        shadow_states: np.ndarray,
+        *,
+        start: bool,
+        deadline: float | None = None,
     ) -> np.ndarray:
         """Sends T new tokens of a sequence; returns their final hidden states.
 
@@ -123,13 +143,15 @@ class BackboneClient:
             shadow_states: (1, T, d) shadow states ``s0`` of those tokens.
             start: Begin (or restart) the sequence with these tokens: a prompt, or a re-prefill of
                 the whole history after :class:`SessionLost`.
+            deadline: ``time.monotonic()`` by which the whole step (every chunk and retry) must be answered;
+                ``None``: each request waits ``timeout`` and retries ``retries`` times.
 
         Returns:
             (1, T, d) float32 hidden states (final-normed; ``device/head`` turns them into logits).
 
         Raises:
             ValueError: For inputs of the wrong shape.
-            ServerUnavailable: No answer after the retries, or a 5xx.
+            ServerUnavailable: No answer after the retries (or by the deadline), or a 5xx.
             SessionLost: The server no longer holds the sequence; re-send its history with ``start=True``.
             ServerRejected: Any other 4xx, with the server's message.
         """
@@ -140,10 +162,9 @@ class BackboneClient:
         offset, parts = before, []
         try:
             for begin in range(0, ids.shape[1], self.max_chunk_tokens):
-                end = begin + self.max_chunk_tokens
-                parts.append(
-                    self._infer(sequence_id, ids[:, begin:end], s0[:, begin:end], start and begin == 0, offset)
-                )
+                chunk = slice(begin, begin + self.max_chunk_tokens)
+                first = start and begin == 0
+                parts.append(self._infer(sequence_id, ids[:, chunk], s0[:, chunk], first, offset, deadline=deadline))
                 offset = None if offset is None else offset + parts[-1].shape[1]
         except BaseException:
             with self._lock:  # a retry of this step from its start is recognised by the server
@@ -168,8 +189,16 @@ class BackboneClient:
                 raise ValueError(f"rewind(length) takes 0 <= length <= {held} (the tokens sent); got {length!r}.")
             self._forget_or_set(sequence_id, length)
 
-    def end(self, sequence_id: int | str) -> None:
+    def end(self, sequence_id: int | str, *, timeout: float | None = None, retries: int = 0) -> None:
         """Ends a sequence (``sequence_end``), freeing its cache; a sequence the server lost is ignored.
+
+        Best effort: one attempt, no retry, so that a dead server does not delay the caller's exit (the
+        server's idle TTL frees a sequence whose end never arrived).
+
+        Args:
+            sequence_id: The sequence.
+            timeout: Seconds to wait for the answer (default: the client's ``timeout``).
+            retries: Retries (default 0: one attempt).
 
         Raises:
             ServerUnavailable, ServerRejected: As :meth:`step`.
@@ -178,7 +207,7 @@ class BackboneClient:
             offset = self._offsets.pop(sequence_id, None)
         empty_ids = np.zeros((1, 0), dtype=np.int64)
         try:
-            self._infer(sequence_id, empty_ids, None, False, offset, end=True)
+            self._infer(sequence_id, empty_ids, None, False, offset, end=True, retries=retries, timeout=timeout)
         except SessionLost:
             logger.debug("sequence %r was already gone when ended", sequence_id)
 
@@ -195,10 +224,54 @@ class BackboneClient:
             return False
         return live.status_code == 200 and model.status_code == 200
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, *, deadline: float | None = None) -> dict[str, Any]:
         """The model's metadata: inputs, outputs, and under ``shadowpeft`` the hidden size, limits and
-        the base fingerprint (compare it with the device export's ``manifest.base_fingerprint``)."""
-        return self._request("GET", f"/v2/models/{self.model_name}").json()
+        what identifies the backbone (see :meth:`verify_backbone`). Fetched once; later calls return that copy.
+
+        Args:
+            deadline: ``time.monotonic()`` by which the server must have answered (see :meth:`step`).
+        """
+        if self._metadata is None:
+            response = self._request("GET", f"/v2/models/{self.model_name}", deadline=deadline)
+            try:
+                metadata = response.json()
+            except ValueError:
+                metadata = None
+            if not isinstance(metadata, dict):
+                raise ServerUnavailable(f"{self.url} sent model metadata that is no JSON object; is it shadow-serve?")
+            self._metadata = metadata
+        return self._metadata
+
+    def verify_backbone(self, manifest: Manifest, *, deadline: float | None = None) -> BackboneCheck:
+        """The handshake: checks that the server runs the backbone of the export ``manifest`` describes.
+
+        Compares the server's published base fingerprint and ``cloud/backbone`` graph digests with the
+        manifest's (runtime/handshake.py). The metadata is fetched once per client, so calling this before
+        every sequence costs one request in all. A server that publishes nothing to compare (not
+        shadow-serve) passes, with a warning logged once.
+
+        Args:
+            manifest: The device export's manifest.
+            deadline: ``time.monotonic()`` by which the server must have answered (see :meth:`step`).
+
+        Returns:
+            What was compared.
+
+        Raises:
+            BackboneMismatch: The server runs another backbone; the message says what differs and what to do.
+            ServerUnavailable, ServerRejected: As :meth:`step`.
+        """
+        check = check_backbone(manifest, self.metadata(deadline=deadline), url=self.url)
+        if not check.matches:
+            raise BackboneMismatch(check.mismatch())
+        if not check.verified and not self._warned_unverified:
+            self._warned_unverified = True
+            logger.warning(
+                "The server at %s publishes no backbone identity (base_fingerprint, graph_sha256) in its model "
+                "metadata; cannot check that it serves this export's backbone. Serve it with shadow-serve to check.",
+                self.url,
+            )
+        return check
 
     def stats(self) -> dict[str, Any]:
         """The model's statistics, with ``sequences.active`` (sessions held) and bytes in and out."""
@@ -225,8 +298,11 @@ class BackboneClient:
         offset: int | None,
         *,
         end: bool = False,
+        deadline: float | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
     ) -> np.ndarray:
-        """One request; returns (1, T, d) float32."""
+        """One request (with :meth:`_request`'s retries, deadline and timeout); returns (1, T, d) float32."""
         if s0 is None:  # an empty step (sequence_end only) still sends a well-formed (1, 0, d) tensor
             states = np.zeros((1, 0, self._hidden_size()), dtype=self.dtype)
         else:
@@ -239,7 +315,15 @@ class BackboneClient:
             {INPUT_IDS: ids, SHADOW_STATES: states}, parameters=parameters, outputs={HIDDEN_STATES: True}
         )
         headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(json_size)}
-        response = self._request("POST", f"/v2/models/{self.model_name}/infer", content=body, headers=headers)
+        response = self._request(
+            "POST",
+            f"/v2/models/{self.model_name}/infer",
+            content=body,
+            headers=headers,
+            deadline=deadline,
+            retries=retries,
+            timeout=timeout,
+        )
         try:
             size = parse_header_length(response.headers.get(HEADER_LENGTH), len(response.content))
             hidden = decode_response(response.content, size).outputs[HIDDEN_STATES]
@@ -260,16 +344,35 @@ class BackboneClient:
             self._d = int(inputs[SHADOW_STATES]["shape"][2])
         return self._d
 
-    def _request(self, method: str, path: str, *, retries: int | None = None, **kwargs: Any) -> httpx.Response:
-        """Sends with retries; returns a 2xx response or raises the typed error for the status."""
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        retries: int | None = None,
+        deadline: float | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Sends with retries, none that ``deadline`` leaves no time for; returns a 2xx response or raises the
+        typed error for the status. Each attempt waits ``timeout`` (default: the client's), and no later than
+        ``deadline``."""
         attempts = (self.retries if retries is None else retries) + 1
-        failure = ""
+        failure, made = "no time left before the deadline", 0
         for attempt in range(attempts):
             if attempt:
-                delay = min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF)
-                time.sleep(delay * (1 + random.random() / 10))
+                delay = min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF) * (1 + random.random() / 10)
+                if deadline is not None and time.monotonic() + delay + _MIN_ATTEMPT > deadline:
+                    break
+                time.sleep(delay)
+            wait = self.timeout if timeout is None else timeout
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait < _MIN_ATTEMPT:
+                    break
+            made += 1
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = self._http.request(method, path, timeout=wait, **kwargs)
             except httpx.TransportError as err:
                 failure = f"{type(err).__name__}: {err or 'no detail'}"
                 self._count(len(kwargs.get("content", b"")), 0)
@@ -279,8 +382,9 @@ class BackboneClient:
                 failure = f"HTTP {response.status_code}: {_message(response)}"
                 continue
             return _checked(response, self.url)
+        within = f" within its deadline ({attempts - made} retries left unused)" if made < attempts else ""
         raise ServerUnavailable(
-            f"The backbone server at {self.url} did not answer {method} {path} after {attempts} attempt(s): "
+            f"The backbone server at {self.url} did not answer {method} {path} after {made} attempt(s){within}: "
             f"{failure}. Check that shadow-serve runs and is reachable, or run detached."
         )
 

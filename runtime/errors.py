@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "BackboneMismatch",
     "DeviceProfileError",
     "ExportLoadError",
     "ManifestError",
@@ -72,6 +73,11 @@ class RuntimeGenerationError(RuntimeError):
     """Generation cannot go on (e.g. coupled mode lost its server); the message says what to do."""
 
 
+class BackboneMismatch(RuntimeGenerationError):
+    """The backbone server runs another backbone than the device export was made with (another checkpoint,
+    base model or export run); the message names what differs and what to serve instead."""
+
+
 class ServerUnavailable(ConnectionError):
     """The backbone server did not answer (refused, timed out, or failed) after the client's retries."""
 
@@ -83,15 +89,19 @@ class SessionLost(RuntimeError):
 class ServerRejected(RuntimeError):
     """The server refused a request with a 4xx status; the message is the server's.
 
-    The backbone server raises it too, for requests it refuses; ``status`` is then the HTTP status it sends.
+    The backbone server raises it too, for requests it refuses; ``status`` is then the HTTP status it sends,
+    and ``retry_after`` (for a refusal that may succeed later: a full KV budget, a busy server) its
+    ``Retry-After`` header.
 
     Attributes:
         status: The HTTP status (``None`` when unknown).
+        retry_after: Seconds after which the same request may succeed (``None``: retrying will not help).
     """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 class ProtocolError(ValueError):

@@ -8,8 +8,11 @@ generation tasks, which is this measure at the first step). ::
 
     confidence >= threshold ──> the shadow's own token        (mode "detached", on the device)
     confidence <  threshold ──> a cloud round from this token (mode "speculative" or "coupled")
-    cloud unreachable       ──> the shadow's own token, and the cloud is tried again after
-                                ``retry_interval_s`` (the link re-sends what the server missed)
+    no answer in ``wait_s`` ──> the shadow's own token (the step waits no longer, retries included),
+                                and the cloud is tried again after ``retry_interval_s`` (the link
+                                re-sends what the server missed)
+    another backbone served ──> the shadow's own token for the whole sequence (the handshake
+                                found the server runs another export: ``fallback_reason`` says so)
 
 ``scope="token"`` decides at every step; ``scope="request"`` decides once, at the first step, for
 the whole answer (the way a generation task's threshold was chosen: per example, on the first token).
@@ -84,7 +87,13 @@ class Escalator:
             ``cloud="speculative"``).
         policy: The threshold, scope and cloud mode.
         retry_interval_s: After the cloud failed, how long to stay on the device before trying it again.
+        wait_s: Most seconds an escalated step waits for the cloud, retries included, before the shadow's
+            token is used (``None``: the client's timeout and retries per request, with no total).
         clock: Monotonic seconds (tests pass their own).
+
+    Attributes:
+        refused: Why the cloud is never used for this sequence (the server runs another backbone), or ``None``.
+        fallback_reason: Why the device first took over from the cloud, or ``None``.
     """
 
     def __init__(
@@ -93,20 +102,36 @@ class Escalator:
         policy: EscalationPolicy,
         *,
         retry_interval_s: float = 1.0,
+        wait_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.decoder, self.policy = decoder, policy
-        self.retry_interval_s, self.clock = retry_interval_s, clock
+        self.retry_interval_s, self.wait_s, self.clock = retry_interval_s, wait_s, clock
         self.sampler: Sampler = decoder.sampler
         self.request_local: bool | None = None  # scope "request": the first step's decision
         self.down_since: float | None = None
         self.escalated = 0  # steps the policy sent to the cloud (answered there or not)
         self.fallbacks = 0  # times the cloud failed and the device took over
         self.confidences: list[float] = []  # the shadow's confidence at each step
+        self.refused: str | None = None
+        self.fallback_reason: str | None = None
+
+    def handshake(self) -> None:
+        """Checks the server's backbone before the first step, within ``wait_s``: another backbone keeps every
+        step on the device; no answer counts as a cloud failure (retried after ``retry_interval_s``)."""
+        from shadowpeft.runtime.errors import BackboneMismatch, ServerRejected, ServerUnavailable
+
+        deadline = None if self.wait_s is None else time.monotonic() + self.wait_s
+        try:
+            self.decoder.link.handshake(deadline=deadline)
+        except BackboneMismatch as err:
+            self._refuse(err)
+        except (ServerUnavailable, ServerRejected) as err:
+            self._cloud_failed(err)
 
     def __call__(self, pending: list[int], seen: list[int], room: int) -> tuple[list[int], str]:
         """One step: the shadow processes ``pending``; its token, or a cloud round's tokens, and their mode."""
-        from shadowpeft.runtime.errors import ServerRejected, ServerUnavailable
+        from shadowpeft.runtime.errors import BackboneMismatch, ServerRejected, ServerUnavailable
 
         shadow, link = self.decoder.shadow, self.decoder.link
         logits, s0 = shadow.step(np.asarray([pending], dtype=np.int64))
@@ -124,20 +149,29 @@ class Escalator:
             if self._cloud_may_answer():
                 most = 0 if self.policy.cloud == "coupled" else None
                 try:
-                    tokens = self.decoder.round_from(row, seen, room, most=most).tokens
-                except (ServerUnavailable, ServerRejected):
-                    self._cloud_failed()
+                    tokens = self.decoder.round_from(row, seen, room, most=most, wait_s=self.wait_s).tokens
+                except BackboneMismatch as err:
+                    self._refuse(err)
+                except (ServerUnavailable, ServerRejected) as err:
+                    self._cloud_failed(err)
                 else:
                     self.down_since = None
                     return tokens, self.policy.cloud
         return [self.sampler(row, seen)], "detached"
 
     def _cloud_may_answer(self) -> bool:
+        if self.refused is not None:
+            return False
         return self.down_since is None or self.clock() - self.down_since >= self.retry_interval_s
 
-    def _cloud_failed(self) -> None:
+    def _refuse(self, err: Exception) -> None:
+        self.refused = f"{err} Answering every token on the device (detached)."
+        self.fallbacks += 1
+        self.fallback_reason = self.fallback_reason or self.refused
+
+    def _cloud_failed(self, err: Exception) -> None:
         if self.down_since is None:
             self.fallbacks += 1
-        link = self.decoder.link
-        link.sequence_id, link.synced = None, 0  # next time: a fresh session, re-prefilled with the history
+        self.fallback_reason = self.fallback_reason or f"{err}"
+        self.decoder.link.abandon()  # ends the server's session; next time: a fresh one, re-prefilled
         self.down_since = self.clock()

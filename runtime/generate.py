@@ -8,6 +8,12 @@ device shadow runs for every token in every mode (the cloud needs its ``s0``), s
 server is unreachable, slow or lost the shadow's own logits take over with no extra work, and once
 the server answers again (tried at most every ``retry_interval_s``) the link sends it the tokens it
 missed and escalation resumes on a fresh session.
+
+Before the first step of every mode but detached, the link checks that the server runs this
+export's backbone (runtime/handshake.py; once per client): coupled and speculative mode refuse another
+one, auto mode answers on the device and says why (:attr:`GenerationResult.fallback_reason`). Auto
+mode waits at most ``cloud_wait_s`` per step for the server, retries included, before it uses the
+shadow's token.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class GenerationResult:
     modes: list[str] = field(default_factory=list)
     finish_reason: str = "length"
     fallbacks: int = 0  # times auto mode found the cloud gone and answered on the device
+    fallback_reason: str | None = None  # auto mode: why the device first took over (no server, another backbone)
     escalated: int = 0  # auto mode: steps whose confidence sent them to the cloud (answered there or not)
     restarts: int = 0  # times the link re-prefilled a fresh server session
     prefill_s: float = 0.0
@@ -97,6 +104,8 @@ class Generator:
             (:class:`~shadowpeft.runtime.speculative.DraftLength`).
         escalation: Auto mode's policy (:class:`~shadowpeft.runtime.escalation.EscalationPolicy`); by
             default the threshold the export's manifest carries (none: every step goes to the cloud).
+        cloud_wait_s: In auto mode, most seconds a step waits for the server, retries included, before the
+            shadow's token is used (default: the client's ``timeout``).
     """
 
     def __init__(
@@ -111,6 +120,7 @@ class Generator:
         retry_interval_s: float = 1.0,
         draft_tokens: int | str = 4,
         escalation: EscalationPolicy | None = None,
+        cloud_wait_s: float | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
@@ -127,6 +137,7 @@ class Generator:
         self.retry_interval_s = retry_interval_s
         self.draft_tokens = check_draft_tokens(draft_tokens)
         self.escalation = escalation or default_policy(export)
+        self.cloud_wait_s = cloud_wait_s if cloud_wait_s is not None or mode != "auto" else client.timeout
 
     # ----- public API -------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[GenerationResult]:
@@ -149,13 +160,15 @@ class Generator:
         shadow = DeviceShadow(self.export, len(results))
         link = CloudLink(self.export, self.client) if self.mode != "detached" else None
         samplers = [Sampler(sampling) for _ in results]
+        decoder, escalator = self._decoder(shadow, link, samplers[0])
+        self._handshake(link, escalator)  # before the counters: one request per client, not per prompt
         emitted = [0] * len(results)
         done = [False] * len(results)
         ids, real = left_pad([r.prompt_ids for r in results])
         sent0, received0, requests0 = self._wire()
         try:
-            if self.mode in ("speculative", "auto"):
-                yield from self._rounds(shadow, link, samplers[0], results[0], sampling.stop, budget)
+            if decoder is not None:
+                yield from self._rounds(decoder, escalator, results[0], sampling.stop, budget)
                 return
             for step in range(budget):
                 started = time.perf_counter()
@@ -192,18 +205,47 @@ class Generator:
                 result.bytes_sent, result.bytes_received = sent - sent0, received - received0
                 result.round_trips = requests - requests0
 
-    def _rounds(self, shadow, link, sampler, result: GenerationResult, stop, budget: int):
-        """Speculative and auto mode: rounds of one or more tokens for one prompt (runtime/speculative.py)."""
+    def _decoder(self, shadow, link, sampler) -> tuple[SpeculativeDecoder | None, Escalator | None]:
+        """Speculative and auto mode's rounds over ``shadow`` and ``link``, and auto's escalator (else ``None``)."""
+        if self.mode not in ("speculative", "auto"):
+            return None, None
         decoder = SpeculativeDecoder(shadow, link, sampler, draft_tokens=self.draft_tokens, eos_ids=self.eos_ids)
-        escalator = None
-        if self.mode == "auto":
-            escalator = Escalator(decoder, self.escalation, retry_interval_s=self.retry_interval_s)
+        if self.mode != "auto":
+            return decoder, None
+        escalator = Escalator(
+            decoder, self.escalation, retry_interval_s=self.retry_interval_s, wait_s=self.cloud_wait_s
+        )
+        return decoder, escalator
+
+    def _handshake(self, link: CloudLink | None, escalator: Escalator | None) -> None:
+        """Before the first step: does the server run this export's backbone? (runtime/handshake.py)
+
+        Coupled and speculative mode stop with a clear error on another backbone (BackboneMismatch) or no
+        server; auto mode's escalator keeps to the device and records why.
+        """
+        from shadowpeft.runtime.errors import ServerRejected, ServerUnavailable
+
+        if escalator is not None:
+            escalator.handshake()
+        elif link is not None:
+            try:
+                link.handshake()
+            except (ServerUnavailable, ServerRejected) as err:
+                raise RuntimeGenerationError(
+                    f"{self.mode.capitalize()} mode cannot reach the backbone server: {err} Start it, or run with "
+                    "--mode auto (falls back to the device shadow) or --mode detached."
+                ) from err
+
+    def _rounds(self, decoder, escalator, result: GenerationResult, stop, budget: int):
+        """Speculative and auto mode: rounds of one or more tokens for one prompt (runtime/speculative.py)."""
         emitted = [0]
 
         def emit(token: int, mode: str, first_round: bool):
             result.token_ids.append(token)
             result.modes.append(mode)
             done, delta = self._advance(result, token, stop, emitted, 0)
+            if escalator is not None:  # known from the handshake on: shadow-run prints it at once
+                result.fallback_reason = escalator.fallback_reason
             if first_round and len(result.token_ids) > 1:
                 result.prefill_tokens += 1  # the first round's accepted drafts came with the prefill
             event = TokenEvent(0, token, delta, mode, len(result.token_ids) - 1)
@@ -221,6 +263,7 @@ class Generator:
             result.drafted, result.accepted, result.rounds = decoder.drafted, decoder.accepted, decoder.rounds
             if escalator is not None:
                 result.escalated, result.fallbacks = escalator.escalated, escalator.fallbacks
+                result.fallback_reason = escalator.fallback_reason
 
     def _coupled(self, link: CloudLink) -> np.ndarray:
         """Base logits (1, V) from the server, or a clear error when it does not answer."""

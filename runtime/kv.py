@@ -19,7 +19,7 @@ import numpy as np
 
 from shadowpeft.runtime.contract import TensorSpec, is_past_name, present_name_for
 
-__all__ = ["KVCache", "kv_inputs"]
+__all__ = ["KVCache", "kv_bytes_per_token", "kv_inputs"]
 
 _NUMPY = {"float32": np.float32, "float16": np.float16}
 _PAST_AXIS = 2  # (B, h, P, dh)
@@ -36,6 +36,16 @@ class _Session(Protocol):  # an onnxruntime.InferenceSession
 def kv_inputs(graph: _Declared) -> tuple[TensorSpec, ...]:
     """The graph's KV-cache inputs, in graph order (shadow-prefixed ones included)."""
     return tuple(spec for spec in graph.inputs if is_past_name(spec.name))
+
+
+def kv_bytes_per_token(graph: _Declared) -> int:
+    """Bytes the KV cache of ``graph`` holds per token of one sequence: the sum over its KV inputs of
+    heads x head_dim x dtype size (layers x 2 x kv_heads x head_dim x 4 for an fp32 base cache).
+
+    Raises:
+        ValueError: For a KV input without fixed heads and head_dim or of another dtype (as :meth:`KVCache.empty`).
+    """
+    return sum(value.itemsize * value.shape[1] * value.shape[3] for value in KVCache.empty(graph, 1).past.values())
 
 
 class KVCache:

@@ -306,8 +306,8 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
     depth = _nesting_depth(raw)
     if depth > _MAX_JSON_DEPTH:
         raise ProtocolError(
-            f"The JSON part of the body nests arrays and objects {depth} levels deep; this server reads at most "
-            f"{_MAX_JSON_DEPTH}. Send tensor data flat (row-major) or nested once per dimension."
+            f"The JSON part of the body nests arrays or objects too deeply: {depth} levels; this server reads at "
+            f"most {_MAX_JSON_DEPTH}. Send tensor data flat (row-major) or nested once per dimension."
         )
     try:
         header = _JSON.decode(raw.decode("utf-8"))
@@ -317,6 +317,10 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
         raise ProtocolError(
             f"The JSON part of the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
             + (f" (the first {size} bytes, per {HEADER_LENGTH})." if header_length is not None else ".")
+        ) from None
+    except RecursionError:  # e.g. "[[[[...": Python's parser recurses once per level
+        raise ProtocolError(
+            "The JSON part of the body nests arrays or objects too deeply to parse; tensors are flat or [1, T, d]."
         ) from None
     if not isinstance(header, dict):
         raise ProtocolError(f"The JSON part of the body must be an object; got {type(header).__name__}.")

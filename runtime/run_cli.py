@@ -155,7 +155,9 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
         retry_interval_s=max(1.0, timeout),
         draft_tokens=draft_tokens or 4,
         escalation=escalation,
+        cloud_wait_s=timeout,
     )
+    announced: set[str] = set()  # fallback reasons already printed
     for index, text in enumerate(texts):
         result = GenerationResult(tokenizer.encode(text, chat=chat))
         if not as_json:
@@ -171,8 +173,11 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
                 }
                 click.echo(json.dumps(record))
             else:
+                _announce_fallback(result, announced)
                 click.echo(event.text, nl=False)
                 sys.stdout.flush()
+        if not as_json:
+            _announce_fallback(result, announced)
         summary = _summary(index, result)
         click.echo(json.dumps(summary) if as_json else "")
         if not as_json:
@@ -233,11 +238,20 @@ def _summary(index: int, result) -> dict:
         "round_trips_per_token": round(result.round_trips / tokens, 4) if tokens else 0.0,
         "escalated": result.escalated,
         "fallbacks": result.fallbacks,
+        "fallback_reason": result.fallback_reason,
         "session_restarts": result.restarts,
         "prefill_s": round(result.prefill_s, 4),
         "decode_tokens_per_s": round(result.tokens_per_s, 2),
         "bytes_per_cloud_token": round((result.bytes_sent + result.bytes_received) / cloud, 1) if cloud else 0,
     }
+
+
+def _announce_fallback(result, announced: set[str]) -> None:
+    """Prints (to stderr, once per reason) why auto mode answers on the device, as soon as it does."""
+    reason = result.fallback_reason
+    if reason and reason not in announced:
+        announced.add(reason)
+        click.echo(f"\nauto: answering on the device: {reason}", err=True)
 
 
 def _summary_line(summary: dict) -> str:

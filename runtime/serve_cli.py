@@ -15,9 +15,30 @@ from shadowpeft.runtime.errors import DeviceProfileError, ExportLoadError, Manif
 __all__ = ["main"]
 
 _DEFAULT_MAX_TOKENS = 4096
+_DEFAULT_TOKENS_PER_REQUEST = 512  # BackboneClient sends prefill in chunks of 256 by default
 _MIN_TOKEN_CHARS = 16
 _SANE_CONTEXT = 1 << 20  # tokenizers store "unset" as a huge number; ignore anything above this
 _SPARE_DESCRIPTORS = 64  # the export's files, logs, onnxruntime and the listening socket
+
+
+class _Size(click.ParamType):
+    """Bytes, written as a number or with a unit (``1GiB``, ``512MiB``, ``2GB``), at least ``minimum``."""
+
+    name = "size"
+
+    def __init__(self, minimum: int) -> None:
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx) -> int:
+        from shadowpeft.runtime.admission import parse_size
+
+        try:
+            size = value if isinstance(value, int) else parse_size(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+        if size < self.minimum:
+            self.fail(f"{value!r} is {size} bytes; use at least {self.minimum}.", param, ctx)
+        return size
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,8 +54,39 @@ _SPARE_DESCRIPTORS = 64  # the export's files, logs, onnxruntime and the listeni
     type=click.IntRange(1),
     help="Default: the --device profile's max_context, else the tokenizer's model_max_length, else 4096.",
 )
+@click.option(
+    "--max-tokens-per-request",
+    default=None,
+    type=click.IntRange(1),
+    help=f"Tokens one request may carry (longer prompts come in chunks). Default: {_DEFAULT_TOKENS_PER_REQUEST}, "
+    "or --max-tokens-per-session if smaller.",
+)
+@click.option(
+    "--kv-budget",
+    default="1GiB",
+    show_default=True,
+    type=_Size(1),
+    help="KV-cache bytes all sessions may hold together, e.g. 512MiB, 4GiB; past it idle sessions are evicted "
+    "(least recently used first) or the step is refused with 503 + Retry-After.",
+)
 @click.option("--idle-ttl", default=300.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds.")
-@click.option("--max-body-bytes", default=16 << 20, show_default=True, type=click.IntRange(1024))
+@click.option(
+    "--max-body-bytes",
+    default=None,
+    type=_Size(1024),
+    help="Largest request body. Default: --max-tokens-per-request tokens at fp32, plus --max-json-bytes.",
+)
+@click.option(
+    "--max-json-bytes",
+    default="1MiB",
+    show_default=True,
+    type=_Size(1024),
+    help="Largest JSON body (or JSON header of a binary one); parsing JSON costs ~14x its size.",
+)
+@click.option("--max-concurrent", default=4, show_default=True, type=click.IntRange(1), help="Requests in flight.")
+@click.option(
+    "--max-queued", default=64, show_default=True, type=click.IntRange(0), help="Requests waiting; then 503."
+)
 @click.option(
     "--max-connections",
     default=256,
@@ -137,26 +189,46 @@ def _check_descriptors(max_connections: int) -> None:
 
 
 def _serve(export_dir: Path, host: str, port: int, token: str | None, options: dict) -> None:
+    from shadowpeft.runtime.admission import RequestLimits
     from shadowpeft.runtime.connections import ConnectionLimits
-    from shadowpeft.runtime.contract import MODEL_NAME
+    from shadowpeft.runtime.contract import CLOUD_BACKBONE, MODEL_NAME
     from shadowpeft.runtime.devices import load_device_profile
     from shadowpeft.runtime.export_dir import open_export
+    from shadowpeft.runtime.kv import kv_bytes_per_token
     from shadowpeft.runtime.server import ServerConfig, create_app, run_server
     from shadowpeft.runtime.sessions import SessionLimits
 
     level = options["log_level"]
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     profile = load_device_profile(options["device"]) if options["device"] else None
-    # No spin-waiting: the server idles between requests (runtime.export_dir.session_options).
-    export = open_export(export_dir, profile=profile, threads=options["threads"], spin_wait=False)
+    # No spin-waiting: the server idles between requests; no CPU arena: it would keep the memory of the
+    # largest step ever run (runtime.export_dir.session_options).
+    export = open_export(export_dir, profile=profile, threads=options["threads"], spin_wait=False, cpu_arena=False)
     max_tokens = options["max_tokens_per_session"] or _default_max_tokens(export.root, export.manifest, profile)
-    limits = SessionLimits(options["max_sessions"], max_tokens, options["idle_ttl"])
+    limits = SessionLimits(options["max_sessions"], max_tokens, options["idle_ttl"], options["kv_budget"])
+    per_request = options["max_tokens_per_request"] or min(_DEFAULT_TOKENS_PER_REQUEST, max_tokens)
+    requests = RequestLimits(
+        per_request,
+        options["max_body_bytes"],
+        options["max_json_bytes"],
+        options["max_concurrent"],
+        options["max_queued"],
+    )
+    per_token = kv_bytes_per_token(export.graph(CLOUD_BACKBONE)) if export.has(CLOUD_BACKBONE) else 0
+    if per_request * per_token > limits.kv_budget_bytes:
+        raise click.BadParameter(
+            f"--kv-budget {limits.kv_budget_bytes} bytes cannot hold even one request of {per_request} tokens "
+            f"({per_token} bytes of KV cache per token). Raise --kv-budget or lower --max-tokens-per-request.",
+            param_hint="--kv-budget",
+        )
     connections = ConnectionLimits(options["max_connections"], options["read_timeout"], options["keep_alive_timeout"])
-    app = create_app(export, ServerConfig(token, limits, options["max_body_bytes"], connections))
+    app = create_app(export, ServerConfig(token, limits, requests, connections))
     scheme = "https" if options["ssl_certfile"] else "http"
     click.echo(
         f"shadow-serve: {export.root} as {MODEL_NAME!r} on {scheme}://{host}:{port} "
         f"(auth {'bearer token' if token else 'OFF'}; {limits.max_sessions} sessions x {max_tokens} tokens, "
+        f"KV budget {limits.kv_budget_bytes} B = {limits.kv_budget_bytes // max(per_token, 1)} tokens in all "
+        f"at {per_token} B/token, {per_request} tokens per request, {requests.max_concurrent} in flight, "
         f"idle TTL {limits.idle_ttl:g} s, {connections.max_connections} connections, read timeout "
         f"{connections.read_timeout:g} s, providers {', '.join(export.providers)})",
         err=True,

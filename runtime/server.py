@@ -15,13 +15,20 @@ an exact repeat of the last step is answered again instead (an idempotent retry)
 the tokens held is a 409.
 
 The server keeps each sequence's base KV cache (:mod:`shadowpeft.runtime.sessions`) and computes
-``attention_mask`` and ``position_ids`` itself. Status codes: 400 malformed or invalid request
-(JSON ``{"error": ...}`` naming the tensor), 401 missing or wrong bearer token, 403 (auth off) a Host or
-Origin that is not loopback, 404 unknown model or route, 408 the body took longer than the read timeout,
-409 unknown, evicted, expired or out-of-sync sequence (re-prefill with ``sequence_start``), 413 body too
-large, 415 compressed body or a Content-Type other than JSON or binary, 503 every session slot busy (or
-every connection, :mod:`shadowpeft.runtime.connections`), 500 the graph failed (the sequence's cache is
-unchanged). Who may call, and how, is :mod:`shadowpeft.runtime.access`.
+``attention_mask`` and ``position_ids`` itself. Memory is bounded before any graph runs: the body
+size, the JSON size and the tokens per request (:mod:`shadowpeft.runtime.admission`), the requests
+in flight, and the KV cache all sequences hold (a byte budget, :mod:`shadowpeft.runtime.sessions`).
+A ``sequence_end`` without tokens ends the sequence whatever its ``sequence_offset``.
+
+Status codes: 400 malformed or invalid request (JSON ``{"error": ...}`` naming the tensor), 401
+missing or wrong bearer token, 403 (auth off) a Host or Origin that is not loopback, 404 unknown
+model or route, 408 the body took longer than the read timeout, 409 unknown, evicted, expired or
+out-of-sync sequence (re-prefill with ``sequence_start``), 413 body, JSON or tokens per request
+over the limit (send fewer tokens per request), 415 compressed body or a Content-Type other than
+JSON or binary, 503 with ``Retry-After``: the session slots or the KV budget are full of busy
+sequences, or too many requests are in flight (nothing changed: retry); 503 without it: every
+connection is taken (:mod:`shadowpeft.runtime.connections`), 500 the graph failed (the sequence's
+cache is unchanged). Who may call, and how, is :mod:`shadowpeft.runtime.access`.
 """
 
 from __future__ import annotations
@@ -41,12 +48,13 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from shadowpeft.runtime.access import LOG_KEY as _LOG_KEY
 from shadowpeft.runtime.access import AccessGate
+from shadowpeft.runtime.admission import RequestGate, RequestLimits, body_bytes_for, read_body
 from shadowpeft.runtime.connections import ConnectionLimits, uvicorn_options
 from shadowpeft.runtime.contract import (
     CLOUD_BACKBONE,
@@ -63,7 +71,7 @@ from shadowpeft.runtime.contract import (
 )
 from shadowpeft.runtime.errors import ExportLoadError, ProtocolError, ServerRejected, SessionLost, format_problems
 from shadowpeft.runtime.export_dir import ExportDir
-from shadowpeft.runtime.kv import KVCache
+from shadowpeft.runtime.kv import KVCache, kv_bytes_per_token
 from shadowpeft.runtime.protocol import HEADER_LENGTH, datatype_of, decode_request, encode_response
 from shadowpeft.runtime.protocol import parse_header_length as _header_length
 from shadowpeft.runtime.sessions import BackboneRunner, Session, SessionLimits, SessionTable
@@ -80,6 +88,11 @@ _ORT_ERRORS = tuple(
 )
 _REPLAY_ELEMENTS = 1 << 16  # steps up to this many hidden values are kept for an idempotent retry
 _INLINE_DECODE_BYTES = 64 << 10  # larger bodies are decoded in the thread pool
+_REFUSALS = ("sessions", "kv_budget", "busy", "tokens_per_request", "body_bytes", "json_bytes")
+_JSON_COST = (
+    "parsing JSON costs about 14x its size; send tensors as binary data (the binary tensor extension: "
+    "BackboneClient does, tritonclient with binary_data=True) or fewer tokens per request"
+)
 
 
 @dataclass(frozen=True)
@@ -89,14 +102,14 @@ class ServerConfig:
     Attributes:
         token: Bearer token every request but health checks must carry; ``None`` disables auth
             (the CLI allows that on loopback only).
-        limits: Max sessions, max tokens per session, idle TTL.
-        max_body_bytes: Largest request body accepted (413 above).
+        limits: Max sessions, max tokens per session, idle TTL, KV budget.
+        requests: Tokens, body and JSON bytes per request; requests in flight and queued.
         connections: Connection cap and read and keep-alive timeouts (applied by :func:`serving_options`).
     """
 
     token: str | None
     limits: SessionLimits = field(default_factory=SessionLimits)
-    max_body_bytes: int = 16 << 20
+    requests: RequestLimits = field(default_factory=RequestLimits)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
@@ -125,7 +138,13 @@ class _Backbone:
         self.export, self.config = export, config
         self.spec = export.graph(CLOUD_BACKBONE)
         self.runner = BackboneRunner(export.session(CLOUD_BACKBONE), self.spec)
-        self.table = SessionTable(config.limits, self.runner.empty_past)
+        per_token = kv_bytes_per_token(self.spec)
+        self.table = SessionTable(config.limits, self.runner.empty_past, kv_bytes_per_token=per_token)
+        requests = config.requests
+        self.max_body_bytes = requests.max_body_bytes or body_bytes_for(
+            requests.max_tokens, self.runner.hidden_size, requests.max_json_bytes
+        )
+        self.gate = RequestGate(requests.max_concurrent, requests.max_queued)
         self.vocab = export.manifest.vocab_size
         self.inferences = 0
         self.last_inference_ms = 0
@@ -165,10 +184,15 @@ class _Backbone:
                     "base_model": self.export.manifest.base_model,
                     "base_fingerprint": self.export.manifest.base_fingerprint,
                     "graph_sha256": self.spec.sha256,
+                    "graph_external_data": dict(self.spec.external_data),  # weights stored outside the graph
                     "max_sessions": self.config.limits.max_sessions,
                     "max_tokens_per_session": self.config.limits.max_tokens,
                     "idle_ttl_s": self.config.limits.idle_ttl,
-                    "max_body_bytes": self.config.max_body_bytes,
+                    "max_tokens_per_request": self.config.requests.max_tokens,
+                    "max_body_bytes": self.max_body_bytes,
+                    "max_json_bytes": self.config.requests.max_json_bytes,
+                    "kv_budget_bytes": self.config.limits.kv_budget_bytes,
+                    "kv_bytes_per_token": self.table.kv_bytes_per_token,
                 },
             }
         )
@@ -178,10 +202,20 @@ class _Backbone:
         return JSONResponse({"name": MODEL_NAME, "ready": True})
 
     async def model_stats(self, request: Request) -> Response:
-        """Triton-style ``model_stats`` plus ``sequences``: live count, tokens held, counters, bytes."""
+        """Triton-style ``model_stats`` plus ``sequences`` (live count, tokens and KV bytes held against the
+        budget, counters, bytes), ``requests`` (in flight, queued) and ``refused`` (refusals by reason)."""
         self._model(request)
-        stats = self.table.stats
-        sequences = {"active": len(self.table), "tokens": self.table.tokens(), **vars(stats)}
+        table, stats = self.table, self.table.stats
+        sequences = {
+            "active": len(table),
+            "tokens": table.tokens(),
+            "kv_bytes": table.kv_bytes(),
+            "kv_budget_bytes": table.limits.kv_budget_bytes,
+            "kv_bytes_per_token": table.kv_bytes_per_token,
+            **{key: value for key, value in vars(stats).items() if key != "refused"},
+        }
+        requests = {"in_flight": self.gate.inside, "queued": self.gate.waiting}
+        refused = {reason: 0 for reason in _REFUSALS} | dict(stats.refused) | {"busy": self.gate.refused}
         model = {
             "name": MODEL_NAME,
             "version": MODEL_VERSION,
@@ -189,30 +223,38 @@ class _Backbone:
             "inference_count": self.inferences,
             "execution_count": self.inferences,
         }
-        return JSONResponse({"model_stats": [model], "sequences": sequences})
+        return JSONResponse({"model_stats": [model], "sequences": sequences, "requests": requests, "refused": refused})
 
     # --- inference ---------------------------------------------------------------------------------
 
     async def infer(self, request: Request) -> Response:
         self._model(request)
-        body = await _read_body(request, self.config.max_body_bytes)
-        size = _header_length(request.headers.get(HEADER_LENGTH), len(body))
-        if len(body) > _INLINE_DECODE_BYTES:  # parsing a large JSON body would stall every other session
-            decoded = await run_in_threadpool(decode_request, body, size)
-        else:
-            decoded = decode_request(body, size)
-        _check_outputs(decoded.outputs)
-        step = self._validate(decoded.inputs, decoded.parameters)
-        hidden, session = await self._advance(step)
-        binary = decoded.binary_outputs if decoded.outputs is None else decoded.outputs[HIDDEN_STATES]
-        content, json_size = encode_response(
-            {HIDDEN_STATES: hidden.astype(step.s0.dtype, copy=False)},
-            model_name=MODEL_NAME,
-            model_version=MODEL_VERSION,
-            binary=binary,
-            parameters={SEQUENCE_LENGTH: session.length},
-            request_id=decoded.id,
-        )
+        limit, option, hint = self._body_limit(request)  # 413 before reading, when the headers say so
+        async with self.gate.enter():  # bounds the bodies, parsed tensors and steps held at once
+            try:
+                body = await read_body(request, limit, option, hint)
+            except ServerRejected as err:
+                if err.status == 413:
+                    self.table.stats.refused["json_bytes" if "json" in option else "body_bytes"] += 1
+                raise
+            size = _header_length(request.headers.get(HEADER_LENGTH), len(body))
+            if len(body) > _INLINE_DECODE_BYTES:  # parsing a large JSON body would stall every other session
+                decoded = await run_in_threadpool(decode_request, body, size)
+            else:
+                decoded = decode_request(body, size)
+            _check_outputs(decoded.outputs)
+            step = self._validate(decoded.inputs, decoded.parameters)
+            self._check_tokens(step)
+            hidden, session = await self._advance(step)
+            binary = decoded.binary_outputs if decoded.outputs is None else decoded.outputs[HIDDEN_STATES]
+            content, json_size = encode_response(
+                {HIDDEN_STATES: hidden.astype(step.s0.dtype, copy=False)},
+                model_name=MODEL_NAME,
+                model_version=MODEL_VERSION,
+                binary=binary,
+                parameters={SEQUENCE_LENGTH: session.length},
+                request_id=decoded.id,
+            )
         session.bytes_in, session.bytes_out = session.bytes_in + len(body), session.bytes_out + len(content)
         self.table.stats.bytes_in += len(body)
         self.table.stats.bytes_out += len(content)
@@ -225,25 +267,73 @@ class _Backbone:
         media = "application/octet-stream" if json_size is not None else "application/json"
         return Response(content, headers=headers, media_type=media)
 
+    def _check_tokens(self, step: _Step) -> None:
+        """Refuses (413) a request of more tokens than ``--max-tokens-per-request``, before any table change."""
+        tokens, cap = step.ids.shape[1], self.config.requests.max_tokens
+        if tokens > cap:
+            self.table.stats.refused["tokens_per_request"] += 1
+            raise ServerRejected(
+                f"This request carries {tokens} tokens; this server takes at most {cap} per request "
+                f"(--max-tokens-per-request). Send the prompt in chunks of at most {cap} tokens "
+                f"(BackboneClient(max_chunk_tokens=...) does). Sequence {step.sequence_id!r} is unchanged.",
+                status=413,
+            )
+
+    def _body_limit(self, request: Request) -> tuple[int, str, str]:
+        """The body limit for ``request``, its option and the advice for a client over it; a JSON header
+        over ``--max-json-bytes`` is refused (413) here, before the body is read."""
+        json_limit, tokens = self.config.requests.max_json_bytes, self.config.requests.max_tokens
+        chunks = (
+            f"Send at most {tokens} tokens per request (--max-tokens-per-request): split a longer prompt into "
+            "chunks (BackboneClient(max_chunk_tokens=...))."
+        )
+        declared = request.headers.get(HEADER_LENGTH, "").strip()
+        if HEADER_LENGTH not in request.headers:  # the whole body is JSON
+            if json_limit < self.max_body_bytes:
+                return json_limit, "--max-json-bytes", f"A body without {HEADER_LENGTH} is all JSON: {_JSON_COST}."
+        # A malformed value (not 1-20 ASCII digits: '²' passes isdigit() and int() refuses 5,000 digits) falls
+        # through to parse_header_length's 400.
+        elif declared.isascii() and declared.isdigit() and len(declared) <= 20 and int(declared) > json_limit:
+            self.table.stats.refused["json_bytes"] += 1
+            raise ServerRejected(
+                f"The JSON header of this request has {declared} bytes ({HEADER_LENGTH}); this server accepts at "
+                f"most {json_limit} (--max-json-bytes): {_JSON_COST}.",
+                status=413,
+            )
+        return self.max_body_bytes, "--max-body-bytes", chunks
+
     async def _advance(self, step: _Step) -> tuple[np.ndarray, Session]:
-        """Runs ``step`` on its sequence under the sequence's lock; other sequences run meanwhile."""
-        session = self.table.start(step.sequence_id) if step.start else self.table.get(step.sequence_id)
+        """Runs ``step`` on its sequence under the sequence's lock; other sequences run meanwhile.
+
+        A ``sequence_start`` runs on a new session that replaces the old one under its id only once the
+        step succeeded (:meth:`SessionTable.commit`); a sequence whose ``sequence_end`` step is out of
+        sync is freed anyway (its client is done with it).
+        """
+        table = self.table
+        session = table.open(step.sequence_id) if step.start else table.get(step.sequence_id)
         try:
             async with session.lock:
-                if not self.table.is_current(session):
+                if not step.start and not table.is_current(session):
                     raise SessionLost(
                         f"Sequence {step.sequence_id!r} was restarted or ended by another request while this one "
                         "waited. Re-send its whole history with sequence_start=true."
                     )
                 hidden = await self._compute(session, step)
+        except SessionLost:
+            if step.end:
+                table.end(session)
+            raise
         finally:
-            self.table.release(session)
+            table.release(session)
         if step.end:
-            self.table.end(session)
+            table.end(session)
         return hidden, session
 
     async def _compute(self, session: Session, step: _Step) -> np.ndarray:
         new = step.ids.shape[1]
+        empty = np.zeros((1, 0, self.runner.hidden_size), dtype=np.float32)
+        if new == 0 and step.end and not step.start:
+            return empty  # a bare sequence_end ends the sequence whatever its offset says
         digest = _digest(step) if new * self.runner.hidden_size <= _REPLAY_ELEMENTS else b""  # only small steps replay
         past, offset = session.past, session.length
         if step.offset is not None and step.offset != session.length:
@@ -267,10 +357,11 @@ class _Backbone:
                 "(sequence_end=true) and start a shorter one.",
                 status=400,
             )
-        if new == 0:
-            if offset != session.length:
-                session.past, session.length, session.last_step = past, offset, None
-            return np.zeros((1, 0, self.runner.hidden_size), dtype=np.float32)
+        self.table.admit(session, offset + new)  # a slot and the KV bytes, or 503 with nothing changed
+        if new == 0:  # a rollback only (or an empty start)
+            session.last_step = session.last_step if offset == session.length else None
+            self.table.commit(session, past, offset)
+            return empty
         try:
             hidden, present = await run_in_threadpool(self.runner.run, past, step.ids, step.s0)
         except _ORT_ERRORS as err:
@@ -278,7 +369,8 @@ class _Backbone:
                 f"onnxruntime failed on this step ({type(err).__name__}: {err}); the sequence's cache is unchanged.",
                 status=500,
             ) from err
-        session.past, session.length, session.steps = present, offset + new, session.steps + 1
+        self.table.commit(session, present, offset + new)
+        session.steps += 1
         session.last_step = (offset, new, digest, hidden) if digest else None
         return hidden
 
@@ -306,10 +398,13 @@ class _Backbone:
     async def lifespan(self, app: Starlette):
         """Sweeps idle sessions in the background while the server runs."""
         task = asyncio.create_task(self._sweep())
+        limits, requests = self.config.limits, self.config.requests
         logger.info(
-            "serving %s (d=%d) as %r: at most %d sessions x %d tokens, idle TTL %gs, auth %s",
-            self.export.root, self.runner.hidden_size, MODEL_NAME, self.config.limits.max_sessions,
-            self.config.limits.max_tokens, self.config.limits.idle_ttl, "on" if self.config.token else "OFF",
+            "serving %s (d=%d) as %r: at most %d sessions x %d tokens, KV budget %d B (%d B/token), "
+            "%d tokens and %d B per request, %d in flight, idle TTL %gs, auth %s",
+            self.export.root, self.runner.hidden_size, MODEL_NAME, limits.max_sessions, limits.max_tokens,
+            limits.kv_budget_bytes, self.table.kv_bytes_per_token, requests.max_tokens, self.max_body_bytes,
+            requests.max_concurrent, limits.idle_ttl, "on" if self.config.token else "OFF",
         )  # fmt: skip
         try:
             yield
@@ -379,29 +474,6 @@ def run_server(app: Starlette, *, host: str, port: int, log_level: str = "info",
 
 
 # --- request helpers ---------------------------------------------------------------------------------
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 beyond ``limit`` bytes (before reading when Content-Length says so)."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise ServerRejected(
-            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed.", status=415
-        )
-    declared = request.headers.get("content-length")
-    too_large = f"The request body is larger than this server's limit of {limit} bytes (--max-body-bytes)"
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ServerRejected(f"{too_large}: Content-Length {declared}. Send fewer tokens per request.", status=413)
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ServerRejected(f"{too_large}. Send fewer tokens per request.", status=413)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ServerRejected("The client disconnected before sending the whole body.", status=400) from None
-    return b"".join(chunks)
 
 
 def _check_outputs(outputs: dict[str, bool] | None) -> None:
@@ -494,6 +566,8 @@ async def _error_response(request: Request, exc: Exception) -> Response:
     message = exc.detail if isinstance(exc, HTTPException) else str(exc)
     if isinstance(exc, HTTPException) and status in (404, 405) and message in ("Not Found", "Method Not Allowed"):
         message = f"{message}: {request.method} {request.url.path}. This server answers {_ROUTES}."
-    # After a read timeout the rest of the body may still trickle in: close instead of reading it.
-    headers = {"Connection": "close"} if status == 408 else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    retry = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(retry)} if retry is not None else {}
+    if status == 408:  # the rest of the body may still trickle in: close instead of reading it
+        headers["Connection"] = "close"
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)

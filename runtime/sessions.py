@@ -8,8 +8,10 @@ One :class:`Session` per client sequence (batch 1, no padding). A step feeds T n
 and the ``present.*`` outputs become the next step's ``past_key_values.*``. The cache is replaced
 only after the graph succeeds, so a failed step leaves the sequence as it was.
 
-:class:`SessionTable` enforces the limits: at most ``max_sessions`` sequences (a new one evicts
-the least recently used idle one), at most ``max_tokens`` per sequence, and an idle TTL. It is
+:class:`SessionTable` enforces the limits: at most ``max_sessions`` sequences, at most ``max_tokens``
+per sequence, at most ``kv_budget_bytes`` of KV cache in all (tokens held x the graph's KV bytes per
+token), and an idle TTL. A step that needs room evicts idle sequences, least recently used first,
+only when that makes enough room; otherwise it is refused (503) and nothing changes. It is
 used from the server's event loop only, so it needs no lock; each sequence has an
 :class:`asyncio.Lock` that serializes its steps while different sequences run concurrently.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,12 +48,14 @@ __all__ = [
     "SequenceId",
     "SessionLimits",
     "SessionTable",
+    "TableStats",
 ]
 
 logger = logging.getLogger(__name__)
 
 _NUMPY = {"float32": np.float32, "float16": np.float16}
 _GONE_MEMORY = 4096  # ids of recently removed sequences, so their owners learn why
+RETRY_AFTER_S = 1  # Retry-After of a refusal for want of room: idle sequences expire, busy ones finish
 
 SequenceId = int | str
 
@@ -129,18 +133,21 @@ class SessionLimits:
         max_sessions: Sequences held at once; a new one evicts the least recently used idle one.
         max_tokens: Tokens one sequence may hold (prompt + generated).
         idle_ttl: Seconds a sequence may stay idle before it is dropped.
+        kv_budget_bytes: KV-cache bytes all sequences may hold together (tokens held x the graph's
+            KV bytes per token); a step beyond it evicts idle sequences if that makes room, else is refused.
     """
 
     max_sessions: int = 64
     max_tokens: int = 4096
     idle_ttl: float = 300.0
+    kv_budget_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
-        if self.max_sessions < 1 or self.max_tokens < 1 or not self.idle_ttl > 0:
+        if self.max_sessions < 1 or self.max_tokens < 1 or not self.idle_ttl > 0 or self.kv_budget_bytes < 1:
             raise ValueError(f"Limits must be positive; got {self}.")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a restarted id gets a new Session, and the table tells them apart
 class Session:
     """One client sequence: its base KV cache and accounting.
 
@@ -150,6 +157,7 @@ class Session:
         length: P, the tokens the cache holds.
         last_used: ``time.monotonic()`` of the last request.
         busy: Requests in flight or waiting for ``lock`` (a busy sequence is never evicted).
+        reserved: Tokens the step in flight will leave it holding (admitted against the KV budget).
         bytes_in: Request body bytes received for this sequence.
         bytes_out: Response body bytes sent for it.
         steps: Graph calls made for it.
@@ -162,6 +170,7 @@ class Session:
     last_used: float
     length: int = 0
     busy: int = 0
+    reserved: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     steps: int = 0
@@ -177,7 +186,11 @@ class Session:
 
 @dataclass
 class TableStats:
-    """Counters of a :class:`SessionTable` since the server started."""
+    """Counters of a :class:`SessionTable` since the server started.
+
+    ``refused`` counts refused requests by reason (the table's: ``sessions``, ``kv_budget``; the
+    server adds its own, e.g. ``tokens_per_request``, ``body_bytes``, ``busy``).
+    """
 
     started: int = 0
     ended: int = 0
@@ -185,14 +198,29 @@ class TableStats:
     expired: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
 
 
 class SessionTable:
     """The server's sequences, with limits; see the module docstring.
 
+    A step is admitted before it runs and committed once it succeeded::
+
+        open(id) (sequence_start: a new Session outside the table) | get(id) (a live one)
+          -> admit(session, tokens)   room for a slot and the KV bytes, or 503: evicts idle LRU
+                                      sequences only when that makes enough room
+          -> commit(session, past, n) the step succeeded: a started session enters the table,
+                                      replacing the old one under its id
+          -> release(session)         always; a start that never committed leaves no trace
+
+    so a refused or failed start takes no slot, evicts nobody and leaves a restarted id's old
+    sequence usable.
+
     Args:
-        limits: Max sessions, max tokens, idle TTL.
+        limits: Max sessions, max tokens, idle TTL, KV budget.
         new_past: Returns an empty KV cache.
+        kv_bytes_per_token: KV-cache bytes per token of one sequence (see
+            :func:`~shadowpeft.runtime.kv.kv_bytes_per_token`).
         clock: Seconds, monotonic (tests pass a fake).
     """
 
@@ -201,34 +229,28 @@ class SessionTable:
         limits: SessionLimits,
         new_past: Callable[[], KVCache],
         *,
+        kv_bytes_per_token: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits
         self.stats = TableStats()
+        self.kv_bytes_per_token = kv_bytes_per_token
         self._new_past = new_past
         self._clock = clock
         self._live: OrderedDict[SequenceId, Session] = OrderedDict()  # least recently used first
+        self._admitted: list[Session] = []  # started sessions admitted but not yet committed
         self._gone: OrderedDict[SequenceId, str] = OrderedDict()  # why recent ids were removed
 
     def __len__(self) -> int:
         return len(self._live)
 
-    def start(self, sequence_id: SequenceId) -> Session:
-        """A fresh sequence under ``sequence_id`` (``sequence_start``); an existing one is restarted.
+    def open(self, sequence_id: SequenceId) -> Session:
+        """A fresh sequence for ``sequence_start``, held as busy until :meth:`release`.
 
-        The caller holds it as busy (never evicted or expired) until :meth:`release`.
-
-        Raises:
-            ServerRejected: 503 when the table is full and every sequence is busy.
+        It stays outside the table (no slot taken, nobody evicted, a live sequence under the same id
+        untouched) until :meth:`admit` and :meth:`commit`.
         """
-        old = self._live.pop(sequence_id, None)
-        if old is None and len(self._live) >= self.limits.max_sessions:
-            self._evict_one()
-        self._gone.pop(sequence_id, None)
-        sequence = Session(sequence_id, self._new_past(), self._clock(), busy=1)
-        self._live[sequence_id] = sequence
-        self.stats.started += 1
-        return sequence
+        return Session(sequence_id, self._new_past(), self._clock(), busy=1)
 
     def get(self, sequence_id: SequenceId) -> Session:
         """The live sequence ``sequence_id``, held as busy until :meth:`release`.
@@ -251,13 +273,69 @@ class SessionTable:
         sequence.busy += 1
         return sequence
 
+    def admit(self, sequence: Session, tokens: int) -> None:
+        """Reserves room for ``sequence`` to hold ``tokens`` after its step: a slot (for a new id) and the
+        KV bytes; evicts idle sequences, least recently used first, only if that makes enough room.
+
+        Raises:
+            ServerRejected: 400 if ``tokens`` alone exceed the KV budget; 503 (with ``retry_after``) when
+                the table or the budget is full of sequences that cannot be evicted now. Nothing is
+                evicted or reserved then.
+        """
+        per_token, budget = self.kv_bytes_per_token, self.limits.kv_budget_bytes
+        if tokens * per_token > budget:
+            raise ServerRejected(
+                f"Sequence {sequence.sequence_id!r} would hold {tokens} tokens, {tokens * per_token} bytes of KV "
+                f"cache ({per_token} per token), more than this server's whole KV budget of {budget} bytes "
+                "(--kv-budget). End it (sequence_end=true) and start a shorter one.",
+                status=400,
+            )
+        replaced = None if self.is_current(sequence) else self._live.get(sequence.sequence_id)
+        credit = self._held(sequence) + (self._held(replaced) if replaced is not None else 0)
+        short_bytes = self.kv_tokens() * per_token - credit * per_token + tokens * per_token - budget
+        new_slot = not self.is_current(sequence) and replaced is None and sequence not in self._admitted
+        short_slots = len(self._live) + len(self._admitted) + new_slot - self.limits.max_sessions
+        reason = "sessions" if short_slots > 0 else "kv_budget"
+        victims: list[Session] = []
+        for candidate in self._live.values():  # least recently used first
+            if short_bytes <= 0 and short_slots <= 0:
+                break
+            frees = self._held(candidate) * per_token
+            if candidate.busy or candidate is replaced or candidate is sequence or (short_slots <= 0 and not frees):
+                continue
+            victims.append(candidate)
+            short_bytes, short_slots = short_bytes - frees, short_slots - 1
+        if short_slots > 0 or short_bytes > 0:
+            self._refuse(sequence, tokens, "sessions" if short_slots > 0 else "kv_budget")
+        for victim in victims:
+            self._evict(victim, reason)
+        sequence.reserved = tokens
+        if not self.is_current(sequence) and sequence not in self._admitted:
+            self._admitted.append(sequence)
+
+    def commit(self, sequence: Session, past: KVCache, length: int) -> None:
+        """Keeps the result of ``sequence``'s admitted step: its new cache of ``length`` tokens. A started
+        sequence enters the table now, replacing any older one under its id."""
+        if sequence in self._admitted:
+            self._admitted.remove(sequence)
+            self._live.pop(sequence.sequence_id, None)
+            self._gone.pop(sequence.sequence_id, None)
+            self._live[sequence.sequence_id] = sequence
+            self.stats.started += 1
+        sequence.past, sequence.length, sequence.reserved = past, length, 0
+
     def release(self, sequence: Session) -> None:
-        """Marks the end of one request on ``sequence`` (each :meth:`start` or :meth:`get` needs one)."""
+        """Marks the end of one request on ``sequence`` (each :meth:`open` or :meth:`get` needs one); an
+        admitted step that did not commit gives its reservation back."""
         sequence.busy -= 1
         sequence.last_used = self._clock()
+        sequence.reserved = 0
+        if sequence in self._admitted:
+            self._admitted.remove(sequence)
 
     def is_current(self, sequence: Session) -> bool:
-        """Whether ``sequence`` is still the one under its id (not ended, evicted or restarted meanwhile)."""
+        """Whether ``sequence`` is the one held under its id (not ended, evicted or restarted meanwhile,
+        and not a start that has not committed yet)."""
         return self._live.get(sequence.sequence_id) is sequence
 
     def end(self, sequence: Session) -> None:
@@ -279,20 +357,45 @@ class SessionTable:
         """Tokens held by all live sequences."""
         return sum(s.length for s in self._live.values())
 
-    def _evict_one(self) -> None:
-        victim = next((key for key, s in self._live.items() if s.busy == 0), None)
-        if victim is None:
-            raise ServerRejected(
-                f"The server holds {len(self._live)} sequences (--max-sessions) and all are busy; retry shortly.",
-                status=503,
+    def kv_tokens(self) -> int:
+        """Tokens charged against the KV budget: those held, or reserved by a step in flight if more."""
+        return sum(map(self._held, self._live.values())) + sum(map(self._held, self._admitted))
+
+    def kv_bytes(self) -> int:
+        """KV-cache bytes charged against the budget (:meth:`kv_tokens` x bytes per token)."""
+        return self.kv_tokens() * self.kv_bytes_per_token
+
+    @staticmethod
+    def _held(sequence: Session) -> int:
+        return max(sequence.length, sequence.reserved)
+
+    def _refuse(self, sequence: Session, tokens: int, reason: str) -> None:
+        self.stats.refused[reason] += 1
+        busy = sum(1 for s in self._live.values() if s.busy) + len(self._admitted)
+        if reason == "sessions":
+            held = len(self._live) + len(self._admitted)
+            what = f"{held} sequences (at most {self.limits.max_sessions}, --max-sessions)"
+        else:
+            what = (
+                f"{self.kv_bytes()} bytes of KV cache (budget {self.limits.kv_budget_bytes}, --kv-budget) and this "
+                f"step needs {tokens * self.kv_bytes_per_token - self._held(sequence) * self.kv_bytes_per_token} more"
             )
-        self._remove(
-            victim,
-            f"it was evicted, least recently used, to make room for a new sequence "
-            f"(the server holds at most {self.limits.max_sessions}, --max-sessions)",
+        raise ServerRejected(
+            f"The server is full: it holds {what}, and evicting every idle sequence would not make room "
+            f"({busy} are busy). Sequence {sequence.sequence_id!r} was left as it was; retry shortly.",
+            status=503,
+            retry_after=RETRY_AFTER_S,
         )
+
+    def _evict(self, victim: Session, reason: str) -> None:
+        limit = (
+            f"the server holds at most {self.limits.max_sessions}, --max-sessions"
+            if reason == "sessions"
+            else f"the server's KV cache budget is {self.limits.kv_budget_bytes} bytes, --kv-budget"
+        )
+        self._remove(victim.sequence_id, f"it was evicted, least recently used, to make room for another ({limit})")
         self.stats.evicted += 1
-        logger.info("evicted sequence %r (max sessions %d reached)", victim, self.limits.max_sessions)
+        logger.info("evicted sequence %r (%s)", victim.sequence_id, limit)
 
     def _remove(self, sequence_id: SequenceId, why: str) -> None:
         gone = self._live.pop(sequence_id, None)

@@ -192,7 +192,15 @@ class SpeculativeDecoder:
         self.link.record(np.asarray(pending), s0[0])
         return self.round_from(logits[0, -1], seen, room)
 
-    def round_from(self, shadow_logits: np.ndarray, seen: list[int], room: int, *, most: int | None = None) -> Round:
+    def round_from(
+        self,
+        shadow_logits: np.ndarray,
+        seen: list[int],
+        room: int,
+        *,
+        most: int | None = None,
+        wait_s: float | None = None,
+    ) -> Round:
         """A round whose pending tokens the shadow (and the link) already processed.
 
         Args:
@@ -200,8 +208,11 @@ class SpeculativeDecoder:
             seen: Every token so far.
             room: Most tokens this round may yield (>= 1).
             most: Draft at most this many tokens (0: a plain coupled step); by default the draft length.
+            wait_s: Most seconds to wait for the server's verification, retries included (``None``: the
+                client's timeout and retries per request).
 
         Raises:
+            BackboneMismatch: The link's handshake found another backbone on the server.
             ServerUnavailable, ServerRejected: From the link; the drafts are rolled back on both sides
             first, so the shadow's cache ends at the last processed token again.
         """
@@ -217,7 +228,9 @@ class SpeculativeDecoder:
             logits = step_logits[0, -1]
             self.link.record(np.asarray([token]), s0[0])
         try:
-            attached = self.link.verify(len(drafts) + 1)  # (k+1, V): after the last pending token, d1, .., dk
+            deadline = None if wait_s is None else time.monotonic() + wait_s
+            # (k+1, V): after the last pending token, d1, .., dk
+            attached = self.link.verify(len(drafts) + 1, deadline=deadline)
         except Exception:
             self.shadow.trim(len(drafts))
             self.link.rollback(len(drafts))

@@ -6,6 +6,10 @@ sequence: it remembers every (token, s0) the device has processed and how many o
 holds, so a step after a restart, an eviction or a detached stretch simply sends what is missing
 (with ``sequence_start`` when the server holds nothing), then applies ``device/head`` to the
 returned final hidden state.
+
+Before its first request the link checks that the server runs this export's backbone (the
+handshake, runtime/handshake.py); a request may carry a deadline (auto mode's wait per step), and
+closing is best effort (one request with no retry, none when the server was just found gone).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from shadowpeft.runtime.export_dir import ExportDir
 from shadowpeft.runtime.kv import KVCache
 
 __all__ = ["CloudLink", "DeviceShadow"]
+
+_ABANDON_TIMEOUT_S = 0.5  # ending a sequence after a failure must not hold up the fallback to the device
 
 
 class DeviceShadow:
@@ -68,19 +74,43 @@ class DeviceShadow:
 class CloudLink:
     """One sequence on the remote backbone (batch 1), resumable after a restart or an eviction.
 
+    Before its first request the link makes the handshake (:meth:`handshake`): the server must run
+    the backbone of this export.
+
     Args:
-        export: The export (for ``device/head``).
+        export: The export (for ``device/head``, and its manifest for the handshake).
         client: A :class:`~shadowpeft.runtime.client.BackboneClient`.
     """
 
     def __init__(self, export: ExportDir, client) -> None:
         self.client = client
+        self.manifest = export.manifest
         self.head = export.session(DEVICE_HEAD)
         self.ids: list[int] = []
         self.states: list[np.ndarray] = []  # one (d,) s0 row per processed token
         self.synced = 0  # tokens the server holds for `sequence_id`
         self.sequence_id: int | None = None
         self.restarts = 0
+        self.checked = False  # the handshake passed
+        self.unreachable = False  # the last request found no server: close() does not try to end the sequence
+
+    def handshake(self, *, deadline: float | None = None) -> None:
+        """Checks, once per link (the client fetches the metadata once), that the server runs this export's backbone.
+
+        Raises:
+            BackboneMismatch: It runs another one; the message says what differs and what to do.
+            ServerUnavailable, ServerRejected: From the client.
+        """
+        from shadowpeft.runtime.errors import ServerUnavailable
+
+        if self.checked:
+            return
+        try:
+            self.client.verify_backbone(self.manifest, deadline=deadline)
+        except ServerUnavailable:
+            self.unreachable = True
+            raise
+        self.checked, self.unreachable = True, False
 
     def record(self, ids: np.ndarray, s0: np.ndarray) -> None:
         """Remembers tokens the device processed: ``ids`` (T,), ``s0`` (T, d)."""
@@ -97,25 +127,36 @@ class CloudLink:
             if self.sequence_id is not None:
                 self.client.rewind(self.sequence_id, self.synced)  # the next step carries this sequence_offset
 
-    def logits(self) -> np.ndarray:
+    def logits(self, *, deadline: float | None = None) -> np.ndarray:
         """Base logits (V,) at the last recorded token; sends the server whatever it is missing.
 
+        Args:
+            deadline: ``time.monotonic()`` by which the server must have answered, retries and re-prefills
+                included (``None``: the client's timeout and retries per request).
+
         Raises:
+            BackboneMismatch: The handshake found another backbone on the server.
             ServerUnavailable, ServerRejected: From the client; the caller decides (fail or fall back).
         """
-        return self.verify(1)[0]
+        return self.verify(1, deadline=deadline)[0]
 
-    def verify(self, last: int) -> np.ndarray:
+    def verify(self, last: int, *, deadline: float | None = None) -> np.ndarray:
         """Base logits (last, V) at the last ``last`` recorded tokens, in one request (plus what the server
         is missing); they must all be new to the server, e.g. a pending token and the drafts after it.
 
+        Args:
+            last: How many of the last recorded tokens to return logits for.
+            deadline: As :meth:`logits`.
+
         Raises:
+            BackboneMismatch: The handshake found another backbone on the server.
             ServerUnavailable, ServerRejected: From the client; the caller decides (fail or fall back).
         """
-        from shadowpeft.runtime.errors import SessionLost
+        from shadowpeft.runtime.errors import ServerUnavailable, SessionLost
 
         if not 1 <= last <= len(self.ids) - self.synced:
             raise ValueError(f"verify(last) needs 1 <= last <= {len(self.ids) - self.synced} (unsent); got {last}.")
+        self.handshake(deadline=deadline)
         for _attempt in range(2):
             start = self.sequence_id is None or self.synced == 0
             if start:
@@ -123,20 +164,35 @@ class CloudLink:
             ids = np.asarray([self.ids[self.synced :]], dtype=np.int64)  # (1, T)
             states = np.stack(self.states[self.synced :])[None]  # (1, T, d)
             try:
-                hidden = self.client.step(self.sequence_id, ids, states, start=start)
+                hidden = self.client.step(self.sequence_id, ids, states, start=start, deadline=deadline)
             except SessionLost:
                 self.synced, self.restarts = 0, self.restarts + 1  # evicted or restarted: re-prefill
                 continue
-            self.synced = len(self.ids)
+            except ServerUnavailable:
+                self.unreachable = True
+                raise
+            self.synced, self.unreachable = len(self.ids), False
             (logits,) = self.head.run([LOGITS], {HIDDEN_STATES: hidden[:, -last:].astype(np.float32)})
             return logits[0]
         raise SessionLost("The server lost this sequence again right after a re-prefill.")
 
-    def close(self) -> None:
-        """Ends the remote sequence (best effort: the server's idle TTL frees it otherwise)."""
-        if self.sequence_id is not None and self.synced:
-            try:
-                self.client.end(self.sequence_id)
-            except Exception:  # noqa: BLE001 - the server may be gone; nothing else to free here
-                pass
+    def abandon(self) -> None:
+        """Gives the remote sequence up after the server failed (auto mode falls back to the device): ends it
+        with one short try, so that it does not hold a session and its KV cache until the server's idle TTL;
+        the next step starts a fresh sequence and re-sends the whole history."""
+        if self.sequence_id is not None and not self.unreachable:
+            self._end(timeout=_ABANDON_TIMEOUT_S, retries=0)
         self.sequence_id, self.synced = None, 0
+
+    def close(self) -> None:
+        """Ends the remote sequence, best effort: one request with no retry (the client's ``end``), and none when the
+        last request found no server (the server's idle TTL frees the sequence otherwise)."""
+        if self.sequence_id is not None and self.synced and not self.unreachable:
+            self._end()
+        self.sequence_id, self.synced = None, 0
+
+    def _end(self, **options) -> None:
+        try:
+            self.client.end(self.sequence_id, **options)
+        except Exception:  # noqa: BLE001 - the server may be gone; nothing else to free here
+            pass

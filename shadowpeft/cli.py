@@ -247,8 +247,9 @@ def main() -> None:
 @friendly_errors
 def demo(**options: Any) -> None:
     """The main job: train a shadow on the embedded SmolLM2, export it split (int8 device graphs), serve the
-    backbone with shadow-serve on loopback, run held-out prompts detached, coupled and auto (stopping the
-    server half-way), and write a report (summary.md, summary.json, plots) to OUT. Under 20 minutes on 2 cores.
+    backbone with shadow-serve on loopback, run held-out prompts detached, coupled, speculative, escalating
+    (auto mode at the threshold training saved) and auto (stopping the server half-way), and write a report
+    (summary.md, summary.json, plots) to OUT. Under 20 minutes on 2 cores.
     """
     from shadowpeft.demo.mainjob import MainJobSettings, run_main_job
     from shadowpeft.demo.report import summary_table

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shadowpeft.runtime.errors import ServerUnavailable
 from shadowpeft.runtime.escalation import EscalationPolicy, confidence
 from shadowpeft.runtime.generate import GenerationResult, Generator
 from shadowpeft.runtime.sampling import SamplingConfig
@@ -115,6 +116,24 @@ def test_a_failing_cloud_leaves_the_device_answering(export, model) -> None:  # 
     assert result.token_ids == pytorch_greedy(model, PROMPTS[:1], "detached")[0].tolist()
     assert set(result.modes) == {"detached"} and result.fallbacks == 1
     assert result.escalated == GREEDY.max_new_tokens  # every step asked for the cloud and got the device
+
+
+class _FailsOnce(LoopbackBackbone):
+    """Its third request fails as a timeout would, while the server still holds the sequence."""
+
+    def step(self, *args, **options):
+        if self.calls == 2:
+            self.calls += 1
+            raise ServerUnavailable("timed out")
+        return super().step(*args, **options)
+
+
+def test_a_fallback_ends_the_abandoned_server_session(export) -> None:  # noqa: F811
+    backbone = _FailsOnce(export)
+    result, _, _ = run(export, EscalationPolicy(), backbone=backbone)
+    assert result.fallbacks == 1 and "detached" in result.modes and "speculative" in result.modes
+    assert backbone.ended[0] == 1  # the abandoned first sequence, ended at the fallback (best effort)
+    assert backbone.sessions == {}  # and the second one at the end: the server holds nothing
 
 
 def test_auto_mode_samples_too(export) -> None:  # noqa: F811

@@ -121,6 +121,7 @@ def _entry(name="x", datatype="FP32", shape=(2,), **extra) -> dict:
     [
         (b"\xff\xfe garbage", None, "not UTF-8"),
         (b"{not json", None, "not valid JSON"),
+        (b"[" * 100_000, None, "nests arrays or objects too deeply"),
         (b"[1, 2]", None, "must be an object; got list"),
         (b"{}", None, "'inputs' must be a non-empty array"),
         (json.dumps({"inputs": [5]}).encode(), None, r"inputs\[0\] must be an object"),
@@ -193,7 +194,7 @@ def test_json_nesting_and_integer_length_are_bounded() -> None:
     assert decoded.inputs["x"].shape == shape and decoded.id == "[{" * 500
 
     deep = b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}"  # Python's parser: RecursionError (a 500 before)
-    with pytest.raises(ProtocolError, match="1001 levels deep; this server reads at most 64"):
+    with pytest.raises(ProtocolError, match="too deeply: 1001 levels; this server reads at most 64"):
         decode_request(deep)
     binary = decode_request(*_binary_body([_entry(parameters={"binary_data_size": 8})], b"[" * 8))
     assert binary.inputs["x"].shape == (2,)  # binary tensor bytes are not JSON: brackets there do not count

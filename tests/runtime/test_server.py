@@ -15,12 +15,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from shadowpeft.runtime.admission import RequestLimits
 from shadowpeft.runtime.client import BackboneClient, new_sequence_id
 from shadowpeft.runtime.errors import ServerRejected, ServerUnavailable, SessionLost
 from shadowpeft.runtime.export_dir import ExportDir, open_export
@@ -44,6 +46,7 @@ FP16_TOL = 2e-2
 @dataclass
 class Running:
     url: str
+    app: Any = None
 
     def client(self, **options) -> BackboneClient:
         return BackboneClient(self.url, token=TOKEN, **options)
@@ -53,10 +56,14 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(export: ExportDir, *, token: str | None = TOKEN, max_body_bytes: int = 1 << 20, **limits) -> Iterator:
-    app = create_app(export, ServerConfig(token, SessionLimits(**limits), max_body_bytes))
+def running(
+    export: ExportDir, *, token: str | None = TOKEN, max_body_bytes: int = 1 << 20, requests=None, **limits
+) -> Iterator:
+    """A server on a free port; ``limits`` go to SessionLimits, ``requests`` (a dict) to RequestLimits."""
+    request_limits = RequestLimits(**{"max_body_bytes": max_body_bytes, **(requests or {})})
+    app = create_app(export, ServerConfig(token, SessionLimits(**limits), request_limits))
     with serve_in_thread(app) as url:
-        yield Running(url)
+        yield Running(url, app)
 
 
 def _auth(token: str = TOKEN) -> dict[str, str]:
@@ -224,7 +231,7 @@ BAD_REQUESTS = [
     ("header length '²'", _post(_OK, **{HEADER_LENGTH: b"\xb2"}), 400, f"{HEADER_LENGTH} must be a decimal"),
     ("header length digits", _post(_OK, **{HEADER_LENGTH: "9" * 5000}), 400, f"{HEADER_LENGTH} must be a decimal"),
     ("header length empty", _post(_OK, **{HEADER_LENGTH: ""}), 400, f"{HEADER_LENGTH} must be a decimal"),
-    ("deep json", {**_RAW, "content": b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}"}, 400, "levels deep"),
+    ("deep json", {**_RAW, "content": b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}"}, 400, "1001 levels"),
     ("huge integer", {**_RAW, "content": b'{"id": ' + b"9" * 5000 + b"}"}, 400, "integer of 5000 digits"),
     ("text/plain", _post(_OK, **{"Content-Type": "text/plain"}), 415, "'text/plain' is not an infer body"),
     ("gzip", _post(_OK, **{"Content-Encoding": "gzip"}), 415, "uncompressed"),

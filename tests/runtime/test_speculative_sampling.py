@@ -59,7 +59,7 @@ class ToyLink:
     def record(self, ids: np.ndarray, s0: np.ndarray) -> None:
         self.ids += [int(i) for i in ids]
 
-    def verify(self, last: int) -> np.ndarray:
+    def verify(self, last: int, *, deadline: float | None = None) -> np.ndarray:
         self.requests += 1
         return ATTACHED[self.ids[-last:]]
 
