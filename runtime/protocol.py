@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,15 @@ DATATYPES: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
 }
 _MAX_RANK = 16
+#: Deepest JSON nesting accepted: a request needs 3 levels plus one per tensor dimension (at most _MAX_RANK);
+#: deeper input would reach Python's recursion limit in the parser (about 1,000 levels) or in code that walks it.
+_MAX_JSON_DEPTH = 64
+#: Most digits in a JSON integer: every protocol integer fits 64 bits (2**64 - 1 has 20 digits). Python refuses
+#: to convert more than 4,300 digits, and converting thousands is quadratic.
+_MAX_INT_DIGITS = 20
+_HEADER_LENGTH_TEXT = re.compile(r"[0-9]{1,20}")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')  # brackets inside strings do not nest
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _KINDS = {"b": "true or false", "u": "integers", "i": "integers", "f": "numbers"}
 
 
@@ -135,14 +145,16 @@ def parse_header_length(value: str | None, body_size: int) -> int | None:
         body_size: Size of the body in bytes.
 
     Raises:
-        ProtocolError: If it is not an integer between 0 and ``body_size``.
+        ProtocolError: If it is not a decimal integer (ASCII digits only) between 0 and ``body_size``.
     """
     if value is None:
         return None
     text = value.strip()
-    if not text.isdigit() or int(text) > body_size:
+    # Not str.isdigit(): it accepts '²' and any number of digits, which int() then refuses.
+    if not _HEADER_LENGTH_TEXT.fullmatch(text) or int(text) > body_size:
         raise ProtocolError(
-            f"{HEADER_LENGTH} must be an integer between 0 and the body size ({body_size}); got {value[:40]!r}."
+            f"{HEADER_LENGTH} must be a decimal integer between 0 and the body size ({body_size}): the byte "
+            f"length of the JSON part of the body; got {value[:40]!r}."
         )
     return int(text)
 
@@ -290,8 +302,15 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
     size = len(view) if header_length is None else header_length
     if size < 0 or size > len(view):
         raise ProtocolError(f"{HEADER_LENGTH} {size} is outside the body of {len(view)} bytes.")
+    raw = bytes(view[:size])
+    depth = _nesting_depth(raw)
+    if depth > _MAX_JSON_DEPTH:
+        raise ProtocolError(
+            f"The JSON part of the body nests arrays or objects too deeply: {depth} levels; this server reads at "
+            f"most {_MAX_JSON_DEPTH}. Send tensor data flat (row-major) or nested once per dimension."
+        )
     try:
-        header = json.loads(bytes(view[:size]).decode("utf-8"))
+        header = _JSON.decode(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"The JSON part of the body is not UTF-8 (byte {exc.start}); send JSON text.") from None
     except json.JSONDecodeError as exc:
@@ -306,6 +325,36 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
     if not isinstance(header, dict):
         raise ProtocolError(f"The JSON part of the body must be an object; got {type(header).__name__}.")
     return header, view[size:]
+
+
+def _nesting_depth(text: bytes) -> int:
+    """How deep arrays and objects nest in JSON ``text``, counted in C-speed passes before parsing it.
+
+    Strings are blanked first (a bracket inside one does not nest); each remaining ``[`` or ``{``
+    is one level down and each ``]`` or ``}`` one up. On invalid JSON the count can be off only
+    after the point where the parser stops anyway.
+    """
+    marks = np.frombuffer(_JSON_STRING.sub(b'""', text).translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    if not marks.size:
+        return 0
+    opening = (marks == ord("[")) | (marks == ord("{"))
+    return int(np.cumsum(np.where(opening, 1, -1), dtype=np.int64).max())
+
+
+def _bounded_int(text: str) -> int:
+    """The JSON decoder's ``parse_int``: refuses integers too long for any protocol value before converting them."""
+    digits = len(text) - text.startswith("-")
+    if digits > _MAX_INT_DIGITS:
+        shown = text if len(text) <= 24 else f"{text[:24]}..."
+        raise ProtocolError(
+            f"The JSON part of the body holds an integer of {digits} digits ({shown}); this protocol's "
+            f"integers fit 64 bits (at most {_MAX_INT_DIGITS} digits). Send token ids, sizes and sequence ids "
+            "as 64-bit integers."
+        )
+    return int(text)
+
+
+_JSON = json.JSONDecoder(parse_int=_bounded_int)
 
 
 def _decode_tensors(entries: Any, tail: memoryview, key: str) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ _DEFAULT_MAX_TOKENS = 4096
 _DEFAULT_TOKENS_PER_REQUEST = 512  # BackboneClient sends prefill in chunks of 256 by default
 _MIN_TOKEN_CHARS = 16
 _SANE_CONTEXT = 1 << 20  # tokenizers store "unset" as a huge number; ignore anything above this
+_SPARE_DESCRIPTORS = 64  # the export's files, logs, onnxruntime and the listening socket
 
 
 class _Size(click.ParamType):
@@ -86,6 +87,27 @@ class _Size(click.ParamType):
 @click.option(
     "--max-queued", default=64, show_default=True, type=click.IntRange(0), help="Requests waiting; then 503."
 )
+@click.option(
+    "--max-connections",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Open connections at once; one more is answered 503 and closed.",
+)
+@click.option(
+    "--read-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds a request's headers, then its body, may take to arrive (408 after).",
+)
+@click.option(
+    "--keep-alive-timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds an idle connection stays open between requests.",
+)
 @click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads per run.")
 @click.option("--device", default=None, help="Device profile for providers and threads (e.g. a GPU profile).")
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), help="Serve HTTPS with this cert.")
@@ -99,6 +121,7 @@ def main(export_dir: Path, host: str, port: int, token: str | None, auth: bool, 
     content on the device. Requests need 'Authorization: Bearer TOKEN' (except health checks).
     """
     token = _checked_auth(host, token, auth)
+    _check_descriptors(options["max_connections"])
     if options["ssl_keyfile"] and not options["ssl_certfile"]:
         raise click.BadParameter("--ssl-keyfile needs --ssl-certfile.", param_hint="--ssl-keyfile")
     _serve(export_dir, host, port, token, options)
@@ -135,8 +158,39 @@ def _checked_auth(host: str, token: str | None, auth: bool) -> str | None:
     return token
 
 
+def _check_descriptors(max_connections: int) -> None:
+    """Makes sure this process may open the file descriptors --max-connections needs (``ulimit -n``).
+
+    The server holds up to three times the cap at once (see runtime.connections); past the
+    limit, accepting fails and every client, good ones included, waits. A soft limit below the need
+    is raised up to the hard limit (as Go programs and nginx do; macOS starts shells at 256); a
+    hard limit below it is refused.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows has no descriptor limit of this kind
+        return
+    from shadowpeft.runtime.connections import DESCRIPTORS_PER_CONNECTION
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = DESCRIPTORS_PER_CONNECTION * max_connections + _SPARE_DESCRIPTORS
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or needed <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return
+    raise click.BadParameter(
+        f"--max-connections {max_connections} needs up to {needed} file descriptors (connections served, "
+        f"refused ones being closed and ones being accepted, plus {_SPARE_DESCRIPTORS} for the export and logs), "
+        f"but this process may open at most {hard} (ulimit -Hn). Use --max-connections "
+        f"{max(1, (hard - _SPARE_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION)} or less, or raise the hard limit.",
+        param_hint="--max-connections",
+    )
+
+
 def _serve(export_dir: Path, host: str, port: int, token: str | None, options: dict) -> None:
     from shadowpeft.runtime.admission import RequestLimits
+    from shadowpeft.runtime.connections import ConnectionLimits
     from shadowpeft.runtime.contract import CLOUD_BACKBONE, MODEL_NAME
     from shadowpeft.runtime.devices import load_device_profile
     from shadowpeft.runtime.export_dir import open_export
@@ -167,14 +221,16 @@ def _serve(export_dir: Path, host: str, port: int, token: str | None, options: d
             f"({per_token} bytes of KV cache per token). Raise --kv-budget or lower --max-tokens-per-request.",
             param_hint="--kv-budget",
         )
-    app = create_app(export, ServerConfig(token, limits, requests))
+    connections = ConnectionLimits(options["max_connections"], options["read_timeout"], options["keep_alive_timeout"])
+    app = create_app(export, ServerConfig(token, limits, requests, connections))
     scheme = "https" if options["ssl_certfile"] else "http"
     click.echo(
         f"shadow-serve: {export.root} as {MODEL_NAME!r} on {scheme}://{host}:{port} "
         f"(auth {'bearer token' if token else 'OFF'}; {limits.max_sessions} sessions x {max_tokens} tokens, "
         f"KV budget {limits.kv_budget_bytes} B = {limits.kv_budget_bytes // max(per_token, 1)} tokens in all "
         f"at {per_token} B/token, {per_request} tokens per request, {requests.max_concurrent} in flight, "
-        f"idle TTL {limits.idle_ttl:g} s, providers {', '.join(export.providers)})",
+        f"idle TTL {limits.idle_ttl:g} s, {connections.max_connections} connections, read timeout "
+        f"{connections.read_timeout:g} s, providers {', '.join(export.providers)})",
         err=True,
     )
     tls = {key: options[key] for key in ("ssl_certfile", "ssl_keyfile") if options[key]}

@@ -21,11 +21,14 @@ in flight, and the KV cache all sequences hold (a byte budget, :mod:`shadowpeft.
 A ``sequence_end`` without tokens ends the sequence whatever its ``sequence_offset``.
 
 Status codes: 400 malformed or invalid request (JSON ``{"error": ...}`` naming the tensor), 401
-missing or wrong bearer token, 404 unknown model or route, 409 unknown, evicted, expired or
+missing or wrong bearer token, 403 (auth off) a Host or Origin that is not loopback, 404 unknown
+model or route, 408 the body took longer than the read timeout, 409 unknown, evicted, expired or
 out-of-sync sequence (re-prefill with ``sequence_start``), 413 body, JSON or tokens per request
-over the limit (send fewer tokens per request), 415 compressed body, 503 with ``Retry-After``: the
-session slots or the KV budget are full of busy sequences, or too many requests are in flight
-(nothing changed: retry), 500 the graph failed (the sequence's cache is unchanged).
+over the limit (send fewer tokens per request), 415 compressed body or a Content-Type other than
+JSON or binary, 503 with ``Retry-After``: the session slots or the KV budget are full of busy
+sequences, or too many requests are in flight (nothing changed: retry); 503 without it: every
+connection is taken (:mod:`shadowpeft.runtime.connections`), 500 the graph failed (the sequence's
+cache is unchanged). Who may call, and how, is :mod:`shadowpeft.runtime.access`.
 """
 
 from __future__ import annotations
@@ -33,9 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import importlib.metadata
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -51,7 +52,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from shadowpeft.runtime.access import LOG_KEY as _LOG_KEY
+from shadowpeft.runtime.access import AccessGate
 from shadowpeft.runtime.admission import RequestGate, RequestLimits, body_bytes_for, read_body
+from shadowpeft.runtime.connections import ConnectionLimits, uvicorn_options
 from shadowpeft.runtime.contract import (
     CLOUD_BACKBONE,
     HIDDEN_STATES,
@@ -72,12 +76,10 @@ from shadowpeft.runtime.protocol import HEADER_LENGTH, datatype_of, decode_reque
 from shadowpeft.runtime.protocol import parse_header_length as _header_length
 from shadowpeft.runtime.sessions import BackboneRunner, Session, SessionLimits, SessionTable
 
-__all__ = ["ServerConfig", "create_app", "run_server"]
+__all__ = ["ServerConfig", "create_app", "run_server", "serving_options"]
 
 logger = logging.getLogger(__name__)
 
-_OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
-_LOG_KEY = "shadowpeft.log"  # the infer handler's details for the request's one log line
 _ROUTES = "GET /v2, /v2/health/live|ready, /v2/models/NAME[/versions/1][/ready|/stats]; POST .../infer"
 _MAX_ID_CHARS = 256
 _ORT_ERRORS = tuple(
@@ -102,11 +104,13 @@ class ServerConfig:
             (the CLI allows that on loopback only).
         limits: Max sessions, max tokens per session, idle TTL, KV budget.
         requests: Tokens, body and JSON bytes per request; requests in flight and queued.
+        connections: Connection cap and read and keep-alive timeouts (applied by :func:`serving_options`).
     """
 
     token: str | None
     limits: SessionLimits = field(default_factory=SessionLimits)
     requests: RequestLimits = field(default_factory=RequestLimits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 @dataclass(frozen=True)
@@ -287,7 +291,9 @@ class _Backbone:
         if HEADER_LENGTH not in request.headers:  # the whole body is JSON
             if json_limit < self.max_body_bytes:
                 return json_limit, "--max-json-bytes", f"A body without {HEADER_LENGTH} is all JSON: {_JSON_COST}."
-        elif declared.isdigit() and int(declared) > json_limit:
+        # A malformed value (not 1-20 ASCII digits: '²' passes isdigit() and int() refuses 5,000 digits) falls
+        # through to parse_header_length's 400.
+        elif declared.isascii() and declared.isdigit() and len(declared) <= 20 and int(declared) > json_limit:
             self.table.stats.refused["json_bytes"] += 1
             raise ServerRejected(
                 f"The JSON header of this request has {declared} bytes ({HEADER_LENGTH}); this server accepts at "
@@ -448,13 +454,23 @@ def create_app(export: ExportDir, config: ServerConfig) -> Starlette:
     }
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=backbone.lifespan)
     app.state.backbone = backbone
-    app.add_middleware(_AuthAndLog, token=config.token)
+    app.add_middleware(AccessGate, token=config.token, read_timeout=config.connections.read_timeout)
     return app
 
 
-def run_server(app: Starlette, *, host: str, port: int, log_level: str = "info", **uvicorn_options: Any) -> None:
+def serving_options(app: Starlette) -> dict[str, Any]:
+    """``uvicorn.Config`` keyword arguments for serving ``app`` (from :func:`create_app`).
+
+    Its connection limits (``ServerConfig.connections``: connection cap, header read deadline,
+    keep-alive timeout, listen backlog), no access log (the app logs each request), no websockets.
+    """
+    limits = app.state.backbone.config.connections
+    return {"access_log": False, "ws": "none", **uvicorn_options(limits)}
+
+
+def run_server(app: Starlette, *, host: str, port: int, log_level: str = "info", **options: Any) -> None:
     """Serves ``app`` with uvicorn until interrupted (extra options go to ``uvicorn.Config``, e.g. TLS files)."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, ws="none", **uvicorn_options)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **serving_options(app), **options)
 
 
 # --- request helpers ---------------------------------------------------------------------------------
@@ -551,50 +567,7 @@ async def _error_response(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException) and status in (404, 405) and message in ("Not Found", "Method Not Allowed"):
         message = f"{message}: {request.method} {request.url.path}. This server answers {_ROUTES}."
     retry = getattr(exc, "retry_after", None)
-    headers = {"Retry-After": str(retry)} if retry is not None else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class _AuthAndLog:
-    """ASGI middleware: bearer-token check (all routes but health) and one debug log line per request."""
-
-    def __init__(self, app: Any, *, token: str | None) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode() if token else None
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        began, status = time.perf_counter(), [0]
-
-        async def logged_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        if self.expected is not None and scope["path"] not in _OPEN_PATHS and not self._authorized(scope):
-            await _unauthorized(scope, logged_send)
-        else:
-            await self.app(scope, receive, logged_send)
-        elapsed = (time.perf_counter() - began) * 1000
-        logger.debug(
-            "%s %s -> %d %.1fms %s", scope["method"], scope["path"], status[0], elapsed, scope.get(_LOG_KEY, "")
-        )
-
-    def _authorized(self, scope: dict[str, Any]) -> bool:
-        given = next((value for key, value in scope["headers"] if key == b"authorization"), b"")
-        return hmac.compare_digest(given, self.expected)
-
-
-async def _unauthorized(scope: dict[str, Any], send: Any) -> None:
-    has_header = any(key == b"authorization" for key, _ in scope["headers"])
-    message = (
-        "The bearer token is wrong. Use the token shadow-serve was started with (--token or SHADOW_SERVE_TOKEN)."
-        if has_header
-        else "This server needs a bearer token: send 'Authorization: Bearer TOKEN' (shadow-run --token)."
-    )
-    body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 401, "headers": [*headers, (b"www-authenticate", b"Bearer")]})
-    await send({"type": "http.response.body", "body": body})
+    headers = {"Retry-After": str(retry)} if retry is not None else {}
+    if status == 408:  # the rest of the body may still trickle in: close instead of reading it
+        headers["Connection"] = "close"
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)

@@ -42,18 +42,24 @@ def toy_export(tmp_path_factory) -> ToyExport:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, *, port: int = 0) -> Iterator[str]:
-    """Serves the ASGI ``app`` (e.g. shadow-serve's ``create_app(...)``) with uvicorn in a daemon thread.
+def serve_in_thread(app: Any, *, port: int = 0, options: dict[str, Any] | None = None) -> Iterator[str]:
+    """Serves shadow-serve's ``create_app(...)`` with uvicorn in a daemon thread, as ``shadow-serve`` does.
 
-    Binds 127.0.0.1:``port`` (0: any free port; SO_REUSEADDR, so a test can restart a server on the
-    port it just used), waits until uvicorn has started, yields the base URL, and stops the server on exit.
+    With the app's connection limits (:func:`~shadowpeft.runtime.server.serving_options`). Binds
+    127.0.0.1:``port`` (0: any free port; SO_REUSEADDR, so a test can restart a server on the port it
+    just used), waits until uvicorn has started, yields the base URL, and stops the server on exit.
+    ``options`` replace the app's uvicorn options (e.g. to serve a stand-in app with given limits).
     """
     import uvicorn
+
+    from shadowpeft.runtime.server import serving_options
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto: asyncio sets NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", **(serving_options(app) if options is None else options))
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

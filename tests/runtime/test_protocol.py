@@ -170,7 +170,8 @@ def test_parse_header_length(value, expected) -> None:
     assert parse_header_length(value, 12) == expected
 
 
-@pytest.mark.parametrize("value", ["-1", "13", "abc", "1e3", ""])
+# "\u00b2" (superscript two) passes str.isdigit() but not int(); 5,000 digits pass isdigit() but not int() either.
+@pytest.mark.parametrize("value", ["-1", "13", "abc", "1e3", "", "0x1", "\u00b2", "9" * 5000])
 def test_parse_header_length_refuses(value: str) -> None:
     with pytest.raises(ProtocolError, match="Inference-Header-Content-Length"):
         parse_header_length(value, 12)
@@ -181,3 +182,28 @@ def test_nan_cannot_travel_as_json() -> None:
         encode_response({"x": np.array([np.nan], dtype=np.float32)}, model_name="m", binary=False)
     body, size = encode_response({"x": np.array([np.nan], dtype=np.float32)}, model_name="m")
     assert np.isnan(decode_response(body, size).outputs["x"]).all()
+
+
+def test_json_nesting_and_integer_length_are_bounded() -> None:
+    shape = (1,) * 16  # the deepest tensor a request may carry, nested once per dimension: 19 levels in all
+    data: object = 1.0
+    for _ in shape:
+        data = [data]
+    body = json.dumps({"inputs": [_entry(shape=shape, data=data)], "id": "[{" * 500}).encode()
+    decoded = decode_request(body)  # brackets inside strings do not nest
+    assert decoded.inputs["x"].shape == shape and decoded.id == "[{" * 500
+
+    deep = b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}"  # Python's parser: RecursionError (a 500 before)
+    with pytest.raises(ProtocolError, match="too deeply: 1001 levels; this server reads at most 64"):
+        decode_request(deep)
+    binary = decode_request(*_binary_body([_entry(parameters={"binary_data_size": 8})], b"[" * 8))
+    assert binary.inputs["x"].shape == (2,)  # binary tensor bytes are not JSON: brackets there do not count
+
+    huge = b'{"inputs": [], "id": ' + b"9" * 5000 + b"}"  # int() refuses over 4,300 digits (a 500 before)
+    with pytest.raises(ProtocolError, match="an integer of 5000 digits"):
+        decode_request(huge)
+    with pytest.raises(ProtocolError, match=r"an integer of 21 digits .*at most 20 digits"):
+        decode_request(json.dumps({"inputs": [], "parameters": {"sequence_id": -(10**20)}}).encode())
+    largest = {"inputs": [_entry(datatype="UINT64", shape=(1,), data=[2**64 - 1])], "parameters": {"s": -(2**63)}}
+    decoded = decode_request(json.dumps(largest).encode())
+    assert decoded.inputs["x"][0] == 2**64 - 1 and decoded.parameters == {"s": -(2**63)}

@@ -226,6 +226,14 @@ BAD_REQUESTS = [
     ("garbage", {**_RAW, "content": b"\x00\xff garbage"}, 400, "not UTF-8"),
     ("bad json", {**_RAW, "content": b'{"inputs": ['}, 400, "not valid JSON"),
     ("header length", _post(_OK, **{HEADER_LENGTH: "999999"}), 400, HEADER_LENGTH),
+    # These five were 500s: '²' and 5,000 digits pass str.isdigit() but not int(); the parser recursed
+    # 1,000 levels deep; int() refuses over 4,300 digits.
+    ("header length '²'", _post(_OK, **{HEADER_LENGTH: b"\xb2"}), 400, f"{HEADER_LENGTH} must be a decimal"),
+    ("header length digits", _post(_OK, **{HEADER_LENGTH: "9" * 5000}), 400, f"{HEADER_LENGTH} must be a decimal"),
+    ("header length empty", _post(_OK, **{HEADER_LENGTH: ""}), 400, f"{HEADER_LENGTH} must be a decimal"),
+    ("deep json", {**_RAW, "content": b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}"}, 400, "1001 levels"),
+    ("huge integer", {**_RAW, "content": b'{"id": ' + b"9" * 5000 + b"}"}, 400, "integer of 5000 digits"),
+    ("text/plain", _post(_OK, **{"Content-Type": "text/plain"}), 415, "'text/plain' is not an infer body"),
     ("gzip", _post(_OK, **{"Content-Encoding": "gzip"}), 415, "uncompressed"),
     ("unknown output", _post(_body(outputs={"logits": True})), 400, "returns only 'hidden_states'"),
     ("unknown model", _post(_OK, "/v2/models/gpt/infer"), 404, "Unknown model 'gpt'"),
