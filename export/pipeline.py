@@ -243,6 +243,7 @@ def _manifest(
         validation=figures,
         vocab_size=model.base.get_output_embeddings().weight.shape[0],
         escalation=escalation,
+        tokenizer_sha256={relative: file_sha256(root / relative) for relative in tokenizer_files},
     )
 
 
