@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import onnxruntime as ort
@@ -126,6 +128,28 @@ def test_failure_mid_export_leaves_nothing_that_looks_complete(toy, tmp_path, mo
         pipeline.export_checkpoint(toy["ckpt"], out, pipeline.ExportOptions(selections=("detached",)))
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [], "staging directory left behind"
+
+
+def test_leftovers_of_a_killed_export_are_removed_by_the_next_one(toy, tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = tmp_path / f".export.{dead.pid}-k1ll.partial"  # kill -9 leaves the staging dir, scratch inside
+    (killed / ".scratch-x" / "device").mkdir(parents=True)
+    running = tmp_path / f".export.{os.getpid()}-l1ve.partial"  # another export still writing: left alone
+    running.mkdir()
+    seen = {}
+
+    def interrupted(model, jobs, root, fp32_root, options):
+        seen["root"], seen["fp32_root"] = root, fp32_root
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_checkpoint(toy["ckpt"], out, pipeline.ExportOptions(selections=("detached",), weights="int8"))
+    assert not killed.exists() and running.is_dir()
+    assert seen["fp32_root"].parent == seen["root"], "the fp32 scratch folder lives inside the staging directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name], "the interrupted run left nothing"
 
 
 @pytest.mark.parametrize(
