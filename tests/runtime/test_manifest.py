@@ -634,3 +634,14 @@ def test_deeply_nested_manifest_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_NAME).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ManifestError, match="nests its JSON too deeply to read"):
         Manifest.from_file(tmp_path)
+
+
+def test_shadow_run_reports_a_deeply_nested_manifest_without_traceback(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from shadowpeft.runtime.run_cli import main
+
+    (tmp_path / MANIFEST_NAME).write_text("{" + '"a":{' * 50_000 + "}" * 50_001)
+    result = CliRunner().invoke(main, [str(tmp_path), "-p", "hi"])
+    assert result.exit_code == 1 and "nests its JSON too deeply to read" in result.output, result.output
+    assert "Traceback" not in result.output
