@@ -85,7 +85,7 @@ class _Budget:
         self.check_time()
 
     def check_time(self) -> None:
-        if time.monotonic() > self.deadline:
+        if time.monotonic() >= self.deadline:
             raise ChatTemplateError(
                 f"The chat template took longer than {self.limits.max_seconds:g} s to render; a chat template "
                 "formats a few messages in milliseconds. Fix the template, or run without chat formatting (--no-chat)."
