@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from shadowpeft.checkpoint.fingerprint import fingerprint
@@ -57,7 +58,7 @@ def load_checkpoint(checkpoint: Path, *, base: str | None = None) -> LoadedCheck
             f"{checkpoint} holds a {task} adapter; shadow-export exports causal language models (token in, "
             "logits out). Train with generation or language-modelling data to get an exportable checkpoint."
         )
-    base_ref = base or header.get("base", {}).get("name_or_path")
+    base_ref = base or (header.get("base") or {}).get("name_or_path")
     if not base_ref:
         raise CheckpointError(
             f"{checkpoint} does not name its base model (checkpoints written by the published shadow-peft "
@@ -103,9 +104,39 @@ def _read_header(checkpoint: Path) -> dict[str, Any]:
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is unreadable or not JSON ({err}); the checkpoint is damaged.") from err
+    except RecursionError:
+        raise CheckpointError(
+            f"{path} nests its JSON too deeply to read; it is not a file shadowpeft wrote. The checkpoint is damaged: "
+            "re-save it."
+        ) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object; the checkpoint is damaged.")
+    problems = _header_problems(data)
+    if problems:
+        raise CheckpointError(
+            f"{path} is not a valid checkpoint header ({'; '.join(problems)}); the checkpoint is damaged or was "
+            "edited by hand: re-save it with shadowpeft."
+        )
     return data
+
+
+def _header_problems(data: dict[str, Any]) -> list[str]:
+    """What is wrong with the keys the load stage reads before load_shadow checks the rest (types only)."""
+    problems = []
+    if not isinstance(data.get("task", "causal-lm"), str):
+        problems.append(f"task must be a string, got {data['task']!r}")
+    base = data.get("base")
+    if base is not None and not isinstance(base, dict):
+        problems.append(f"base must be an object, got {base!r}")
+    elif base is not None and not isinstance(base.get("name_or_path", ""), str | None):
+        problems.append(f"base.name_or_path must be a string or null, got {base['name_or_path']!r}")
+    explicit = data.get("explicit_shadow")
+    config = explicit.get("config") if isinstance(explicit, dict) else None
+    if explicit is not None and not (isinstance(config, dict) and isinstance(config.get("model_type"), str)):
+        problems.append(
+            "explicit_shadow must be null or an object whose 'config' is an object with a string 'model_type'"
+        )
+    return problems
 
 
 def _explicit_shadow(header: dict[str, Any]) -> Any:
@@ -113,6 +144,12 @@ def _explicit_shadow(header: dict[str, Any]) -> Any:
     explicit = header.get("explicit_shadow")
     if not isinstance(explicit, dict):
         return None
-    config = dict(explicit["config"])
-    config = AutoConfig.for_model(config.pop("model_type"), **config)
-    return AutoModelForCausalLM.from_config(config).eval()
+    config = dict(explicit["config"])  # shapes checked by _header_problems
+    model_type = config.pop("model_type")
+    try:
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config)).eval()
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as err:
+        raise CheckpointError(
+            f"The checkpoint's explicit_shadow config (model_type {model_type!r}) does not build a model: {err}. "
+            "The checkpoint is damaged or was written by another transformers version: re-save it."
+        ) from err

@@ -110,7 +110,7 @@ def export_checkpoint(
     report("load", str(checkpoint))
     escalation = read_escalation(checkpoint)  # a malformed file stops the export before the slow stages
     loaded = load_checkpoint(checkpoint, base=options.base)
-    with staging_directory(out, overwrite=options.overwrite) as root, _scratch() as scratch:
+    with staging_directory(out, overwrite=options.overwrite) as root, _scratch(root) as scratch:
         report("trace", ", ".join(keys))
         jobs = graph_jobs(loaded.model, keys)
         fp32_root = scratch if fmt.quantizes else root
@@ -136,8 +136,13 @@ def export_checkpoint(
 
 
 @contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="shadow-export-"))
+def _scratch(root: Path) -> Iterator[Path]:
+    """A folder for the fp32 graphs of a quantized export, inside the staging directory ``root``.
+
+    Deleted before the export is published; if the process is killed, it goes with the staging
+    directory, which the next export to the same place removes.
+    """
+    path = Path(tempfile.mkdtemp(prefix=".scratch-", dir=root))
     try:
         yield path
     finally:
@@ -243,6 +248,7 @@ def _manifest(
         validation=figures,
         vocab_size=model.base.get_output_embeddings().weight.shape[0],
         escalation=escalation,
+        tokenizer_sha256={relative: file_sha256(root / relative) for relative in tokenizer_files},
     )
 
 

@@ -199,7 +199,11 @@ def _cloud_graph(export_dir: Path) -> tuple[Manifest, GraphSpec]:
         manifest = Manifest.from_file(export_dir)
         graph = manifest.graphs.get(CLOUD_GRAPH)
         if graph is not None:
-            verify_files(export_dir, dataclasses.replace(manifest, graphs={CLOUD_GRAPH: graph}, tokenizer_files=()))
+            digests = None if manifest.tokenizer_sha256 is None else {}
+            cloud_only = dataclasses.replace(
+                manifest, graphs={CLOUD_GRAPH: graph}, tokenizer_files=(), tokenizer_sha256=digests
+            )
+            verify_files(export_dir, cloud_only)
     except ManifestError as err:
         raise ExportError(f"Cannot use {str(export_dir)!r} as an export: {err}") from err
     if graph is None or graph.role != GRAPH_ROLES[CLOUD_GRAPH]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "BackboneMismatch",
+    "ChatTemplateError",
     "DeviceProfileError",
     "ExportLoadError",
     "ManifestError",
@@ -63,6 +64,11 @@ class DeviceProfileError(ValueError):
     def __init__(self, message: str, *, problems: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.problems: tuple[str, ...] = tuple(problems)
+
+
+class ChatTemplateError(ValueError):
+    """An export's chat template is refused: too long, not valid Jinja, loads other templates, or passed a
+    rendering limit (loop steps, range size, output size, time); the message names the limit and the fix."""
 
 
 class ExportLoadError(ValueError):

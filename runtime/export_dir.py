@@ -16,7 +16,7 @@ import onnxruntime as ort
 from shadowpeft.runtime.contract import GraphSpec
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.errors import ExportLoadError
-from shadowpeft.runtime.manifest import Manifest, verify_files
+from shadowpeft.runtime.manifest import Manifest, export_file, verify_files
 
 __all__ = ["ExportDir", "open_export", "session_options"]
 
@@ -55,14 +55,15 @@ class ExportDir:
         """The onnxruntime session of graph ``key``.
 
         Raises:
-            ManifestError: The export has no such graph.
+            ManifestError: The export has no such graph, or its file is a link or outside the export.
             ExportLoadError: onnxruntime cannot load the file.
         """
         if key not in self._sessions:
             spec = self.graph(key)
+            path = export_file(self.root, spec.file)  # checked again: open_export(verify=False) skips verify_files
             try:
                 self._sessions[key] = ort.InferenceSession(
-                    str(self.root / spec.file),
+                    str(path),
                     session_options(self.threads, spin_wait=self.spin_wait, cpu_arena=self.cpu_arena),
                     providers=list(self.providers),
                 )

@@ -8,12 +8,13 @@ name, dtype and symbolic dimension from it and hard-codes none of them::
       device/shadow.onnx    GraphSpec(role="detached-shadow"): inputs/outputs as TensorSpecs, sha256
       device/head.onnx      GraphSpec(role="head")
       cloud/backbone.onnx   GraphSpec(role="cloud-backbone"), external data listed with its sha256
-      tokenizer.json        one of Manifest.tokenizer_files
+      tokenizer/...         Manifest.tokenizer_files, each with its sha256 (Manifest.tokenizer_sha256)
 
 The graph records (:class:`~shadowpeft.runtime.contract.specs.GraphSpec`, ``TensorSpec``) and the
 names in them are declared in :mod:`shadowpeft.runtime.contract`. Reading validates every key and
 raises one :class:`~shadowpeft.runtime.errors.ManifestError` that lists every problem;
-:func:`verify_files` checks the files against their recorded sha256. An export of a checkpoint with
+:func:`verify_files` checks the files against their recorded sha256 and refuses any that is a symbolic
+link or lies outside the export directory (:func:`export_file`). An export of a checkpoint with
 an ``escalation.json`` also carries its threshold (:class:`Escalation`, ``Manifest.escalation``).
 """
 
@@ -22,10 +23,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shadowpeft.runtime.atomic import write_atomic
@@ -35,6 +38,7 @@ from shadowpeft.runtime.contract.fields import (
     check_int,
     check_kind,
     check_path,
+    check_sha256,
     check_str,
     count,
     instance_problems,
@@ -46,14 +50,28 @@ from shadowpeft.runtime.contract.fields import (
 from shadowpeft.runtime.contract.specs import graph_problems
 from shadowpeft.runtime.errors import ManifestError, format_problems
 
-__all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "Escalation", "Manifest", "file_sha256", "verify_files"]
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "Escalation",
+    "Manifest",
+    "export_file",
+    "file_sha256",
+    "verify_files",
+]
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 #: Highest manifest schema this runtime reads. Bump it (and keep reading older ones) on any change.
 #: 2 added ``vocab_size``; a version-1 manifest gets it from its graphs (see :func:`legacy_vocab_size`).
-SCHEMA_VERSION = 2
+#: 3 added ``tokenizer_sha256``; older manifests still open, with a warning that their tokenizer files
+#: (and chat template) cannot be checked.
+SCHEMA_VERSION = 3
 #: The first schema version whose manifests must state ``vocab_size``.
 _VOCAB_SIZE_SINCE = 2
+#: The first schema version whose manifests must give every tokenizer file's sha256.
+_TOKENIZER_SHA256_SINCE = 3
 
 _HASH_CHUNK = 1 << 20
 #: Largest escalation threshold accepted: training's "escalate everything" threshold is the float just
@@ -151,6 +169,9 @@ class Manifest:
             (``None`` if none has a fixed width) and does not write it back.
         escalation: The escalation threshold of the exported checkpoint (its ``escalation.json``), or
             ``None`` when it had none; the key is then absent from ``manifest.json``.
+        tokenizer_sha256: sha256 of every tokenizer file (the chat template included), by its path in
+            ``tokenizer_files``. Required from schema version 3; ``None`` (and absent from the JSON) in older
+            manifests, whose tokenizer files :func:`verify_files` can only check for presence.
 
     Raises:
         ManifestError: On construction, listing every invalid field.
@@ -170,6 +191,7 @@ class Manifest:
     validation: dict[str, float]
     vocab_size: int | None = None
     escalation: Escalation | None = None
+    tokenizer_sha256: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tokenizer_files, list):
@@ -234,6 +256,7 @@ class Manifest:
                 "tokenizer_files": tokenizer_files,
                 "validation": dict(data["validation"]),
                 "escalation": escalation,
+                "tokenizer_sha256": None if data.get("tokenizer_sha256") is None else dict(data["tokenizer_sha256"]),
             }
         )
 
@@ -267,6 +290,11 @@ class Manifest:
                 f"{str(target)!r} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}. "
                 "The file is damaged or was edited by hand; re-export."
             ) from exc
+        except RecursionError:  # a manifest is a few levels deep; thousands of nested brackets are not one
+            raise ManifestError(
+                f"{str(target)!r} nests its JSON too deeply to read (it is not a manifest shadow-export writes). "
+                "The file is damaged or was edited by hand; re-export."
+            ) from None
         return cls.from_dict(data, source=str(target))
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,6 +313,10 @@ class Manifest:
             del data["escalation"]
         else:
             data["escalation"] = self.escalation.to_dict()
+        if self.tokenizer_sha256 is None:  # only older manifests lack it; an older reader does not know the key
+            del data["tokenizer_sha256"]
+        else:
+            data["tokenizer_sha256"] = dict(self.tokenizer_sha256)
         return data
 
     def write(self, path: str | Path) -> Path:
@@ -327,7 +359,8 @@ def verify_files(export_dir: str | Path, manifest: Manifest | None = None) -> Ma
         The manifest that was checked.
 
     Raises:
-        ManifestError: Listing every missing file and every sha256 mismatch.
+        ManifestError: Listing every missing file, every sha256 mismatch, and every file that is a
+            symbolic link or lies outside ``export_dir``.
     """
     root = Path(export_dir)
     if manifest is None:
@@ -339,9 +372,18 @@ def verify_files(export_dir: str | Path, manifest: Manifest | None = None) -> Ma
             problem = _digest_problem(root, relative, sha256)
             if problem:
                 problems.append(f"graphs[{key!r}]: {problem}")
+    digests = manifest.tokenizer_sha256
     for relative in manifest.tokenizer_files:
-        if not (root / relative).is_file():
-            problems.append(f"tokenizer_files: {relative!r} is missing ({root / relative}).")
+        problem = _digest_problem(root, relative, None if digests is None else digests[relative], noun="")
+        if problem:
+            problems.append(f"tokenizer_files: {problem}")
+    if digests is None and manifest.tokenizer_files:
+        logger.warning(
+            "%s: this export (manifest schema_version %d) records no sha256 for its tokenizer files, so a "
+            "replaced vocabulary or chat template cannot be detected. Re-export with shadow-export to record them.",
+            root,
+            manifest.schema_version,
+        )
     if problems:
         header = (
             f"Files in {str(root)!r} do not match its {MANIFEST_NAME} ({count(problems)}); the export is "
@@ -407,11 +449,38 @@ def _manifest_problems(data: Any) -> list[str]:
             check_path(relative, f"tokenizer_files[{index}]", problems)
     if data.get("escalation") is not None:
         problems += escalation_problems(data["escalation"], "escalation")
+    problems += _tokenizer_digest_problems(data)
     if "validation" in data and check_kind(data["validation"], "validation", problems, array=False):
         for metric, value in data["validation"].items():
             is_int = isinstance(value, int) and not isinstance(value, bool)
             if not is_int and not (isinstance(value, float) and math.isfinite(value)):
                 problems.append(f"validation[{metric!r}] must be a finite number; got {show(value)}. Re-export.")
+    return problems
+
+
+def _tokenizer_digest_problems(data: Mapping[str, Any]) -> list[str]:
+    """``tokenizer_sha256``: one digest per tokenizer file and no other (required from schema 3)."""
+    digests = data.get("tokenizer_sha256")
+    if digests is None:
+        version = data.get("schema_version")
+        if isinstance(version, int) and not isinstance(version, bool) and version >= _TOKENIZER_SHA256_SINCE:
+            return [
+                f"missing key 'tokenizer_sha256' (required from schema_version {_TOKENIZER_SHA256_SINCE}). "
+                "Re-export with shadow-export."
+            ]
+        return []
+    problems: list[str] = []
+    if not check_kind(digests, "tokenizer_sha256", problems, array=False):
+        return problems
+    files = data.get("tokenizer_files")
+    listed = set(files) if isinstance(files, list | tuple) and all(isinstance(f, str) for f in files) else None
+    for relative, sha256 in digests.items():
+        place = f"tokenizer_sha256[{relative!r}]"
+        check_sha256(sha256, place, problems)
+        if listed is not None and relative not in listed:
+            problems.append(f"{place}: {relative!r} is not one of tokenizer_files. Re-export.")
+    for relative in sorted(listed - set(digests)) if listed is not None else ():
+        problems.append(f"tokenizer_sha256 has no digest for tokenizer file {relative!r}. Re-export.")
     return problems
 
 
@@ -443,14 +512,56 @@ def _is_number_in(value: Any, low: float, high: float) -> bool:
     return is_number and math.isfinite(value) and low <= value <= high
 
 
-def _digest_problem(root: Path, relative: str, expected: str) -> str | None:
-    path = root / relative
+def _digest_problem(root: Path, relative: str, expected: str | None, *, noun: str = "file ") -> str | None:
+    """What is wrong with one listed file (``expected=None``: an older manifest without its digest), or None."""
+    try:
+        path = export_file(root, relative)
+    except ManifestError as err:
+        return str(err)
     if not path.is_file():
-        return f"file {relative!r} is missing ({path})."
+        return f"{noun}{relative!r} is missing ({path})."
     actual = file_sha256(path)
-    if actual != expected:
-        return f"file {relative!r} has sha256 {actual}, but the manifest records {expected}."
+    if expected is not None and actual != expected:
+        return f"{noun}{relative!r} has sha256 {actual}, but the manifest records {expected}."
     return None
+
+
+def export_file(root: str | Path, relative: str) -> Path:
+    """The path of the export's file ``relative``, refused unless it is the export's own regular file.
+
+    The runtime reads only files inside the export directory: ``relative`` must be a relative path without
+    ``..``, no part of it below ``root`` may be a symbolic link (a link could swap in any file of the machine,
+    e.g. a chat template rendered into the prompt coupled mode sends to a server), and the resolved path must
+    stay under the resolved ``root``. ``root`` itself may be a link (e.g. ``current -> v3``).
+
+    Args:
+        root: The export directory.
+        relative: A path as the manifest lists it (``/`` separators).
+
+    Returns:
+        ``root / relative`` (which may not exist: callers check, and report a missing file their way).
+
+    Raises:
+        ManifestError: ``relative`` is absolute, has ``..``, passes through a symbolic link, or leaves ``root``.
+    """
+    base = Path(root).resolve()
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in relative or not pure.parts:
+        raise ManifestError(
+            f"file {relative!r} is not a relative path inside the export directory {str(root)!r}; "
+            "the runtime reads only the export's own files. Re-export."
+        )
+    path = base
+    for part in pure.parts:
+        path = path / part
+        if path.is_symlink():
+            raise ManifestError(
+                f"file {relative!r} is a symbolic link ({path} -> {os.readlink(path)}); the runtime reads only "
+                "the export's own files, never links. Replace it with the file itself (cp -L), or re-export."
+            )
+    if not path.resolve().is_relative_to(base):  # defence in depth: no link was followed above
+        raise ManifestError(f"file {relative!r} resolves outside the export directory {str(root)!r}. Re-export.")
+    return Path(root) / relative
 
 
 def _manifest_path(path: str | Path) -> Path:

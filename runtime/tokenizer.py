@@ -1,24 +1,26 @@
 """The tokenizer shipped in an export: ``tokenizers`` for ids, jinja2 for the chat template.
 
 Reads ``tokenizer.json``, ``tokenizer_config.json`` (special tokens, and the chat template when it
-is stored there) and ``chat_template.jinja`` from the files the manifest lists. The template is
-rendered in jinja2's sandbox, as Hugging Face renders it, and the result is encoded without adding
-special tokens (the template writes them).
+is stored there) and ``chat_template.jinja`` from the files the manifest lists, never through a symbolic
+link or from outside the export (:func:`~shadowpeft.runtime.manifest.export_file`). The template is
+rendered in jinja2's sandbox, as Hugging Face renders it, within the bounds of
+:class:`~shadowpeft.runtime.chat_template.ChatTemplate`, and the result is encoded without adding special
+tokens (the template writes them).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from shadowpeft.runtime.chat_template import ChatTemplate, TemplateLimits
 from shadowpeft.runtime.errors import ExportLoadError
-from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest import Manifest, export_file
 
 __all__ = ["RuntimeTokenizer"]
 
@@ -31,11 +33,14 @@ class RuntimeTokenizer:
         tokenizer: The ``tokenizers`` tokenizer.
         chat_template: Jinja chat template, or ``None`` when the export has none.
         special: Special tokens by role (``eos_token``, ``bos_token``, ``pad_token``...).
+        template_limits: Bounds on rendering the chat template (size, loops, output, time).
     """
 
     tokenizer: Tokenizer
     chat_template: str | None
     special: dict[str, str]
+    template_limits: TemplateLimits = field(default_factory=TemplateLimits)
+    _compiled: ChatTemplate | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_export(cls, root: Path, manifest: Manifest) -> RuntimeTokenizer:
@@ -52,8 +57,9 @@ class RuntimeTokenizer:
 
         Raises:
             ExportLoadError: No ``tokenizer.json`` among them, or an unreadable file.
+            ManifestError: A file is a symbolic link, or not inside ``root``.
         """
-        files = {PurePosixPath(name).name: Path(root) / name for name in names}
+        files = {PurePosixPath(name).name: export_file(root, name) for name in names}
         if "tokenizer.json" not in files:
             raise ExportLoadError(
                 f"The export at {root} lists no tokenizer.json among its tokenizer files "
@@ -90,20 +96,18 @@ class RuntimeTokenizer:
 
         Raises:
             ExportLoadError: The export has no chat template (pass ``chat=False`` to use the raw prompt).
-            ValueError: The template rejects the messages.
+            ChatTemplateError: The template is refused (too long, loads other templates), passed a rendering
+                limit, or rejects the messages (a ``ValueError``).
         """
         if self.chat_template is None:
             raise ExportLoadError("This export's tokenizer has no chat template; run without chat formatting.")
+        if self._compiled is None:
+            self._compiled = ChatTemplate(self.chat_template, self.template_limits)
         messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
         messages.append({"role": "user", "content": prompt})
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        environment.globals["raise_exception"] = _raise
-        try:
-            return environment.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, **self.special
-            )
-        except TemplateError as err:
-            raise ValueError(f"The chat template could not format the prompt: {err}") from err
+        return self._compiled.render(
+            messages=messages, add_generation_prompt=True, raise_exception=_raise, **self.special
+        )
 
     def encode(self, text: str, *, chat: bool = True, system: str | None = None) -> list[int]:
         """Token ids of ``text``; with ``chat`` it is formatted with the chat template first (when there is one)."""

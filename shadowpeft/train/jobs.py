@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -103,7 +105,9 @@ def load_base(name_or_path: str, *, kind: str, labels: tuple[str, ...] = (), bf1
             model.config.pad_token_id = tokenizer.pad_token_id
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as err:
+    # transformers passes on what its readers raise: safetensors' and huggingface_hub's own errors for a corrupt
+    # weights file or a config value of the wrong type, RuntimeError for weights whose shapes contradict config.json.
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError, StrictDataclassError) as err:
         raise AssetError(
             f"Could not load base model {name_or_path!r} from {path}: {err}. Pass a Hugging Face model directory "
             "(config.json + weights + tokenizer) or the built-in name smollm2-135m-instruct."

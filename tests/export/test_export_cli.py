@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import onnxruntime as ort
@@ -128,6 +130,28 @@ def test_failure_mid_export_leaves_nothing_that_looks_complete(toy, tmp_path, mo
     assert list(tmp_path.iterdir()) == [], "staging directory left behind"
 
 
+def test_leftovers_of_a_killed_export_are_removed_by_the_next_one(toy, tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = tmp_path / f".export.{dead.pid}-k1ll.partial"  # kill -9 leaves the staging dir, scratch inside
+    (killed / ".scratch-x" / "device").mkdir(parents=True)
+    running = tmp_path / f".export.{os.getpid()}-l1ve.partial"  # another export still writing: left alone
+    running.mkdir()
+    seen = {}
+
+    def interrupted(model, jobs, root, fp32_root, options):
+        seen["root"], seen["fp32_root"] = root, fp32_root
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_validate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_checkpoint(toy["ckpt"], out, pipeline.ExportOptions(selections=("detached",), weights="int8"))
+    assert not killed.exists() and running.is_dir()
+    assert seen["fp32_root"].parent == seen["root"], "the fp32 scratch folder lives inside the staging directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name], "the interrupted run left nothing"
+
+
 @pytest.mark.parametrize(
     ("setup", "args", "expected"),
     [
@@ -140,6 +164,13 @@ def test_failure_mid_export_leaves_nothing_that_looks_complete(toy, tmp_path, mo
         ("ok", ["--quantize", "int3"], "Invalid value for '--quantize'"),
         ("escalation-not-json", [], "escalation.json is not valid JSON"),
         ("escalation-bad-threshold", [], "threshold=2.5 is not a number in [0, 1]"),
+        ("header-base-not-object", [], "not a valid checkpoint header (base must be an object, got 'x')"),
+        ("header-too-deep", [], "shadow_config.json nests its JSON too deeply to read"),
+        ("header-explicit-malformed", [], "explicit_shadow must be null or an object whose 'config'"),
+        ("explicit-unknown-type", [], "explicit_shadow config (model_type 'no-such-model') does not build"),
+        ("base-config-wrong-type", ["--base", "BAD"], "Field 'hidden_size' expected int"),
+        ("base-weights-corrupt", ["--base", "BAD"], "Error while deserializing header"),
+        ("base-shapes-mismatch", ["--base", "BAD"], "Could not load base model"),
     ],
 )
 def test_bad_input_gets_one_clear_error_and_no_output(toy, tmp_path, setup, args, expected):
@@ -156,7 +187,8 @@ def test_bad_input_gets_one_clear_error_and_no_output(toy, tmp_path, setup, args
         (ckpt / ESCALATION_NAME).write_text("{")
     if setup == "escalation-bad-threshold":
         (ckpt / ESCALATION_NAME).write_text(json.dumps({**ESCALATION.to_dict(), "threshold": 2.5}))
-    args = [str(toy["other"]) if a == "OTHER" else a for a in args]
+    _break(setup, ckpt, toy["base"], tmp_path / "bad-base")
+    args = [str(toy["other"]) if a == "OTHER" else str(tmp_path / "bad-base") if a == "BAD" else a for a in args]
     result = run(ckpt, "-o", tmp_path / "out", "--detached", *args)
     assert result.exit_code in (1, 2), result.output
     assert expected in result.output
@@ -164,6 +196,29 @@ def test_bad_input_gets_one_clear_error_and_no_output(toy, tmp_path, setup, args
     assert not (tmp_path / "out").exists()
     if setup.startswith("escalation"):  # names the file and the command that rewrites it
         assert f"{ckpt / ESCALATION_NAME}" in result.output and "--selective" in result.output
+
+
+def _break(setup: str, ckpt: Path, base: Path, bad_base: Path) -> None:
+    """Damages the checkpoint header, or writes a damaged copy of the base to ``bad_base``."""
+    header_path = ckpt / "shadow_config.json"
+    header = json.loads(header_path.read_text()) if header_path.is_file() else {}
+    if setup == "header-base-not-object":
+        header_path.write_text(json.dumps({**header, "base": "x"}))
+    if setup == "header-too-deep":
+        header_path.write_text("[" * 100_000 + "]" * 100_000)
+    if setup == "header-explicit-malformed":
+        header_path.write_text(json.dumps({**header, "explicit_shadow": {"config": 3}}))
+    if setup == "explicit-unknown-type":
+        header_path.write_text(json.dumps({**header, "explicit_shadow": {"config": {"model_type": "no-such-model"}}}))
+    if setup.startswith("base-"):
+        shutil.copytree(base, bad_base)
+        config = json.loads((bad_base / "config.json").read_text())
+    if setup == "base-config-wrong-type":
+        (bad_base / "config.json").write_text(json.dumps({**config, "hidden_size": "x"}))
+    if setup == "base-weights-corrupt":
+        (bad_base / "model.safetensors").write_bytes(b"garbage")
+    if setup == "base-shapes-mismatch":
+        (bad_base / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
 
 
 def test_unsupported_architecture_is_named(toy, tmp_path):

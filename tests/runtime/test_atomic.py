@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,28 @@ def test_a_failed_swap_restores_the_old_directory(tmp_path: Path, monkeypatch: p
         atomic.publish_directory(staging, out)
     assert [p.name for p in out.iterdir()] == ["old.txt"]
     assert _hidden(tmp_path) == []
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (reaped, so the id is free)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_staging_names_carry_the_pid_and_stale_ones_are_removed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    killed = tmp_path / f".out.{_dead_pid()}-k1ll.partial"  # what kill -9 mid-export leaves
+    (killed / ".scratch-x" / "device").mkdir(parents=True)
+    (killed / ".scratch-x" / "device" / "shadow.onnx").write_bytes(b"half")
+    live = tmp_path / f".out.{os.getpid()}-l1ve.partial"  # a writer still running (this process)
+    live.mkdir()
+    other = [tmp_path / ".out.k1ll.partial", tmp_path / f".other.{_dead_pid()}-x.partial", tmp_path / ".out.old-1"]
+    for path in other:  # an older naming, another target, a swap backup: not provably stale, kept
+        path.mkdir()
+    with atomic.staging_directory(out) as staging:
+        assert staging.name.startswith(f".out.{os.getpid()}-") and staging.name.endswith(".partial")
+        assert not killed.exists()
+        atomic.publish_directory(staging, out)
+    assert live.is_dir() and all(path.is_dir() for path in other)
+    assert atomic.remove_stale_staging(out) == []

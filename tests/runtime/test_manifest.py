@@ -19,11 +19,13 @@ from shadowpeft.runtime.manifest import (
     SCHEMA_VERSION,
     Escalation,
     Manifest,
+    export_file,
     file_sha256,
     verify_files,
 )
 
 SHA_A = "a" * 64
+SHA_EMPTY_OBJECT = hashlib.sha256(b"{}").hexdigest()  # what _export_dir writes into each tokenizer file
 
 
 def _tensor(name: str, dtype: str = "float32", shape: list[Any] | None = None) -> dict[str, Any]:
@@ -63,6 +65,7 @@ def data() -> dict[str, Any]:
         "quantization": "int4-block32-acc4",
         "validation": {"logits_max_abs_diff": 1.5e-5, "greedy_token_agreement": 1},
         "vocab_size": 128,
+        "tokenizer_sha256": {"tokenizer.json": SHA_EMPTY_OBJECT},
     }
 
 
@@ -127,7 +130,7 @@ def test_graph_lookup_names_available_graphs(data: dict[str, Any]) -> None:
 
 def test_constants() -> None:
     assert MANIFEST_NAME == "manifest.json"
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert DTYPES == ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
     assert ROLES == ("detached-shadow", "head", "cloud-backbone", "coupled")
 
@@ -189,12 +192,13 @@ def test_missing_graph_key(data: dict[str, Any]) -> None:
 
 
 def test_newer_schema_version_is_reported_alone(data: dict[str, Any]) -> None:
-    data["schema_version"] = 3
+    data["schema_version"] = SCHEMA_VERSION + 1
     data["something_new"] = {"a": 1}  # a newer writer may add keys: they must not drown the real cause
     with pytest.raises(ManifestError) as info:
         Manifest.from_dict(data)
     assert str(info.value) == (
-        "manifest.json has schema_version 3; this runtime reads up to 2. Upgrade shadowpeft or re-export."
+        f"manifest.json has schema_version {SCHEMA_VERSION + 1}; this runtime reads up to {SCHEMA_VERSION}. "
+        "Upgrade shadowpeft or re-export."
     )
 
 
@@ -386,9 +390,10 @@ def test_from_file_names_the_file_in_validation_errors(tmp_path: Path, data: dic
 
 
 def test_newer_schema_version_from_file(tmp_path: Path, data: dict[str, Any]) -> None:
-    data["schema_version"] = 3
+    data["schema_version"] = SCHEMA_VERSION + 1
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"^manifest.json has schema_version 3; this runtime reads up to 2\."):
+    expected = rf"^manifest.json has schema_version {SCHEMA_VERSION + 1}; this runtime reads up to {SCHEMA_VERSION}\."
+    with pytest.raises(ManifestError, match=expected):
         Manifest.from_file(tmp_path)
 
 
@@ -544,3 +549,99 @@ def test_escalation_in_code_is_validated(data: dict[str, Any]) -> None:
     values = {**Manifest.from_dict(data).__dict__, "escalation": dict(ESCALATION)}
     with pytest.raises(ManifestError, match=r"escalation must be an Escalation or None; got \{"):
         Manifest(**values)
+
+
+# --- tokenizer digests (3) and paths the runtime may read ------------------------------------------
+
+
+def test_tokenizer_sha256_is_required_from_schema_3(data: dict[str, Any]) -> None:
+    del data["tokenizer_sha256"]
+    assert _one_problem(data).startswith("missing key 'tokenizer_sha256' (required from schema_version 3)")
+
+
+def test_every_tokenizer_file_has_exactly_one_digest(data: dict[str, Any]) -> None:
+    data["tokenizer_files"] = ["tokenizer.json", "chat_template.jinja"]
+    data["tokenizer_sha256"] = {"tokenizer.json": "not-a-digest", "vocab.txt": SHA_A}
+    problems = _problems(data)
+    assert problems[0].startswith("tokenizer_sha256['tokenizer.json'] must be a sha256 digest")
+    assert problems[1] == "tokenizer_sha256['vocab.txt']: 'vocab.txt' is not one of tokenizer_files. Re-export."
+    assert problems[2] == "tokenizer_sha256 has no digest for tokenizer file 'chat_template.jinja'. Re-export."
+
+
+def test_swapped_vocabulary_is_refused(tmp_path: Path, data: dict[str, Any]) -> None:
+    export = _export_dir(tmp_path, data)
+    (export / "tokenizer.json").write_text('{"model": {"vocab": {"evil": 0}}}')
+    with pytest.raises(ManifestError) as info:
+        verify_files(export)
+    assert info.value.problems[0].startswith("tokenizer_files: 'tokenizer.json' has sha256 ")
+    assert f"but the manifest records {SHA_EMPTY_OBJECT}" in info.value.problems[0]
+
+
+def test_template_symlinked_outside_the_export_is_refused(tmp_path: Path, data: dict[str, Any]) -> None:
+    outside = tmp_path / "hostname"
+    outside.write_text("{}")  # even with the recorded digest: the runtime never follows a link
+    data["tokenizer_files"] = ["tokenizer.json", "chat_template.jinja"]
+    data["tokenizer_sha256"] = {name: SHA_EMPTY_OBJECT for name in data["tokenizer_files"]}
+    export = _export_dir(tmp_path / "export", data)
+    (export / "chat_template.jinja").unlink()
+    (export / "chat_template.jinja").symlink_to(outside)
+    with pytest.raises(ManifestError) as info:
+        verify_files(export)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith("tokenizer_files: file 'chat_template.jinja' is a symbolic link (")
+    assert "never links" in info.value.problems[0]
+
+
+def test_a_linked_folder_on_the_path_is_refused_but_a_linked_root_is_not(tmp_path: Path, data: dict[str, Any]) -> None:
+    data["tokenizer_files"] = ["tokenizer/tokenizer.json"]
+    data["tokenizer_sha256"] = {"tokenizer/tokenizer.json": SHA_EMPTY_OBJECT}
+    (tmp_path / "export" / "tokenizer").mkdir(parents=True)
+    export = _export_dir(tmp_path / "export", data)
+    (tmp_path / "current").symlink_to(export)  # the export directory itself may be a link
+    assert verify_files(tmp_path / "current").tokenizer_files == ("tokenizer/tokenizer.json",)
+    (export / "tokenizer").rename(tmp_path / "elsewhere")
+    (export / "tokenizer").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ManifestError, match=r"file 'tokenizer/tokenizer.json' is a symbolic link \("):
+        verify_files(export)
+
+
+def test_paths_leaving_the_export_are_refused(tmp_path: Path, data: dict[str, Any]) -> None:
+    data["tokenizer_files"] = ["../tokenizer.json"]
+    data["tokenizer_sha256"] = {"../tokenizer.json": SHA_EMPTY_OBJECT}
+    assert all("inside the export directory" in problem for problem in _problems(data))
+    for relative in ("../tokenizer.json", "/etc/hostname", "a/../../b"):
+        with pytest.raises(ManifestError, match="is not a relative path inside the export directory"):
+            export_file(tmp_path, relative)
+
+
+def test_schema_2_export_opens_with_a_warning_that_its_tokenizer_is_unchecked(
+    tmp_path: Path, data: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    data["schema_version"] = 2
+    del data["tokenizer_sha256"]
+    export = _export_dir(tmp_path, data)
+    assert "tokenizer_sha256" not in json.loads((export / MANIFEST_NAME).read_text())
+    with caplog.at_level("WARNING", logger="shadowpeft.runtime.manifest"):
+        manifest = verify_files(export)
+    assert manifest.tokenizer_sha256 is None
+    assert "records no sha256 for its tokenizer files" in caplog.text and "Re-export" in caplog.text
+    (export / "tokenizer.json").unlink()  # presence is still checked
+    with pytest.raises(ManifestError, match="tokenizer_files: 'tokenizer.json' is missing"):
+        verify_files(export)
+
+
+def test_deeply_nested_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ManifestError, match="nests its JSON too deeply to read"):
+        Manifest.from_file(tmp_path)
+
+
+def test_shadow_run_reports_a_deeply_nested_manifest_without_traceback(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from shadowpeft.runtime.run_cli import main
+
+    (tmp_path / MANIFEST_NAME).write_text("{" + '"a":{' * 50_000 + "}" * 50_001)
+    result = CliRunner().invoke(main, [str(tmp_path), "-p", "hi"])
+    assert result.exit_code == 1 and "nests its JSON too deeply to read" in result.output, result.output
+    assert "Traceback" not in result.output
