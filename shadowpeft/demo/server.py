@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from shadowpeft.runtime.client import BackboneClient
@@ -51,17 +51,28 @@ class BackboneServer:
 
     The token reaches the child through ``SHADOW_SERVE_TOKEN``, not argv (which other users can read).
     The child has its own session, so a terminal's Ctrl-C reaches only the main job, which then stops
-    it; :meth:`stop` is idempotent. Output goes to ``log_path``.
+    it; :meth:`stop` is idempotent. Output goes to ``log_path``. ``options`` are more ``shadow-serve``
+    options (e.g. ``["--kv-budget", "64MiB"]``).
     """
 
-    def __init__(self, export_dir: Path, *, threads: int | None, log_path: Path, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        export_dir: Path,
+        *,
+        threads: int | None,
+        log_path: Path,
+        host: str = "127.0.0.1",
+        options: Sequence[str] = (),
+        log_level: str = "warning",
+    ) -> None:
         self.port = free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.token = secrets.token_urlsafe(32)
         self.log_path = log_path
         command = [sys.executable, "-c", _SERVER_BOOT, str(os.getpid()), str(export_dir)]
-        command += ["--host", host, "--port", str(self.port), "--log-level", "warning"]
+        command += ["--host", host, "--port", str(self.port), "--log-level", log_level]
         command += ["--threads", str(threads)] if threads else []
+        command += list(options)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -127,9 +138,11 @@ class BackboneServer:
 
 
 @contextlib.contextmanager
-def backbone_server(export_dir: Path, *, threads: int | None, log_path: Path) -> Iterator[BackboneServer]:
+def backbone_server(
+    export_dir: Path, *, threads: int | None, log_path: Path, options: Sequence[str] = (), log_level: str = "warning"
+) -> Iterator[BackboneServer]:
     """A :class:`BackboneServer` that is stopped however the block ends (error, Ctrl-C, SIGTERM)."""
-    server = BackboneServer(export_dir, threads=threads, log_path=log_path)
+    server = BackboneServer(export_dir, threads=threads, log_path=log_path, options=options, log_level=log_level)
     try:
         yield server
     finally:
