@@ -23,7 +23,7 @@ from shadowpeft.runtime.errors import RuntimeGenerationError, ServerUnavailable
 from shadowpeft.runtime.export_dir import open_export
 from shadowpeft.runtime.generate import GenerationResult, Generator
 from shadowpeft.runtime.sampling import SamplingConfig
-from shadowpeft.runtime.server import ServerConfig, create_app
+from shadowpeft.runtime.server import ServerConfig, create_app, serving_options
 from shadowpeft.runtime.step import DeviceShadow
 from tests.runtime.conftest import serve_in_thread
 from tests.runtime.test_generate import COUPLED_CLOUD, GREEDY, PROMPTS
@@ -55,7 +55,7 @@ class Hanging:
 @contextlib.contextmanager
 def hanging_server(export, hangs: Callable[[dict], bool]) -> Iterator[tuple[Hanging, str]]:
     front = Hanging(create_app(export, ServerConfig(TOKEN)), hangs)
-    with serve_in_thread(front) as url:
+    with serve_in_thread(front, options=serving_options(front.app)) as url:  # the served app's limits
         try:
             yield front, url
         finally:
