@@ -188,15 +188,20 @@ def _on_device(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, to
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _classification_scores(model, task, tokenizer, mode, max_length, batch_size) -> tuple[list[bool], list[float]]:
+def _test_logits(model, task, tokenizer, mode, max_length, batch_size) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) per batch of ``task.test``, encoded as training encodes it and right-padded."""
     rows = encode_task(task, tokenizer, split="test", max_length=max_length)
     collate = PadCollator.for_tokenizer(tokenizer, side="right")
-    correct: list[bool] = []
-    confidence: list[float] = []
     for batch in _batches(rows, batch_size):
         inputs = _on_device(collate(list(batch)), model)
         labels = inputs.pop("labels")
-        logits = model(**inputs, **_mode_kwargs(mode)).logits  # (B, C)
+        yield model(**inputs, **_mode_kwargs(mode)).logits, labels
+
+
+def _classification_scores(model, task, tokenizer, mode, max_length, batch_size) -> tuple[list[bool], list[float]]:
+    correct: list[bool] = []
+    confidence: list[float] = []
+    for logits, labels in _test_logits(model, task, tokenizer, mode, max_length, batch_size):  # logits (B, C)
         correct += (logits.argmax(-1) == labels).tolist()
         confidence += _top_probability(logits)
     return correct, confidence
@@ -204,14 +209,10 @@ def _classification_scores(model, task, tokenizer, mode, max_length, batch_size)
 
 def _token_scores(model, task, tokenizer, mode, max_length, batch_size) -> tuple[list[bool], list[float]]:
     """Teacher-forced next-token scores of every predicted token, texts in split order, tokens in text order."""
-    rows = encode_task(task, tokenizer, split="test", max_length=max_length)
-    collate = PadCollator.for_tokenizer(tokenizer, side="right")
     correct: list[bool] = []
     confidence: list[float] = []
-    for batch in _batches(rows, batch_size):
-        inputs = _on_device(collate(list(batch)), model)
-        labels = inputs.pop("labels")
-        logits = model(**inputs, **_mode_kwargs(mode)).logits[:, :-1]  # (B, T-1, V): position t predicts t + 1
+    for logits, labels in _test_logits(model, task, tokenizer, mode, max_length, batch_size):
+        logits = logits[:, :-1]  # (B, T-1, V): position t predicts t + 1
         targets = labels[:, 1:]  # (B, T-1); -100 on padding
         predicted = targets != IGNORE_INDEX
         # Only the predicted positions, row-major: softmax over (N, V), not over the padded (B, T-1, V).
@@ -272,14 +273,9 @@ def _generation_scores(
 
 
 def _perplexity(model, task, tokenizer, mode, max_length, batch_size) -> EvalResult:
-    rows = encode_task(task, tokenizer, split="test", max_length=max_length)
-    collate = PadCollator.for_tokenizer(tokenizer, side="right")
-    total_loss, total_tokens = 0.0, 0
-    for batch in _batches(rows, batch_size):
-        inputs = _on_device(collate(list(batch)), model)
-        labels = inputs.pop("labels")
-        logits = model(**inputs, **_mode_kwargs(mode)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    total_loss, total_tokens, texts = 0.0, 0, 0
+    for logits, labels in _test_logits(model, task, tokenizer, mode, max_length, batch_size):
+        shift_logits, shift_labels = logits.float()[:, :-1], labels[:, 1:]
         loss = nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]),
             shift_labels.reshape(-1),
@@ -288,7 +284,8 @@ def _perplexity(model, task, tokenizer, mode, max_length, batch_size) -> EvalRes
         )
         total_loss += float(loss)
         total_tokens += int((shift_labels != -100).sum())
-    return EvalResult("perplexity", math.exp(total_loss / max(total_tokens, 1)), len(rows), mode)
+        texts += labels.shape[0]
+    return EvalResult("perplexity", math.exp(total_loss / max(total_tokens, 1)), texts, mode)
 
 
 def classification_labels(task: TaskData) -> dict[str, int]:
