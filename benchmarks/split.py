@@ -155,7 +155,6 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Every (delay, row) cell not yet in ``out/split.json``; rewrites the JSON, markdown and PNG after each."""
     from benchmarks.speed_rows import TOKEN, serving
-    from shadowpeft.runtime.escalation import EscalationPolicy
     from shadowpeft.runtime.export_dir import open_export
     from shadowpeft.runtime.generate import default_policy
 
@@ -172,11 +171,15 @@ def run_benchmark(
         record.setdefault("commands", []).append(command)
     done = {(c["row"], c["delay_ms"]) for c in record["cells"]}
     export = open_export(export_dir, threads=threads, spin_wait=False)
-    carried = default_policy(export)
-    threshold = escalate_below if escalate_below is not None else carried.threshold
-    source = "--escalate-below" if escalate_below is not None else carried.source
-    escalation = EscalationPolicy(threshold=threshold, source=source)
-    record["escalation"] = {"threshold": threshold, "source": source, "scope": "token", "cloud": "speculative"}
+    escalation = default_policy(export)
+    if escalate_below is not None:
+        escalation = dataclasses.replace(escalation, threshold=escalate_below, source="--escalate-below")
+    record["escalation"] = {
+        "threshold": escalation.threshold,
+        "source": escalation.source,
+        "scope": escalation.scope,
+        "cloud": escalation.cloud,
+    }
     coupled_tokens = {c["delay_ms"]: c["token_ids"] for c in record["cells"] if c["row"] == "coupled"}
     with serving(export) as port:
         url = f"http://127.0.0.1:{port}"

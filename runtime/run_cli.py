@@ -185,14 +185,14 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
 
 
 def _policy(export, escalate_below: float | None, escalate: str | None, cloud: str | None):
-    from shadowpeft.runtime.escalation import EscalationPolicy
+    import dataclasses
+
     from shadowpeft.runtime.generate import default_policy
 
-    carried = default_policy(export)
-    threshold, source = (escalate_below, "--escalate-below") if escalate_below is not None else (None, "none")
-    if escalate_below is None and carried.threshold is not None:
-        threshold, source = carried.threshold, carried.source
-    return EscalationPolicy(threshold, scope=escalate or "token", cloud=cloud or "speculative", source=source)
+    policy = default_policy(export)
+    if escalate_below is not None:
+        policy = dataclasses.replace(policy, threshold=escalate_below, source="--escalate-below")
+    return dataclasses.replace(policy, scope=escalate or "token", cloud=cloud or "speculative")
 
 
 def _policy_line(policy) -> str:
