@@ -19,8 +19,10 @@ Reported: HTTP statuses (good and bad apart), 503s with ``Retry-After`` (the adm
 "busy, retry" refusal, expected under load) apart from any other 5xx, refusals whose body is not a
 JSON ``{"error": ...}``, wrong tokens, hangs (a generation over ``HANG_S``, a raw request the server
 neither answered nor closed), errors, sessions still held after the idle TTL once everything ended
-(leaks), ``Traceback`` lines in the server log, and peak RSS against the baseline RSS + the KV budget
-(the budget bounds the KV cache, not the process: the comparison is peak - baseline vs the budget).
+(leaks), ``Traceback`` lines in the server log, and peak RSS against ``--memory-budget`` (the server's
+bound on its whole RSS) and peak KV bytes against ``--kv-budget``. The server runs with small
+``--max-concurrent`` and ``--max-queued`` and the bad requests include bursts of slow requests, so that
+the busy refusal (503 + ``Retry-After``) is exercised and the good sessions' clients must honour it.
 
 Usage::
 
@@ -46,7 +48,16 @@ import click
 from benchmarks.harness import RESULTS_DIR, machine_info, now, run_cli, save_json
 from benchmarks.soak_bad import bad_worker
 from benchmarks.soak_report import TARGETS, render_markdown, summarize, verdicts
-from benchmarks.soak_tally import HANG_S, MODES, RSS_PERIOD_S, TOKEN_CAP, CountingTransport, Tally
+from benchmarks.soak_tally import (
+    HANG_S,
+    MAX_CONCURRENT,
+    MAX_QUEUED,
+    MODES,
+    RSS_PERIOD_S,
+    TOKEN_CAP,
+    CountingTransport,
+    Tally,
+)
 from shadowpeft.runtime.atomic import write_atomic
 
 # ---------------------------------------------------------------------------------------------- server
@@ -208,6 +219,9 @@ def run_soak(
         "--max-sessions", str(settings["max_sessions"]),
         "--max-tokens-per-request", str(TOKEN_CAP),
         "--read-timeout", str(settings["read_timeout_s"]),
+        "--max-concurrent", str(MAX_CONCURRENT),
+        "--max-queued", str(MAX_QUEUED),
+        "--memory-budget", settings["memory_budget"],
     ]  # fmt: skip
     tally = Tally()
     rng = random.Random(settings["seed"])
@@ -303,6 +317,11 @@ def run_soak(
     help="shadow-serve --kv-budget. Default: 64MiB with --export, 1MiB for the toy (384 bytes of KV per token), "
     "small enough that the abandoned sequences fill it.",
 )
+@click.option(
+    "--memory-budget",
+    default=None,
+    help="shadow-serve --memory-budget, the bound on the server's RSS. Default: 4GiB with --export, 256MiB for toy.",
+)
 @click.option("--idle-ttl", "idle_ttl_s", default=2.0, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--max-sessions", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--read-timeout", "read_timeout_s", default=3.0, show_default=True, type=click.FloatRange(0.1))
@@ -319,6 +338,7 @@ def main(command, minutes, export_dir, out, **settings):
     with tempfile.TemporaryDirectory(prefix="soak-") as work:
         settings["export"] = str(export_dir) if export_dir else "toy (tests/toy.py, perturbed, split fp32)"
         settings["kv_budget"] = settings["kv_budget"] or ("64MiB" if export_dir else "1MiB")
+        settings["memory_budget"] = settings["memory_budget"] or ("4GiB" if export_dir else "256MiB")
         if export_dir is None:
             click.echo("building the toy split export ...")
             export_dir = build_toy_export(Path(work))

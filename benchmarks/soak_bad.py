@@ -6,6 +6,7 @@ import contextlib
 import json
 import random
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.soak_tally import INFER, TOKEN_CAP, Tally
+from benchmarks.soak_tally import BURST, INFER, TOKEN_CAP, Tally
 
 # ------------------------------------------------------------------------------------------ bad requests
 
@@ -155,6 +156,30 @@ class Bad:
     def kind_abandoned_start(self) -> None:  # held until evicted (KV budget, slots) or expired (--idle-ttl)
         t = self.rng.choice([16, 128, TOKEN_CAP])
         self.infer("abandoned_start", self.tensors(t), {"sequence_id": self.sid(), "sequence_start": True})
+
+    def kind_burst(self) -> None:  # more slow requests at once than --max-concurrent + --max-queued admit
+        from shadowpeft.runtime.protocol import HEADER_LENGTH, encode_request
+
+        def slow(body: bytes):  # the body trickles in, so that each request holds its place a while
+            yield body[:8]
+            time.sleep(0.3)
+            yield body[8:]
+
+        def one() -> None:
+            body, header = encode_request(self.tensors(4), parameters={"sequence_id": self.sid()})
+            headers = {HEADER_LENGTH: str(header), "Content-Type": "application/octet-stream"}
+            try:  # an unknown sequence: 409 once admitted, 503 + Retry-After when every place is taken
+                self.post("burst", slow(body), headers)
+            except (httpx.HTTPError, OSError) as exc:
+                self.tally.add("bad_transport_errors")
+                with self.tally.lock:
+                    self.tally.bad_status["burst"][f"error:{type(exc).__name__}"] += 1
+
+        workers = [threading.Thread(target=one, daemon=True) for _ in range(BURST)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60.0)
 
     # ----- raw sockets
     def raw(self, text: str, *, hold: bool = False) -> bytes | None:

@@ -17,6 +17,8 @@ MODES = ("coupled", "speculative", "auto")
 HANG_S = 60.0  # a generation (or a raw request's answer) taking longer than this is a hang
 RSS_PERIOD_S = 0.2
 TOKEN_CAP = 512  # --max-tokens-per-request passed to the server
+MAX_CONCURRENT, MAX_QUEUED = 2, 2  # --max-concurrent and --max-queued passed to the server
+BURST = MAX_CONCURRENT + MAX_QUEUED + 4  # slow requests sent at once by the burst kind: 4 or more get 503
 
 
 # ----------------------------------------------------------------------------------------------- tally

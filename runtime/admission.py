@@ -10,7 +10,8 @@ Every limit bounds memory, so that the server's peak is known in advance::
                                       more wait, the rest get 503 + Retry-After)
 
     peak ~ max_concurrent x (body + parsed tensors + one step's activations) + the KV budget
-           (held caches, see :class:`~shadowpeft.runtime.sessions.SessionLimits`)
+           (held caches, see :class:`~shadowpeft.runtime.sessions.SessionLimits`); the process's RSS is held
+           under ``--memory-budget`` by :mod:`~shadowpeft.runtime.memory`
 
 Sizes are checked against ``Content-Length`` and ``Inference-Header-Content-Length`` before the
 body is read, and while it streams when there is no ``Content-Length``.
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from starlette.requests import ClientDisconnect, Request
 
 from shadowpeft.runtime.errors import ServerRejected
+from shadowpeft.runtime.memory import MemoryGuard
 
 __all__ = ["RequestGate", "RequestLimits", "body_bytes_for", "parse_size", "read_body"]
 
@@ -89,10 +91,15 @@ class RequestGate:
     """At most ``slots`` requests inside at once, at most ``queue`` more waiting; the rest refused (503).
 
     Used from the server's event loop only.
+
+    Args:
+        slots: Requests inside at once.
+        queue: Requests waiting for a place.
+        memory: Checks, once a request has its place, that the process has room for it (503 otherwise).
     """
 
-    def __init__(self, slots: int, queue: int) -> None:
-        self.slots, self.queue = slots, queue
+    def __init__(self, slots: int, queue: int, *, memory: MemoryGuard | None = None) -> None:
+        self.slots, self.queue, self.memory = slots, queue, memory
         self.inside = self.waiting = 0
         self.refused = 0
         self._free = asyncio.Semaphore(slots)
@@ -119,10 +126,14 @@ class RequestGate:
             self.waiting -= 1
         self.inside += 1
         try:
+            if self.memory is not None:
+                self.memory.admit(self.inside)
             yield
         finally:
             self.inside -= 1
             self._free.release()
+            if self.memory is not None:
+                self.memory.released()
 
 
 async def read_body(request: Request, limit: int, option: str, hint: str) -> bytes:

@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 _RETRY_STATUSES = (502, 503, 504)
 _MAX_BACKOFF = 5.0
+_MAX_RETRY_AFTER = 30.0
 _MAX_TRACKED = 4096
 _MIN_ATTEMPT = 0.05  # seconds: with less time left before a deadline, no attempt is started (none could be answered)
 
@@ -160,9 +161,10 @@ class BackboneClient:
         with self._lock:
             before = 0 if start else self._offsets.get(sequence_id)
         offset, parts = before, []
+        size = self._chunk_tokens(ids.shape[1], deadline)
         try:
-            for begin in range(0, ids.shape[1], self.max_chunk_tokens):
-                chunk = slice(begin, begin + self.max_chunk_tokens)
+            for begin in range(0, ids.shape[1], size):
+                chunk = slice(begin, begin + size)
                 first = start and begin == 0
                 parts.append(self._infer(sequence_id, ids[:, chunk], s0[:, chunk], first, offset, deadline=deadline))
                 offset = None if offset is None else offset + parts[-1].shape[1]
@@ -338,6 +340,21 @@ class BackboneClient:
             )
         return hidden.astype(np.float32)
 
+    def _chunk_tokens(self, tokens: int, deadline: float | None) -> int:
+        """Tokens per request for a step of ``tokens``: ``max_chunk_tokens``, or less when the server takes
+        fewer per request (its metadata's ``max_tokens_per_request``, fetched once, before the first step of
+        more than one token)."""
+        if tokens > 1 and self._metadata is None:
+            try:
+                self.metadata(deadline=deadline)
+            except ServerRejected:  # a server without shadow-serve's metadata: its cap is unknown
+                self._metadata = {}
+        limits = (self._metadata or {}).get("shadowpeft")
+        cap = limits.get("max_tokens_per_request") if isinstance(limits, dict) else None
+        if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
+            return min(self.max_chunk_tokens, cap)
+        return self.max_chunk_tokens
+
     def _hidden_size(self) -> int:
         if self._d is None:
             inputs = {spec["name"]: spec for spec in self.metadata()["inputs"]}
@@ -358,10 +375,11 @@ class BackboneClient:
         typed error for the status. Each attempt waits ``timeout`` (default: the client's), and no later than
         ``deadline``."""
         attempts = (self.retries if retries is None else retries) + 1
-        failure, made = "no time left before the deadline", 0
+        failure, made, asked = "no time left before the deadline", 0, 0.0
         for attempt in range(attempts):
             if attempt:
                 delay = min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF) * (1 + random.random() / 10)
+                delay = max(delay, asked)  # a busy server's Retry-After: an earlier retry would be refused too
                 if deadline is not None and time.monotonic() + delay + _MIN_ATTEMPT > deadline:
                     break
                 time.sleep(delay)
@@ -380,6 +398,7 @@ class BackboneClient:
             self._count(_request_size(response.request), _response_size(response))
             if response.status_code in _RETRY_STATUSES:
                 failure = f"HTTP {response.status_code}: {_message(response)}"
+                asked = _retry_after(response)
                 continue
             return _checked(response, self.url)
         within = f" within its deadline ({attempts - made} retries left unused)" if made < attempts else ""
@@ -431,6 +450,13 @@ def _message(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         error = None
     return error if isinstance(error, str) else response.text[:200] or response.reason_phrase
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds the response's ``Retry-After`` asks for (0 when absent or not a number of seconds; at most
+    :data:`_MAX_RETRY_AFTER`, so that a misconfigured server cannot park the client)."""
+    value = response.headers.get("retry-after", "").strip()
+    return min(float(value), _MAX_RETRY_AFTER) if value.isascii() and value.isdigit() else 0.0
 
 
 def _request_size(request: httpx.Request) -> int:

@@ -69,6 +69,14 @@ class _Size(click.ParamType):
     help="KV-cache bytes all sessions may hold together, e.g. 512MiB, 4GiB; past it idle sessions are evicted "
     "(least recently used first) or the step is refused with 503 + Retry-After.",
 )
+@click.option(
+    "--memory-budget",
+    default=None,
+    type=_Size(1 << 20),
+    help="Resident memory the whole server may hold, e.g. 2GiB. Checked at start against the loaded graphs, "
+    "--kv-budget and --max-concurrent requests measured by a warm-up step; while serving, a request that would "
+    "pass it gets 503 + Retry-After. Default: no process-wide check.",
+)
 @click.option("--idle-ttl", default=300.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds.")
 @click.option(
     "--max-body-bytes",
@@ -195,6 +203,7 @@ def _serve(export_dir: Path, host: str, port: int, token: str | None, options: d
     from shadowpeft.runtime.devices import load_device_profile
     from shadowpeft.runtime.export_dir import open_export
     from shadowpeft.runtime.kv import kv_bytes_per_token
+    from shadowpeft.runtime.memory import MemoryBudgetTooSmall
     from shadowpeft.runtime.server import ServerConfig, create_app, run_server
     from shadowpeft.runtime.sessions import SessionLimits
 
@@ -222,7 +231,12 @@ def _serve(export_dir: Path, host: str, port: int, token: str | None, options: d
             param_hint="--kv-budget",
         )
     connections = ConnectionLimits(options["max_connections"], options["read_timeout"], options["keep_alive_timeout"])
-    app = create_app(export, ServerConfig(token, limits, requests, connections))
+    config = ServerConfig(token, limits, requests, connections, options["memory_budget"])
+    try:
+        app = create_app(export, config)
+    except MemoryBudgetTooSmall as err:
+        raise click.BadParameter(str(err), param_hint="--memory-budget") from None
+    memory = app.state.backbone.memory
     scheme = "https" if options["ssl_certfile"] else "http"
     click.echo(
         f"shadow-serve: {export.root} as {MODEL_NAME!r} on {scheme}://{host}:{port} "
@@ -230,11 +244,22 @@ def _serve(export_dir: Path, host: str, port: int, token: str | None, options: d
         f"KV budget {limits.kv_budget_bytes} B = {limits.kv_budget_bytes // max(per_token, 1)} tokens in all "
         f"at {per_token} B/token, {per_request} tokens per request, {requests.max_concurrent} in flight, "
         f"idle TTL {limits.idle_ttl:g} s, {connections.max_connections} connections, read timeout "
-        f"{connections.read_timeout:g} s, providers {', '.join(export.providers)})",
+        f"{connections.read_timeout:g} s, providers {', '.join(export.providers)}"
+        + (_memory_line(memory.plan) if memory else "")
+        + ")",
         err=True,
     )
     tls = {key: options[key] for key in ("ssl_certfile", "ssl_keyfile") if options[key]}
     run_server(app, host=host, port=port, log_level=level, **tls)
+
+
+def _memory_line(plan) -> str:
+    mib = 1 << 20
+    return (
+        f"; memory budget {plan.budget / mib:.0f} MiB: graphs {plan.baseline / mib:.0f} MiB + KV "
+        f"{plan.kv_budget / mib:.0f} MiB + {plan.concurrent} x {plan.reserve / mib:.1f} MiB per request "
+        f"= {plan.required / mib:.0f} MiB"
+    )
 
 
 def _default_max_tokens(root: Path, manifest, profile) -> int:

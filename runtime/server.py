@@ -72,6 +72,7 @@ from shadowpeft.runtime.contract import (
 from shadowpeft.runtime.errors import ExportLoadError, ProtocolError, ServerRejected, SessionLost, format_problems
 from shadowpeft.runtime.export_dir import ExportDir
 from shadowpeft.runtime.kv import KVCache, kv_bytes_per_token
+from shadowpeft.runtime.memory import MemoryGuard, plan_memory, warm_up_step
 from shadowpeft.runtime.protocol import HEADER_LENGTH, datatype_of, decode_request, encode_response
 from shadowpeft.runtime.protocol import parse_header_length as _header_length
 from shadowpeft.runtime.sessions import BackboneRunner, Session, SessionLimits, SessionTable
@@ -105,12 +106,15 @@ class ServerConfig:
         limits: Max sessions, max tokens per session, idle TTL, KV budget.
         requests: Tokens, body and JSON bytes per request; requests in flight and queued.
         connections: Connection cap and read and keep-alive timeouts (applied by :func:`serving_options`).
+        memory_budget: Bytes of RSS the whole process may hold (:mod:`~shadowpeft.runtime.memory`); ``None``:
+            no process-wide check (the KV and request limits still bound what requests can add).
     """
 
     token: str | None
     limits: SessionLimits = field(default_factory=SessionLimits)
     requests: RequestLimits = field(default_factory=RequestLimits)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    memory_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,10 +148,34 @@ class _Backbone:
         self.max_body_bytes = requests.max_body_bytes or body_bytes_for(
             requests.max_tokens, self.runner.hidden_size, requests.max_json_bytes
         )
-        self.gate = RequestGate(requests.max_concurrent, requests.max_queued)
+        self.memory = self._memory_guard(config.memory_budget, per_token) if config.memory_budget else None
+        self.gate = RequestGate(requests.max_concurrent, requests.max_queued, memory=self.memory)
         self.vocab = export.manifest.vocab_size
         self.inferences = 0
         self.last_inference_ms = 0
+
+    def _memory_guard(self, budget: int, kv_per_token: int) -> MemoryGuard:
+        """Measures the loaded graphs and one largest request (a warm-up step) and checks ``budget`` holds
+        them with the KV budget and every request in flight (:func:`~shadowpeft.runtime.memory.plan_memory`)."""
+        config, runner = self.config, self.runner
+        warm_up = warm_up_step(
+            lambda ids, s0: runner.run(runner.empty_past(), ids, s0),
+            config.requests.max_tokens,
+            runner.hidden_size,
+            runner.states_dtype,
+        )
+        # Beside its step, a request holds its body, the decoded tensors and the response (about a body each),
+        # and extending a sequence's cache briefly holds the old and the new copy of it.
+        past_copy = min(config.limits.kv_budget_bytes, config.limits.max_tokens * kv_per_token)
+        plan = plan_memory(
+            budget,
+            warm_up,
+            kv_budget=config.limits.kv_budget_bytes,
+            concurrent=config.requests.max_concurrent,
+            tokens=config.requests.max_tokens,
+            request_bytes=3 * self.max_body_bytes + past_copy,
+        )
+        return MemoryGuard(plan)
 
     # --- metadata and health ---------------------------------------------------------------------
 
@@ -216,6 +244,7 @@ class _Backbone:
         }
         requests = {"in_flight": self.gate.inside, "queued": self.gate.waiting}
         refused = {reason: 0 for reason in _REFUSALS} | dict(stats.refused) | {"busy": self.gate.refused}
+        refused["memory"] = self.memory.refused if self.memory else 0
         model = {
             "name": MODEL_NAME,
             "version": MODEL_VERSION,
@@ -223,7 +252,9 @@ class _Backbone:
             "inference_count": self.inferences,
             "execution_count": self.inferences,
         }
-        return JSONResponse({"model_stats": [model], "sequences": sequences, "requests": requests, "refused": refused})
+        memory = self.memory.stats() if self.memory else None
+        body = {"model_stats": [model], "sequences": sequences, "requests": requests, "refused": refused}
+        return JSONResponse(body | {"memory": memory})
 
     # --- inference ---------------------------------------------------------------------------------
 

@@ -127,7 +127,8 @@ def test_client_chunked_prefill_and_decode_match_the_local_graph(export, ref) ->
                 hidden = _generate(client, sequence_id, ids, s0, prompt=7)  # chunks 3 + 3 + 1, then 5 steps
                 assert hidden.dtype == np.float32 and hidden.shape == (1, 12, 32)
                 assert np.abs(hidden - expected[dtype]).max() <= tolerance
-                assert client.requests == 2 + 8 and client.bytes_received > 0  # 8: chunks 3 + 3 + 1, 5 steps
+                # 1: the metadata (the server's token cap) before the first prompt; 8: chunks 3 + 3 + 1, 5 steps
+                assert client.requests == 2 + 1 + 8 and client.bytes_received > 0
                 sent[dtype] = client.bytes_sent
                 client.end(sequence_id)
         assert server.stats()["active"] == 0

@@ -9,6 +9,7 @@ stale offset frees its sequence. Servers run in-process on the toy export, as in
 from __future__ import annotations
 
 import inspect
+import re
 import threading
 import time
 
@@ -20,7 +21,6 @@ from click.testing import CliRunner
 
 from shadowpeft.runtime.admission import RequestLimits, parse_size
 from shadowpeft.runtime.client import BackboneClient
-from shadowpeft.runtime.errors import ServerRejected
 from shadowpeft.runtime.kv import kv_bytes_per_token
 from shadowpeft.runtime.protocol import HEADER_LENGTH, encode_request
 from shadowpeft.runtime.serve_cli import main as serve_main
@@ -53,9 +53,9 @@ def test_a_request_over_the_token_cap_is_refused_before_any_compute(export, ref)
     with running(export, requests={"max_tokens": 4, "max_json_bytes": 1024, **DERIVED}) as server:
         with server.client(dtype="float32", max_chunk_tokens=8) as client:
             client.step("idle", ids[:, :2], s0[:, :2], start=True)
-            with pytest.raises(ServerRejected, match=r"carries 6 tokens.*at most 4 per request .*in chunks") as info:
-                client.step(1, ids, s0, start=True)
-            assert info.value.status == 413
+        refused = _infer(server.url, 1, ids, s0, start=True)  # a client that ignores the published cap
+        assert refused.status_code == 413
+        assert re.search(r"carries 6 tokens.*at most 4 per request .*in chunks", refused.json()["error"])
         stats = _stats(server)
         assert stats["model_stats"][0]["inference_count"] == 1 and stats["refused"]["tokens_per_request"] == 1
         assert stats["sequences"]["active"] == 1 and stats["sequences"]["evicted"] == 0
@@ -248,3 +248,17 @@ def test_the_server_gives_memory_back_after_a_large_step(toy_export, monkeypatch
     result = CliRunner().invoke(serve_main, [str(toy_export.export), "--no-auth"])
     assert result.exit_code == 0, result.output
     assert opened[0]["cpu_arena"] is False and opened[0]["spin_wait"] is False
+
+
+def test_the_client_sends_chunks_no_larger_than_the_servers_published_cap(export, ref) -> None:  # noqa: F811
+    ids = ref.tokens(10)
+    s0 = ref.s0(ids)
+    with running(export, requests={"max_tokens": 4, **DERIVED}) as server:
+        with server.client(dtype="float32", max_chunk_tokens=8) as client:
+            hidden = client.step(1, ids, s0, start=True)
+            assert client.requests == 1 + 3  # the metadata once, then chunks of 4, 4 and 2 tokens
+            client.step(1, ids[:, :1], s0[:, :1], start=False)
+            assert client.requests == 5  # one-token steps fetch nothing more
+        stats = _stats(server)
+    assert np.abs(hidden - ref.hidden(ids, s0)).max() <= FP32_TOL
+    assert stats["refused"]["tokens_per_request"] == 0 and stats["model_stats"][0]["inference_count"] == 4
