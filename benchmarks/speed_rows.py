@@ -261,11 +261,12 @@ def serving(export: Any) -> Iterator[int]:
 
     import uvicorn
 
-    from shadowpeft.runtime.server import ServerConfig, create_app
+    from shadowpeft.runtime.server import ServerConfig, create_app, serving_options
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(export, ServerConfig(TOKEN)), log_level="warning"))
+    app = create_app(export, ServerConfig(TOKEN))  # served as shadow-serve serves it (connection limits)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **serving_options(app)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
