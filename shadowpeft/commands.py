@@ -86,9 +86,10 @@ def missing_extra_message(command: Command, error: ModuleNotFoundError) -> str |
     spec = command.extra_for(module) if module else None
     if spec is None or _installed(module):
         return None
+    extras = " and ".join(spec.split(","))
     return (
-        f"{command.name} needs the Python package {module!r}, which is not installed. Install the "
-        f"{spec} extra: pip install 'shadowpeft[{spec}]' (from a clone: pip install '.[{spec}]')."
+        f"{command.name} needs the Python package {module!r}, which is not installed. Install the {extras} "
+        f"extra{'s' if ',' in spec else ''}: pip install 'shadowpeft[{spec}]' (from a clone: pip install '.[{spec}]')."
     )
 
 

@@ -64,8 +64,9 @@ def test_the_commands_table_of_extras_matches_pyproject(extra: str) -> None:
     # shadowpeft.commands.EXTRAS names the modules whose absence means "install this extra".
     dists = {_name(r) for r in _extra(extra)}
     modules = set(EXTRAS[extra])
-    assert {m for m in modules if not _distributions(m) & dists} == set(), "a module no requirement installs"
-    assert {d for d in dists if not any(d in _distributions(m) for m in modules)} == set(), "a requirement unnamed"
+    fix = f"keep shadowpeft.commands.EXTRAS[{extra!r}] (import names) in step with pyproject.toml's {extra} extra"
+    assert {m for m in modules if not _distributions(m) & dists} == set(), f"no requirement installs these: {fix}"
+    assert {d for d in dists if not any(d in _distributions(m) for m in modules)} == set(), f"not named: {fix}"
 
 
 def test_the_runtime_imports_only_its_dependencies() -> None:
@@ -82,7 +83,7 @@ def test_the_runtime_imports_only_its_dependencies() -> None:
         bad = sorted(m for m in third_party if not _distributions(m) & allowed)
         if bad:
             problems[module] = bad
-    assert problems == {}
+    assert problems == {}, "add the library to pyproject.toml's dependencies, or the module to SERVE_MODULES"
 
 
 def test_the_serve_modules_are_the_ones_that_import_starlette_or_uvicorn() -> None:
@@ -91,7 +92,7 @@ def test_the_serve_modules_are_the_ones_that_import_starlette_or_uvicorn() -> No
         for module, path in sources()
         if module.startswith("shadowpeft.runtime") and {n.split(".")[0] for n in imported(path)} & set(EXTRAS["serve"])
     }
-    assert serving == SERVE_MODULES
+    assert serving == SERVE_MODULES, "shadow-serve's modules changed: update SERVE_MODULES"
 
 
 def test_requirements_txt_pins_everything_pyproject_pins() -> None:
