@@ -7,8 +7,8 @@
   library (checked below), so that it is written once.
 * ``shadowpeft.export`` may import the core and the runtime, never the demo.
 * Only ``shadowpeft/demo/`` (with the CLI that starts it) crosses all three, and
-  ``shadowpeft.commands``, which starts every command line (it imports the runtime's
-  ``cli_errors`` only; the other rooms' CLIs by name, when the command starts).
+  ``shadowpeft.commands``, which starts the command lines that need an extra (it imports the
+  runtime's ``cli_errors``; the other rooms' CLIs by name, when the command starts).
 """
 
 from __future__ import annotations
