@@ -6,7 +6,9 @@
   ``shadowpeft.runtime.atomic``, the one copy of atomic publishing, which imports only the standard
   library (checked below), so that it is written once.
 * ``shadowpeft.export`` may import the core and the runtime, never the demo.
-* Only ``shadowpeft/demo/`` (with the CLI that starts it) crosses all three.
+* Only ``shadowpeft/demo/`` (with the CLI that starts it) crosses all three, and
+  ``shadowpeft.commands``, which starts the command lines that need an extra (it imports the
+  runtime's ``cli_errors``; the other rooms' CLIs by name, when the command starts).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # folder -> the package name it installs as (pyproject.toml's package-dir)
 PACKAGES = {"shadowpeft": "shadowpeft", "export": "shadowpeft.export", "runtime": "shadowpeft.runtime"}
-CROSSING = ("shadowpeft.demo", "shadowpeft.cli")
+CROSSING = ("shadowpeft.demo", "shadowpeft.cli", "shadowpeft.commands")
 SHARED_WITH_CORE = ("shadowpeft.runtime.atomic",)
 
 
