@@ -231,13 +231,14 @@ def serving_options(app: Starlette) -> dict[str, Any]:
 async def serve(server: uvicorn.Server, *, grpc: Any = None, sockets: list | None = None) -> None:
     """Runs uvicorn ``server`` (its app from :func:`create_app`) until it exits, and with it, on the same
     event loop (one session table, one request gate), the gRPC service when ``grpc`` is a
-    :class:`~shadowpeft.runtime.grpc_server.GrpcOptions`."""
+    :class:`~shadowpeft.runtime.grpc_server.GrpcOptions` (the port it bound: ``app.state.grpc_port``)."""
     if grpc is None:
         await server.serve(sockets=sockets)
         return
     from shadowpeft.runtime.grpc_server import start_grpc_server
 
-    grpc_server = await start_grpc_server(server.config.app.state.backbone, grpc)
+    app = server.config.app
+    grpc_server, app.state.grpc_port = await start_grpc_server(app.state.backbone, grpc)
     try:
         await server.serve(sockets=sockets)
     finally:
