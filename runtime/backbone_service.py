@@ -13,7 +13,7 @@ returns, so both speak for the same sessions under the same limits::
 
 Every refusal is a :class:`~shadowpeft.runtime.errors.ServerRejected` with an HTTP status (or a
 :class:`~shadowpeft.runtime.errors.SessionLost`: 409); each transport maps it to its own status
-(gRPC: :data:`shadowpeft.runtime.grpc_server.GRPC_CODES`). Used from the server's event loop only.
+(gRPC: :data:`shadowpeft.runtime.grpc_tensors.GRPC_CODES`). Used from the server's event loop only.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ __all__ = [
     "ExportLoadError",
     "ManifestError",
     "ProtocolError",
+    "Retryable",
     "RuntimeGenerationError",
     "ServerRejected",
     "ServerUnavailable",
@@ -113,3 +114,10 @@ class ServerRejected(RuntimeError):
 class ProtocolError(ValueError):
     """A KServe v2 (Open Inference Protocol) request or response is malformed: bad JSON, an unknown
     datatype, a shape that does not match the data, or binary sizes that do not add up."""
+
+
+class Retryable(ConnectionError):
+    """One attempt of a client request failed in a way a retry may fix: no connection, a timeout, or a
+    server that is busy or restarting (HTTP 502/503/504, gRPC UNAVAILABLE or DEADLINE_EXCEEDED). Raised by
+    the client's wires (runtime/wire_http.py, wire_grpc.py) and caught by ``BackboneClient``'s retries,
+    which raise :class:`ServerUnavailable` with this message when none is left."""

@@ -12,8 +12,9 @@ table, one request gate, one KV budget, whichever protocol a request came by. Se
     (streaming, repository, shared memory, trace, log: UNIMPLEMENTED)
 
 The bearer token travels in the call's metadata, ``authorization: Bearer TOKEN``. Refusals carry the
-HTTP transport's messages, with the status mapped by :data:`GRPC_CODES` (a 503's ``Retry-After``
-travels as trailing metadata ``retry-after``). Limits: a message above ``max_body_bytes`` is refused
+HTTP transport's messages, with the status mapped by
+:data:`~shadowpeft.runtime.grpc_tensors.GRPC_CODES` (a 503's ``Retry-After`` travels as trailing
+metadata ``retry-after``). Limits: a message above ``max_body_bytes`` is refused
 by gRPC itself (RESOURCE_EXHAUSTED, before any handler runs); ``max_connections`` caps the calls in
 flight (RESOURCE_EXHAUSTED beyond); tokens per request, requests in flight and queued, sessions and
 the KV budget are the service's, as over HTTP. The JSON limit has no gRPC counterpart (no JSON), and
@@ -40,26 +41,13 @@ from shadowpeft.runtime.access import bearer_problem
 from shadowpeft.runtime.backbone_service import BackboneService
 from shadowpeft.runtime.contract import HIDDEN_STATES, MODEL_NAME, MODEL_VERSION, SEQUENCE_LENGTH
 from shadowpeft.runtime.errors import ProtocolError, ServerRejected, SessionLost
-from shadowpeft.runtime.grpc_tensors import decode_infer_request, encode_infer_response, grpc_modules
+from shadowpeft.runtime.grpc_tensors import GRPC_CODES, decode_infer_request, encode_infer_response, grpc_modules
 from shadowpeft.runtime.handshake import METADATA_KEY
 
-__all__ = ["GRPC_CODES", "GrpcOptions", "start_grpc_server"]
+__all__ = ["GrpcOptions", "start_grpc_server"]
 
 logger = logging.getLogger(__name__)
 
-#: gRPC status code name for each HTTP status the service refuses with.
-GRPC_CODES: dict[int, str] = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    408: "DEADLINE_EXCEEDED",
-    409: "ABORTED",  # the sequence is gone or out of sync: retry at a higher level (re-prefill)
-    413: "RESOURCE_EXHAUSTED",  # what gRPC itself answers for a message over the size limit
-    415: "INVALID_ARGUMENT",
-    500: "INTERNAL",
-    503: "UNAVAILABLE",  # retry (after `retry-after` seconds)
-}
 _INLINE_DECODE_BYTES = 64 << 10  # larger messages are converted to arrays in the thread pool
 _SERVICE = "inference.GRPCInferenceService"
 _METHODS = (

@@ -1,7 +1,8 @@
 """KServe v2 / Open Inference Protocol tensors over gRPC: numpy arrays <-> ``inference.*`` protobuf messages.
 
-Pure functions shared by the gRPC server (:mod:`shadowpeft.runtime.grpc_server`) and the device's gRPC
-wire (:mod:`shadowpeft.runtime.wire_grpc`), the gRPC twin of :mod:`shadowpeft.runtime.protocol`::
+Pure functions, and the status-code mapping (:data:`GRPC_CODES`), shared by the gRPC server
+(:mod:`shadowpeft.runtime.grpc_server`) and the device's gRPC wire (:mod:`shadowpeft.runtime.wire_grpc`):
+the gRPC twin of :mod:`shadowpeft.runtime.protocol`::
 
     ModelInferRequest  inputs [{name, datatype, shape, contents?}], raw_input_contents [bytes per input]
                        parameters {key: InferParameter(bool|int64|uint64|double|string)}
@@ -31,6 +32,7 @@ from shadowpeft.runtime.errors import ProtocolError
 from shadowpeft.runtime.protocol import DATATYPES, InferRequest, InferResponse, datatype_of
 
 __all__ = [
+    "GRPC_CODES",
     "GRPC_INSTALL_HINT",
     "decode_infer_request",
     "decode_infer_response",
@@ -43,6 +45,20 @@ __all__ = [
 
 #: What to install for gRPC (server and device), named in every "gRPC is not installed" error.
 GRPC_INSTALL_HINT = "pip install grpcio==1.85.3 'tritonclient[grpc]==2.73.0' protobuf==6.33.6"
+
+#: gRPC status code name for each HTTP status the service refuses with.
+GRPC_CODES: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    409: "ABORTED",  # the sequence is gone or out of sync: retry at a higher level (re-prefill)
+    413: "RESOURCE_EXHAUSTED",  # what gRPC itself answers for a message over the size limit
+    415: "INVALID_ARGUMENT",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",  # retry (after `retry-after` seconds)
+}
 
 # The typed `contents` field of InferTensorContents per datatype (FP16 has none: raw only).
 _CONTENTS = {
