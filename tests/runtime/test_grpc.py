@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -257,3 +262,38 @@ def test_shadow_serve_refuses_one_port_for_both_protocols(toy_export) -> None:
 
     cli = CliRunner().invoke(main, [str(toy_export.export), "--no-auth", "--port", "8000", "--grpc-port", "8000"])
     assert cli.exit_code == 2 and "--grpc-port 8000 is also the HTTP --port" in cli.output
+
+
+def test_shadow_serve_grpc_port_serves_without_torch_and_stops_cleanly(toy_export, steps) -> None:
+    from tests.runtime.test_torch_free import BLOCKER
+
+    ids, s0 = steps
+    with socket.socket() as a, socket.socket() as b:  # two free ports
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        http_port, grpc_port = a.getsockname()[1], b.getsockname()[1]
+    code = BLOCKER + "from shadowpeft.runtime.serve_cli import main\nmain()\n"
+    args = [sys.executable, "-c", code, str(toy_export.export), "--port", str(http_port)]
+    args += ["--grpc-port", str(grpc_port), "--log-level", "warning"]
+    env = {**os.environ, "SHADOW_SERVE_TOKEN": TOKEN}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with BackboneClient(f"grpc://127.0.0.1:{grpc_port}", token=TOKEN, dtype="float32") as client:
+            deadline = time.monotonic() + 60
+            while not client.ready():
+                assert process.poll() is None, process.stdout.read()
+                assert time.monotonic() < deadline, "shadow-serve did not start within 60 s"
+                time.sleep(0.1)
+            hidden = client.step(9, ids, s0, start=True)
+        with BackboneClient(f"http://127.0.0.1:{http_port}", token=TOKEN, dtype="float32") as client:
+            assert np.array_equal(client.step(9, ids, s0, start=True), hidden)
+            assert client.stats()["sequences"]["started"] == 2  # one table for both protocols
+        process.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn stops, then the gRPC server, then click says Aborted!
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+    output = process.stdout.read()
+    assert "blocked" not in output and "Traceback" not in output, output
+    assert f"KServe v2 gRPC on 127.0.0.1:{grpc_port} (plaintext)" in output
