@@ -116,6 +116,7 @@ def test_an_infer_equals_the_http_endpoints_and_a_sequence_continues_across_prot
     ids, s0 = steps
     grpc_client = triton_grpc.InferenceServerClient(live[2])
     http_client = triton_http.InferenceServerClient(live[1].removeprefix("http://"))
+    clients = ((grpc_client, triton_grpc), (http_client, triton_http))
     for dtype in (np.float32, np.float16):
         over_grpc = grpc_client.infer(
             MODEL, triton_inputs(triton_grpc, ids, s0.astype(dtype)), sequence_id=21, sequence_start=True,
@@ -127,6 +128,10 @@ def test_an_infer_equals_the_http_endpoints_and_a_sequence_continues_across_prot
         )  # fmt: skip
         hidden = over_grpc.as_numpy("hidden_states")
         assert hidden.dtype == dtype and np.array_equal(hidden, over_http.as_numpy("hidden_states"))
+    rng = np.random.default_rng(0)  # a message over 64 KiB: converted in the thread pool
+    long_ids, long_s0 = rng.integers(4, 200, (1, 500)), rng.standard_normal((1, 500, 32)).astype(np.float32)
+    long = [hidden_of(c, m, long_ids, long_s0, sequence_id=23, start=True, end=True) for c, m in clients]
+    assert np.array_equal(*long)
     whole = hidden_of(grpc_client, triton_grpc, ids, s0, sequence_id="whole", start=True, end=True)
     head = hidden_of(http_client, triton_http, ids[:, :4], s0[:, :4], sequence_id="split", start=True)
     tail = grpc_client.infer(  # the same sequence, continued over gRPC with the offset it is at
@@ -177,6 +182,36 @@ def test_refusals_carry_the_http_messages_under_grpc_codes(export, steps) -> Non
         code, message = refusal(lambda: infer(MODEL, inputs, headers=AUTH))  # no sequence_id
         assert code == "INVALID_ARGUMENT" and "parameter 'sequence_id' must be" in message
         assert app.state.backbone.table.tokens() == 0
+
+
+class RecordingContext:
+    """The part of a grpc.aio servicer context that ``_Servicer.abort`` uses: it records the abort."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple | None = None
+
+    async def abort(self, code, details, trailing_metadata=()) -> None:
+        self.aborted = (code.name, details, tuple(trailing_metadata))
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ServerRejected("full", status=503, retry_after=1), ("UNAVAILABLE", "full", (("retry-after", "1"),))),
+        (ServerRejected("graph failed", status=500), ("INTERNAL", "graph failed", ())),
+        (ServerRejected("too many", status=413), ("RESOURCE_EXHAUSTED", "too many", ())),
+        (SessionLost("re-prefill"), ("ABORTED", "re-prefill", ())),
+        (ProtocolError("bad tensor"), ("INVALID_ARGUMENT", "bad tensor", ())),
+    ],
+)
+def test_refusals_map_to_grpc_codes_with_retry_after_as_trailing_metadata(live, error, expected) -> None:
+    import asyncio
+
+    from shadowpeft.runtime.grpc_server import _Servicer
+
+    context = RecordingContext()
+    asyncio.run(_Servicer(live[0].state.backbone).abort(context, error))
+    assert context.aborted == expected
 
 
 def test_typed_contents_decode_like_raw_and_fp16_is_raw_only() -> None:
