@@ -160,7 +160,8 @@ class _Servicer:
     def check_token(self, context: Any) -> None:
         if self.expected is None:
             return
-        given = next((value for key, value in context.invocation_metadata() if key == "authorization"), None)
+        metadata = context.invocation_metadata() or ()
+        given = next((value for key, value in metadata if key == "authorization"), None)
         problem = bearer_problem(given.encode() if isinstance(given, str) else given, self.expected)
         if problem is not None:
             raise ServerRejected(problem, status=401)

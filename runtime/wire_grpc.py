@@ -1,6 +1,7 @@
 """``BackboneClient``'s gRPC wire: one attempt of each call to a KServe v2 ``GRPCInferenceService``.
 
-For ``grpc://host:port`` (plaintext) and ``grpcs://host:port`` (TLS, system roots), e.g.
+For ``grpc://host:port`` (plaintext) and ``grpcs://host:port`` (TLS, verified against the system's
+roots, or the PEM file ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`` names), e.g.
 ``shadow-serve --grpc-port 8001``. The same requests as the HTTP wire (runtime/wire_http.py), as
 gRPC calls: tensors in ``raw_input_contents``/``raw_output_contents``, the sequence parameters as
 ``InferParameter``s, the bearer token as metadata ``authorization: Bearer TOKEN``. What came back

@@ -9,13 +9,16 @@ status codes; BackboneClient and ``shadow-run --server grpc://`` give the HTTP t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -24,6 +27,7 @@ import pytest
 
 pytest.importorskip("grpc", reason="gRPC needs grpcio: pip install -r requirements.txt (grpcio, tritonclient[grpc])")
 
+import uvicorn  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from shadowpeft.runtime.admission import RequestLimits  # noqa: E402
@@ -31,9 +35,10 @@ from shadowpeft.runtime.client import BackboneClient  # noqa: E402
 from shadowpeft.runtime.errors import ServerRejected, ServerUnavailable, SessionLost  # noqa: E402
 from shadowpeft.runtime.export_dir import open_export  # noqa: E402
 from shadowpeft.runtime.generate import Generator  # noqa: E402
+from shadowpeft.runtime.grpc_server import GrpcOptions  # noqa: E402
 from shadowpeft.runtime.grpc_tensors import decode_infer_request, encode_infer_request, grpc_modules  # noqa: E402
 from shadowpeft.runtime.protocol import ProtocolError  # noqa: E402
-from shadowpeft.runtime.server import ServerConfig, create_app  # noqa: E402
+from shadowpeft.runtime.server import ServerConfig, create_app, serve  # noqa: E402
 from tests.runtime.conftest import serve_in_thread  # noqa: E402
 from tests.runtime.test_generate import GREEDY, PROMPTS  # noqa: E402
 
@@ -332,3 +337,36 @@ def test_shadow_serve_grpc_port_serves_without_torch_and_stops_cleanly(toy_expor
     output = process.stdout.read()
     assert "blocked" not in output and "Traceback" not in output, output
     assert f"KServe v2 gRPC on 127.0.0.1:{grpc_port} (plaintext)" in output
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+def test_grpc_serves_tls_with_the_https_certificate_and_grpcs_clients_verify_it(export, tmp_path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    app = create_app(export, ServerConfig(TOKEN))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    tls = GrpcOptions("127.0.0.1", 0, cert, key)
+    thread = threading.Thread(target=asyncio.run, args=(serve(server, grpc=tls),), daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.01)
+        code = (
+            "import sys\nfrom shadowpeft.runtime.client import BackboneClient\n"
+            f"with BackboneClient(sys.argv[1], token={TOKEN!r}, retries=0) as client:\n    print(client.ready())\n"
+        )
+        url = f"localhost:{app.state.grpc_port}"
+        env = {**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(cert)}  # trust the test certificate
+        run = [sys.executable, "-c", code]
+        trusted = subprocess.run([*run, f"grpcs://{url}"], env=env, capture_output=True, text=True, timeout=60)
+        assert trusted.stdout.strip() == "True", trusted.stderr
+        plain = subprocess.run([*run, f"grpc://{url}"], env=env, capture_output=True, text=True, timeout=60)
+        assert plain.stdout.strip() == "False", plain.stderr  # a plaintext client gets no answer from TLS
+    finally:
+        server.should_exit = True
+        thread.join(10)
