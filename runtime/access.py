@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from shadowpeft.runtime.errors import ServerRejected
 from shadowpeft.runtime.protocol import HEADER_LENGTH
 
-__all__ = ["LOG_KEY", "AccessGate"]
+__all__ = ["LOG_KEY", "AccessGate", "bearer_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +86,10 @@ class AccessGate:
             problem = _cross_site_problem(scope, headers)
             if problem:
                 return 403, problem, ()
-        elif scope["path"] not in _OPEN_PATHS and not hmac.compare_digest(
-            headers.get(b"authorization", b""), self.expected
-        ):
-            message = (
-                "The bearer token is wrong. Use the token shadow-serve was started with (--token or "
-                "SHADOW_SERVE_TOKEN)."
-                if b"authorization" in headers
-                else "This server needs a bearer token: send 'Authorization: Bearer TOKEN' (shadow-run --token)."
-            )
-            return 401, message, ((b"www-authenticate", b"Bearer"),)
+        elif scope["path"] not in _OPEN_PATHS:
+            message = bearer_problem(headers.get(b"authorization"), self.expected)
+            if message is not None:
+                return 401, message, ((b"www-authenticate", b"Bearer"),)
         content_type = headers.get(b"content-type")
         if scope["method"] == "POST" and scope["path"].endswith("/infer") and not _is_body_type(content_type):
             return (
@@ -106,6 +100,18 @@ class AccessGate:
                 (),
             )
         return None
+
+
+def bearer_problem(given: bytes | None, expected: bytes) -> str | None:
+    """Why an ``authorization`` value (an HTTP header, or gRPC metadata) does not carry the server's token
+    (``expected``: ``b"Bearer TOKEN"``); ``None`` when it does. Compared in constant time."""
+    if given is not None and hmac.compare_digest(given, expected):
+        return None
+    if given is not None:
+        return (
+            "The bearer token is wrong. Use the token shadow-serve was started with (--token or SHADOW_SERVE_TOKEN)."
+        )
+    return "This server needs a bearer token: send 'Authorization: Bearer TOKEN' (shadow-run --token)."
 
 
 def _first_headers(scope: dict[str, Any]) -> dict[bytes, bytes]:

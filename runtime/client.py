@@ -1,4 +1,5 @@
-"""Client of the backbone server (``shadow-serve``): one coupled-mode step per call, over httpx.
+"""Client of the backbone server (``shadow-serve``): one coupled-mode step per call, over KServe v2 HTTP
+(``http://``, runtime/wire_http.py) or gRPC (``grpc://``, runtime/wire_grpc.py), with the same retries.
 
 Each :meth:`BackboneClient.step` sends a sequence's new token ids and their shadow states ``s0``
 and returns the backbone's final hidden states; the server keeps the base KV cache. Long inputs
@@ -26,10 +27,10 @@ from __future__ import annotations
 import logging
 import random
 import secrets
-import socket
 import threading
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import httpx
 import numpy as np
@@ -45,18 +46,18 @@ from shadowpeft.runtime.contract import (
     SHADOW_STATES,
     WIRE_DTYPES,
 )
-from shadowpeft.runtime.errors import BackboneMismatch, ProtocolError, ServerRejected, ServerUnavailable, SessionLost
+from shadowpeft.runtime.errors import BackboneMismatch, Retryable, ServerRejected, ServerUnavailable, SessionLost
 from shadowpeft.runtime.handshake import BackboneCheck, check_backbone
 from shadowpeft.runtime.manifest import Manifest
-from shadowpeft.runtime.protocol import HEADER_LENGTH, decode_response, encode_request, parse_header_length
+from shadowpeft.runtime.wire_grpc import GRPC_SCHEMES, GrpcWire
+from shadowpeft.runtime.wire_http import HttpWire
 
 __all__ = ["BackboneClient", "new_sequence_id"]
 
 logger = logging.getLogger(__name__)
 
-_RETRY_STATUSES = (502, 503, 504)
+_T = TypeVar("_T")
 _MAX_BACKOFF = 5.0
-_MAX_RETRY_AFTER = 30.0
 _MAX_TRACKED = 4096
 _MIN_ATTEMPT = 0.05  # seconds: with less time left before a deadline, no attempt is started (none could be answered)
 
@@ -67,10 +68,12 @@ def new_sequence_id() -> int:
 
 
 class BackboneClient:
-    """Talks to one ``shadow-serve`` (or any server of the same model over KServe v2 HTTP).
+    """Talks to one ``shadow-serve`` (or any server of the same model over KServe v2 HTTP or gRPC).
 
     Args:
-        url: Server base URL, e.g. ``http://127.0.0.1:8000``.
+        url: Server base URL: ``http://127.0.0.1:8000`` (HTTP, runtime/wire_http.py) or ``grpc://127.0.0.1:8001``
+            (gRPC, ``shadow-serve --grpc-port``; ``grpcs://`` with TLS; runtime/wire_grpc.py). Both wires have the
+            same retries, timeouts, deadlines and errors.
         token: Bearer token (``--token`` of the server), or ``None`` for a server run with ``--no-auth``.
         timeout: Seconds to wait for a connection and for each response (a step with a deadline waits no longer
             than the deadline allows).
@@ -80,12 +83,13 @@ class BackboneClient:
         dtype: Wire type of ``shadow_states`` and ``hidden_states``: ``"float16"`` or ``"float32"``.
         max_chunk_tokens: Most tokens per request; longer steps are split.
         model_name: The model's name on the server.
-        transport: An httpx transport (tests).
+        transport: An httpx transport (tests; HTTP only).
 
     Attributes:
-        bytes_sent: Bytes of every request sent (request line, headers and body, as HTTP/1.1 frames them).
-        bytes_received: Bytes of every response received (status line, headers, body).
-        requests: HTTP requests made, retries included.
+        bytes_sent: Bytes of every request sent (HTTP: request line, headers and body, as HTTP/1.1 frames them;
+            gRPC: the protobuf messages).
+        bytes_received: Bytes of every response received (HTTP: status line, headers, body; gRPC: the messages).
+        requests: Requests made, retries included.
         timeout: The ``timeout`` given.
     """
 
@@ -102,8 +106,13 @@ class BackboneClient:
         model_name: str = MODEL_NAME,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https://; got {url!r}.")
+        if not url.startswith(("http://", "https://", *GRPC_SCHEMES)):
+            raise ValueError(
+                f"url must start with http:// or https:// (KServe v2 over HTTP), or grpc:// or grpcs:// (over gRPC, "
+                f"shadow-serve --grpc-port); got {url!r}."
+            )
+        if transport is not None and url.startswith(GRPC_SCHEMES):
+            raise ValueError("transport= is an httpx transport, for http:// and https:// URLs only.")
         if dtype not in WIRE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(map(repr, WIRE_DTYPES))}; got {dtype!r}.")
         if max_chunk_tokens < 1 or retries < 0 or not timeout > 0 or backoff < 0:
@@ -113,11 +122,11 @@ class BackboneClient:
             )
         self.url, self.dtype, self.model_name, self.timeout = url.rstrip("/"), np.dtype(dtype), model_name, timeout
         self.retries, self.backoff, self.max_chunk_tokens = retries, backoff, max_chunk_tokens
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        # TCP_NODELAY: httpx writes headers and body separately, and Nagle's algorithm holds the body back
-        # until the headers are acknowledged (on loopback: p50 3-4 ms per one-token step without it, 1.4 ms with).
-        transport = transport or httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._wire: HttpWire | GrpcWire
+        if url.startswith(GRPC_SCHEMES):
+            self._wire = GrpcWire(self.url, token=token, count=self._count)
+        else:
+            self._wire = HttpWire(self.url, token=token, timeout=timeout, transport=transport, count=self._count)
         self._offsets: dict[int | str, int] = {}  # tokens the server holds per sequence, as far as we know
         self._lock = threading.Lock()  # guards the counters and _offsets (steps may run on many threads)
         self._d: int | None = None  # hidden size, from the first step (or the metadata)
@@ -220,11 +229,9 @@ class BackboneClient:
             ServerRejected: The server refuses this client (e.g. a wrong token, 401).
         """
         try:
-            live = self._request("GET", "/v2/health/ready", retries=0)
-            model = self._request("GET", f"/v2/models/{self.model_name}/ready", retries=0)
+            return self._call("ready", lambda wait: self._wire.ready(self.model_name, timeout=wait), retries=0)
         except ServerUnavailable:
             return False
-        return live.status_code == 200 and model.status_code == 200
 
     def metadata(self, *, deadline: float | None = None) -> dict[str, Any]:
         """The model's metadata: inputs, outputs, and under ``shadowpeft`` the hidden size, limits and
@@ -234,15 +241,24 @@ class BackboneClient:
             deadline: ``time.monotonic()`` by which the server must have answered (see :meth:`step`).
         """
         if self._metadata is None:
-            response = self._request("GET", f"/v2/models/{self.model_name}", deadline=deadline)
-            try:
-                metadata = response.json()
-            except ValueError:
-                metadata = None
-            if not isinstance(metadata, dict):
-                raise ServerUnavailable(f"{self.url} sent model metadata that is no JSON object; is it shadow-serve?")
-            self._metadata = metadata
+            fetch = lambda wait: self._wire.metadata(self.model_name, timeout=wait)  # noqa: E731
+            self._metadata = self._call("metadata", fetch, deadline=deadline)
         return self._metadata
+
+    def _chunk_tokens(self, tokens: int, deadline: float | None) -> int:
+        """Tokens per request for a step of ``tokens``: ``max_chunk_tokens``, or less when the server takes
+        fewer per request (its metadata's ``max_tokens_per_request``, fetched once, before the first step of
+        more than one token)."""
+        if tokens > 1 and self._metadata is None:
+            try:
+                self.metadata(deadline=deadline)
+            except ServerRejected:  # a server without shadow-serve's metadata: its cap is unknown
+                self._metadata = {}
+        limits = (self._metadata or {}).get("shadowpeft")
+        cap = limits.get("max_tokens_per_request") if isinstance(limits, dict) else None
+        if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
+            return min(self.max_chunk_tokens, cap)
+        return self.max_chunk_tokens
 
     def verify_backbone(self, manifest: Manifest, *, deadline: float | None = None) -> BackboneCheck:
         """The handshake: checks that the server runs the backbone of the export ``manifest`` describes.
@@ -276,12 +292,13 @@ class BackboneClient:
         return check
 
     def stats(self) -> dict[str, Any]:
-        """The model's statistics, with ``sequences.active`` (sessions held) and bytes in and out."""
-        return self._request("GET", f"/v2/models/{self.model_name}/stats").json()
+        """The model's statistics, with ``sequences.active`` (sessions held) and bytes in and out (over gRPC:
+        the Triton ``model_stats`` only)."""
+        return self._call("stats", lambda wait: self._wire.stats(self.model_name, timeout=wait))
 
     def close(self) -> None:
-        """Closes the HTTP connections."""
-        self._http.close()
+        """Closes the connections."""
+        self._wire.close()
 
     def __enter__(self) -> BackboneClient:
         return self
@@ -304,7 +321,7 @@ class BackboneClient:
         retries: int | None = None,
         timeout: float | None = None,
     ) -> np.ndarray:
-        """One request (with :meth:`_request`'s retries, deadline and timeout); returns (1, T, d) float32."""
+        """One request (with :meth:`_call`'s retries, deadline and timeout); returns (1, T, d) float32."""
         if s0 is None:  # an empty step (sequence_end only) still sends a well-formed (1, 0, d) tensor
             states = np.zeros((1, 0, self._hidden_size()), dtype=self.dtype)
         else:
@@ -313,26 +330,9 @@ class BackboneClient:
         parameters.update({key: True for key, flag in ((SEQUENCE_START, start), (SEQUENCE_END, end)) if flag})
         if offset is not None:
             parameters[SEQUENCE_OFFSET] = offset
-        body, json_size = encode_request(
-            {INPUT_IDS: ids, SHADOW_STATES: states}, parameters=parameters, outputs={HIDDEN_STATES: True}
-        )
-        headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(json_size)}
-        response = self._request(
-            "POST",
-            f"/v2/models/{self.model_name}/infer",
-            content=body,
-            headers=headers,
-            deadline=deadline,
-            retries=retries,
-            timeout=timeout,
-        )
-        try:
-            size = parse_header_length(response.headers.get(HEADER_LENGTH), len(response.content))
-            hidden = decode_response(response.content, size).outputs[HIDDEN_STATES]
-        except (ProtocolError, KeyError) as err:
-            raise ServerUnavailable(
-                f"{self.url} sent a malformed inference response ({err}); is it shadow-serve?"
-            ) from err
+        inputs = {INPUT_IDS: ids, SHADOW_STATES: states}
+        send = lambda wait: self._wire.infer(self.model_name, parameters, inputs, timeout=wait)  # noqa: E731
+        hidden = self._call("infer", send, deadline=deadline, retries=retries, timeout=timeout)
         if hidden.shape != states.shape or hidden.dtype != self.dtype:
             raise ServerUnavailable(
                 f"{self.url} returned {HIDDEN_STATES} {hidden.dtype} {list(hidden.shape)}; expected {self.dtype} "
@@ -340,45 +340,29 @@ class BackboneClient:
             )
         return hidden.astype(np.float32)
 
-    def _chunk_tokens(self, tokens: int, deadline: float | None) -> int:
-        """Tokens per request for a step of ``tokens``: ``max_chunk_tokens``, or less when the server takes
-        fewer per request (its metadata's ``max_tokens_per_request``, fetched once, before the first step of
-        more than one token)."""
-        if tokens > 1 and self._metadata is None:
-            try:
-                self.metadata(deadline=deadline)
-            except ServerRejected:  # a server without shadow-serve's metadata: its cap is unknown
-                self._metadata = {}
-        limits = (self._metadata or {}).get("shadowpeft")
-        cap = limits.get("max_tokens_per_request") if isinstance(limits, dict) else None
-        if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
-            return min(self.max_chunk_tokens, cap)
-        return self.max_chunk_tokens
-
     def _hidden_size(self) -> int:
         if self._d is None:
             inputs = {spec["name"]: spec for spec in self.metadata()["inputs"]}
             self._d = int(inputs[SHADOW_STATES]["shape"][2])
         return self._d
 
-    def _request(
+    def _call(
         self,
-        method: str,
-        path: str,
+        operation: str,
+        attempt: Callable[[float], _T],
         *,
         retries: int | None = None,
         deadline: float | None = None,
         timeout: float | None = None,
-        **kwargs: Any,
-    ) -> httpx.Response:
-        """Sends with retries, none that ``deadline`` leaves no time for; returns a 2xx response or raises the
-        typed error for the status. Each attempt waits ``timeout`` (default: the client's), and no later than
-        ``deadline``."""
+    ) -> _T:
+        """Calls ``attempt(seconds)`` (one request on the wire) with retries, none that ``deadline`` leaves no
+        time for; returns its result or raises its typed error. Each attempt waits ``timeout`` (default: the
+        client's), and no later than ``deadline``; a :class:`Retryable` failure is retried."""
         attempts = (self.retries if retries is None else retries) + 1
         failure, made, asked = "no time left before the deadline", 0, 0.0
-        for attempt in range(attempts):
-            if attempt:
-                delay = min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF) * (1 + random.random() / 10)
+        for index in range(attempts):
+            if index:
+                delay = min(self.backoff * 2 ** (index - 1), _MAX_BACKOFF) * (1 + random.random() / 10)
                 delay = max(delay, asked)  # a busy server's Retry-After: an earlier retry would be refused too
                 if deadline is not None and time.monotonic() + delay + _MIN_ATTEMPT > deadline:
                     break
@@ -390,21 +374,13 @@ class BackboneClient:
                     break
             made += 1
             try:
-                response = self._http.request(method, path, timeout=wait, **kwargs)
-            except httpx.TransportError as err:
-                failure = f"{type(err).__name__}: {err or 'no detail'}"
-                self._count(len(kwargs.get("content", b"")), 0)
-                continue
-            self._count(_request_size(response.request), _response_size(response))
-            if response.status_code in _RETRY_STATUSES:
-                failure = f"HTTP {response.status_code}: {_message(response)}"
-                asked = _retry_after(response)
-                continue
-            return _checked(response, self.url)
+                return attempt(wait)
+            except Retryable as err:
+                failure, asked = str(err), err.retry_after
         within = f" within its deadline ({attempts - made} retries left unused)" if made < attempts else ""
         raise ServerUnavailable(
-            f"The backbone server at {self.url} did not answer {method} {path} after {made} attempt(s){within}: "
-            f"{failure}. Check that shadow-serve runs and is reachable, or run detached."
+            f"The backbone server at {self.url} did not answer {self._wire.where(operation, self.model_name)} after "
+            f"{made} attempt(s){within}: {failure}. Check that shadow-serve runs and is reachable, or run detached."
         )
 
     def _count(self, sent: int, received: int) -> None:
@@ -430,40 +406,3 @@ def _check_step(input_ids: np.ndarray, shadow_states: np.ndarray) -> tuple[np.nd
             f"{SHADOW_STATES} must be floats of shape (1, T, d) with T = {ids.shape[1]}; got {s0.dtype} {s0.shape}."
         )
     return ids.astype(np.int64, copy=False), s0
-
-
-def _checked(response: httpx.Response, url: str) -> httpx.Response:
-    status = response.status_code
-    if 200 <= status < 300:
-        return response
-    message = _message(response)
-    if status == 409:
-        raise SessionLost(message)
-    if 400 <= status < 500:
-        raise ServerRejected(f"{url} refused the request (HTTP {status}): {message}", status=status)
-    raise ServerUnavailable(f"{url} failed (HTTP {status}): {message}")
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        error = None
-    return error if isinstance(error, str) else response.text[:200] or response.reason_phrase
-
-
-def _retry_after(response: httpx.Response) -> float:
-    """Seconds the response's ``Retry-After`` asks for (0 when absent or not a number of seconds; at most
-    :data:`_MAX_RETRY_AFTER`, so that a misconfigured server cannot park the client)."""
-    value = response.headers.get("retry-after", "").strip()
-    return min(float(value), _MAX_RETRY_AFTER) if value.isascii() and value.isdigit() else 0.0
-
-
-def _request_size(request: httpx.Request) -> int:
-    line = len(request.method) + len(request.url.raw_path) + len(" HTTP/1.1\r\n") + 1
-    return line + sum(len(k) + len(v) + 4 for k, v in request.headers.raw) + 2 + len(request.content)
-
-
-def _response_size(response: httpx.Response) -> int:
-    line = len(f"HTTP/1.1 {response.status_code} {response.reason_phrase}\r\n")
-    return line + sum(len(k) + len(v) + 4 for k, v in response.headers.raw) + 2 + len(response.content)

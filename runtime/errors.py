@@ -16,11 +16,13 @@ __all__ = [
     "ExportLoadError",
     "ManifestError",
     "ProtocolError",
+    "Retryable",
     "RuntimeGenerationError",
     "ServerRejected",
     "ServerUnavailable",
     "SessionLost",
     "format_problems",
+    "retry_after_seconds",
 ]
 
 
@@ -113,3 +115,32 @@ class ServerRejected(RuntimeError):
 class ProtocolError(ValueError):
     """A KServe v2 (Open Inference Protocol) request or response is malformed: bad JSON, an unknown
     datatype, a shape that does not match the data, or binary sizes that do not add up."""
+
+
+class Retryable(ConnectionError):
+    """One attempt of a client request failed in a way a retry may fix: no connection, a timeout, or a
+    server that is busy or restarting (HTTP 502/503/504, gRPC UNAVAILABLE or DEADLINE_EXCEEDED). Raised by
+    the client's wires (runtime/wire_http.py, wire_grpc.py) and caught by ``BackboneClient``'s retries,
+    which raise :class:`ServerUnavailable` with this message when none is left.
+
+    Attributes:
+        retry_after: Seconds the server asked the client to wait before retrying (its ``Retry-After``; 0:
+            it asked nothing, the client's backoff applies).
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+#: The longest ``Retry-After`` a client honours, so that a misconfigured server cannot park it.
+MAX_RETRY_AFTER_S = 30.0
+
+
+def retry_after_seconds(value: str | bytes | None) -> float:
+    """Seconds a ``Retry-After`` value asks for: a whole number of seconds, at most :data:`MAX_RETRY_AFTER_S`;
+    0 for anything else (absent, an HTTP date, garbage)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    text = (value or "").strip()
+    return min(float(text), MAX_RETRY_AFTER_S) if text.isascii() and text.isdigit() else 0.0

@@ -69,7 +69,12 @@ class _DraftTokens(click.ParamType):
     default=None,
     help="auto: how escalated tokens use the server: draft-and-verify rounds, or one token per request [speculative].",
 )
-@click.option("--server", default=None, help="shadow-serve URL for coupled/auto, e.g. http://127.0.0.1:8000.")
+@click.option(
+    "--server",
+    default=None,
+    help="shadow-serve URL for coupled/auto/speculative: http://HOST:8000, or grpc://HOST:PORT for its gRPC port "
+    "(shadow-serve --grpc-port; grpcs:// with TLS).",
+)
 @click.option("--token", default=None, envvar="SHADOW_SERVE_TOKEN", help="Bearer token [env SHADOW_SERVE_TOKEN].")
 @click.option("--wire", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--timeout", default=2.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds.")
@@ -210,7 +215,10 @@ def _policy_line(policy) -> str:
 def _client(server: str, token: str | None, wire: str, timeout: float):
     from shadowpeft.runtime.client import BackboneClient
 
-    return BackboneClient(server, token=token, timeout=timeout, dtype=wire)
+    try:
+        return BackboneClient(server, token=token, timeout=timeout, dtype=wire)
+    except ModuleNotFoundError as err:  # grpc:// without grpcio installed
+        raise click.BadParameter(str(err), param_hint="--server") from None
 
 
 def _read_prompts(path: Path) -> list[str]:

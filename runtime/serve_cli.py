@@ -1,4 +1,5 @@
-"""``shadow-serve``: serve an export's ``cloud/backbone`` graph over KServe v2 HTTP (coupled mode's cloud side)."""
+"""``shadow-serve``: serve an export's ``cloud/backbone`` graph over KServe v2 HTTP, and gRPC with
+``--grpc-port`` (coupled mode's cloud side)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,13 @@ class _Size(click.ParamType):
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--grpc-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Also serve KServe v2 over gRPC on this port (Triton's is 8001), with the same sessions, token and "
+    "limits [off].",
+)
 @click.option("--token", default=None, envvar="SHADOW_SERVE_TOKEN", help="Bearer token [env SHADOW_SERVE_TOKEN].")
 @click.option("--auth/--no-auth", default=True, show_default=True, help="--no-auth: loopback hosts only.")
 @click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(1))
@@ -250,7 +258,29 @@ def _serve(export_dir: Path, host: str, port: int, token: str | None, options: d
         err=True,
     )
     tls = {key: options[key] for key in ("ssl_certfile", "ssl_keyfile") if options[key]}
-    run_server(app, host=host, port=port, log_level=level, **tls)
+    grpc = _grpc_options(host, port, options["grpc_port"], tls)
+    if grpc is not None:
+        click.echo(f"shadow-serve: KServe v2 gRPC on {host}:{grpc.port} ({'TLS' if tls else 'plaintext'})", err=True)
+    run_server(app, host=host, port=port, log_level=level, grpc=grpc, **tls)
+
+
+def _grpc_options(host: str, http_port: int, port: int | None, tls: dict):
+    """The gRPC service's options for ``--grpc-port`` (``None``: off); refuses it when gRPC is not installed."""
+    if port is None:
+        return None
+    if port == http_port and port != 0:
+        raise click.BadParameter(
+            f"--grpc-port {port} is also the HTTP --port; give gRPC its own port (e.g. {port + 1}).",
+            param_hint="--grpc-port",
+        )
+    from shadowpeft.runtime.grpc_server import GrpcOptions
+    from shadowpeft.runtime.grpc_tensors import grpc_modules
+
+    try:
+        grpc_modules()
+    except ModuleNotFoundError as err:
+        raise click.BadParameter(str(err), param_hint="--grpc-port") from None
+    return GrpcOptions(host, port, tls.get("ssl_certfile"), tls.get("ssl_keyfile"))
 
 
 def _memory_line(plan) -> str:

@@ -32,6 +32,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "export": ("torch", "transformers", "safetensors", "onnx", "onnxscript", "gguf"),
     "serve": ("starlette", "uvicorn", "psutil"),
     "triton": ("tritonclient", "google"),
+    "grpc": ("grpc", "tritonclient", "google"),
 }
 EXTRAS["all"] = tuple(dict.fromkeys(m for modules in EXTRAS.values() for m in modules)) + ("matplotlib",)
 

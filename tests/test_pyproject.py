@@ -24,10 +24,15 @@ NOT_ON_DEVICE = {"torch", "transformers", "peft", "accelerate", "onnx", "onnxscr
 #: The runtime modules that import the serve extra's libraries (starlette, uvicorn, psutil): shadow-serve's.
 SERVE_MODULES = {
     "shadowpeft.runtime.admission",
+    "shadowpeft.runtime.backbone_service",
     "shadowpeft.runtime.connections",
+    "shadowpeft.runtime.grpc_server",
     "shadowpeft.runtime.memory",
     "shadowpeft.runtime.server",
 }
+#: The runtime modules that import the grpc extra's libraries (grpcio, tritonclient's KServe v2 messages):
+#: shadow-serve --grpc-port, and the device's grpc:// client, which imports them only when asked for grpc://.
+GRPC_MODULES = {"shadowpeft.runtime.grpc_server", "shadowpeft.runtime.grpc_tensors", "shadowpeft.runtime.wire_grpc"}
 
 
 def _name(requirement: str) -> str:
@@ -78,12 +83,13 @@ def test_the_runtime_imports_only_its_dependencies() -> None:
     # Every third-party module a runtime file imports comes from the runtime-only install, or for
     # shadow-serve's files from the serve extra: pip install . is enough for shadow-run and the API.
     base = {_name(r) for r in PROJECT["project"]["dependencies"]}
-    serve = base | {_name(r) for r in _extra("serve")}
+    serve = {_name(r) for r in _extra("serve")}
+    grpc = {_name(r) for r in _extra("grpc")}
     problems = {}
     for module, path in sources():
         if not module.startswith("shadowpeft.runtime"):
             continue
-        allowed = serve if module in SERVE_MODULES else base
+        allowed = base | (serve if module in SERVE_MODULES else set()) | (grpc if module in GRPC_MODULES else set())
         third_party = {n.split(".")[0] for n in imported(path)} - set(sys.stdlib_module_names) - {"shadowpeft"}
         bad = sorted(m for m in third_party if not _distributions(m) & allowed)
         if bad:
@@ -102,9 +108,22 @@ def test_the_serve_modules_are_the_ones_that_import_starlette_or_uvicorn() -> No
 
 def test_requirements_txt_pins_everything_pyproject_pins() -> None:
     # The README's set-up (pip install -r requirements.txt, then -e . --no-deps) installs everything.
-    pinned = {line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()}
-    wanted = [*PROJECT["project"]["dependencies"], *_extra("all")]
-    assert sorted(set(wanted) - pinned) == []
+    pinned = {_pin(line.split("#")[0].strip()) for line in (ROOT / "requirements.txt").read_text().splitlines()}
+    pinned.discard(None)
+    pins = {(name, version): extras for name, extras, version in pinned}
+    wanted = [_pin(r) for r in (*PROJECT["project"]["dependencies"], *_extra("all"))]
+    # the same version, and at least the extras pyproject asks for (tritonclient[grpc,http] covers both)
+    missing = [(n, e, v) for n, e, v in wanted if (n, v) not in pins or not e <= pins[(n, v)]]
+    assert missing == []
+
+
+def _pin(requirement: str) -> tuple[str, frozenset[str], str] | None:
+    """``"tritonclient[grpc,http]==2.73.0"`` -> ``("tritonclient", {"grpc", "http"}, "2.73.0")``."""
+    match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[([^\]]*)\])?==(\S+)", requirement)
+    if match is None:
+        return None
+    extras = frozenset(e.strip() for e in (match.group(2) or "").split(",") if e.strip())
+    return _name(match.group(1)), extras, match.group(3)
 
 
 def test_the_package_list_covers_every_package_folder() -> None:

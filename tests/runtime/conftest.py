@@ -42,17 +42,24 @@ def toy_export(tmp_path_factory) -> ToyExport:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, *, port: int = 0, options: dict[str, Any] | None = None) -> Iterator[str]:
+def serve_in_thread(
+    app: Any, *, port: int = 0, options: dict[str, Any] | None = None, grpc_port: int | None = None
+) -> Iterator[str]:
     """Serves shadow-serve's ``create_app(...)`` with uvicorn in a daemon thread, as ``shadow-serve`` does.
 
     With the app's connection limits (:func:`~shadowpeft.runtime.server.serving_options`). Binds
     127.0.0.1:``port`` (0: any free port; SO_REUSEADDR, so a test can restart a server on the port it
     just used), waits until uvicorn has started, yields the base URL, and stops the server on exit.
     ``options`` replace the app's uvicorn options (e.g. to serve a stand-in app with given limits).
+    With ``grpc_port`` (0: any free port) the gRPC service runs beside it on the same event loop, as
+    ``shadow-serve --grpc-port`` runs it; its port is then ``app.state.grpc_port``.
     """
+    import asyncio
+
     import uvicorn
 
-    from shadowpeft.runtime.server import serving_options
+    from shadowpeft.runtime.grpc_server import GrpcOptions
+    from shadowpeft.runtime.server import serve, serving_options
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto: asyncio sets NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -60,9 +67,11 @@ def serve_in_thread(app: Any, *, port: int = 0, options: dict[str, Any] | None =
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", **(serving_options(app) if options is None else options))
     )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    grpc = None if grpc_port is None else GrpcOptions("127.0.0.1", grpc_port)
+    thread = threading.Thread(target=asyncio.run, args=(serve(server, grpc=grpc, sockets=[sock]),), daemon=True)
     thread.start()
     while not server.started:
+        assert thread.is_alive(), "the server thread died before it started (see its traceback above)"
         time.sleep(0.005)
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
