@@ -24,7 +24,7 @@ from shadowpeft.export.errors import ExportError
 from shadowpeft.export.graphs import export_view
 from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint, read_escalation
 from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_data_files
-from shadowpeft.export.ort_format import ORT_KEY_PREFIX, convert_to_ort
+from shadowpeft.export.ort_format import convert_to_ort
 from shadowpeft.export.plan import GraphJob, graph_jobs, keys_for
 from shadowpeft.export.quality import memory_figures, quantized_agreement
 from shadowpeft.export.quantize import (
@@ -36,7 +36,7 @@ from shadowpeft.export.quantize import (
     weight_format,
 )
 from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
-from shadowpeft.runtime.contract import CLOUD_BACKBONE, GRAPH_ROLES, GraphSpec
+from shadowpeft.runtime.contract import CLOUD_BACKBONE, GRAPH_ROLES, GraphSpec, ort_copy_key
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.manifest import SCHEMA_VERSION, Escalation, Manifest, file_sha256
 
@@ -260,8 +260,8 @@ def _with_ort_copies(manifest: Manifest, jobs: list[GraphJob], root: Path) -> Ma
             spec = graphs[job.key]
             path = convert_to_ort(root / spec.file)
             relative = path.relative_to(root).as_posix()
-            graphs[ORT_KEY_PREFIX + job.key] = replace(spec, file=relative, sha256=file_sha256(path), external_data={})
-            figures[f"{ORT_KEY_PREFIX}{job.key}.bytes"] = path.stat().st_size
+            graphs[ort_copy_key(job.key)] = replace(spec, file=relative, sha256=file_sha256(path), external_data={})
+            figures[f"{ort_copy_key(job.key)}.bytes"] = path.stat().st_size
     return replace(manifest, graphs=graphs, validation=figures)
 
 
