@@ -72,6 +72,7 @@ from shadowpeft.runtime.contract import (
 from shadowpeft.runtime.errors import ExportLoadError, ProtocolError, ServerRejected, SessionLost, format_problems
 from shadowpeft.runtime.export_dir import ExportDir
 from shadowpeft.runtime.kv import KVCache, kv_bytes_per_token
+from shadowpeft.runtime.model_config import PLATFORM, SHADOW_STATES_DATATYPES, model_config, served_tensors
 from shadowpeft.runtime.protocol import HEADER_LENGTH, datatype_of, decode_request, encode_response
 from shadowpeft.runtime.protocol import parse_header_length as _header_length
 from shadowpeft.runtime.sessions import BackboneRunner, Session, SessionLimits, SessionTable
@@ -80,7 +81,7 @@ __all__ = ["ServerConfig", "create_app", "run_server", "serving_options"]
 
 logger = logging.getLogger(__name__)
 
-_ROUTES = "GET /v2, /v2/health/live|ready, /v2/models/NAME[/versions/1][/ready|/stats]; POST .../infer"
+_ROUTES = "GET /v2, /v2/health/live|ready, /v2/models/NAME[/versions/1][/ready|/stats|/config]; POST .../infer"
 _MAX_ID_CHARS = 256
 _ORT_ERRORS = tuple(
     getattr(ort.capi.onnxruntime_pybind11_state, name)
@@ -160,24 +161,26 @@ class _Backbone:
     async def server_metadata(self, request: Request) -> Response:
         version = importlib.metadata.version("shadowpeft")
         return JSONResponse(
-            {"name": "shadowpeft", "version": version, "extensions": ["binary_tensor_data", "sequence"]}
+            {
+                "name": "shadowpeft",
+                "version": version,
+                "extensions": ["binary_tensor_data", "sequence", "model_configuration"],
+            }
         )
 
     async def model_metadata(self, request: Request) -> Response:
         self._model(request)
         d = self.runner.hidden_size
+        inputs, outputs = served_tensors(d)
         return JSONResponse(
             {
                 "name": MODEL_NAME,
                 "versions": [MODEL_VERSION],
-                "platform": "onnxruntime_onnx",
-                "inputs": [
-                    {"name": INPUT_IDS, "datatype": "INT64", "shape": [1, -1]},
-                    {"name": SHADOW_STATES, "datatype": "FP32", "shape": [1, -1, d]},
-                ],
-                "outputs": [{"name": HIDDEN_STATES, "datatype": "FP32", "shape": [1, -1, d]}],
+                "platform": PLATFORM,
+                "inputs": [tensor.metadata() for tensor in inputs],
+                "outputs": [tensor.metadata() for tensor in outputs],
                 "shadowpeft": {
-                    "accepted_datatypes": {SHADOW_STATES: ["FP32", "FP16"]},
+                    "accepted_datatypes": {SHADOW_STATES: list(SHADOW_STATES_DATATYPES)},
                     "output_datatype": f"the datatype of {SHADOW_STATES}",
                     "hidden_size": d,
                     "vocab_size": self.vocab,
@@ -195,6 +198,14 @@ class _Backbone:
                     "kv_bytes_per_token": self.table.kv_bytes_per_token,
                 },
             }
+        )
+
+    async def model_configuration(self, request: Request) -> Response:
+        """Triton's model-configuration extension (``tritonclient``'s ``get_model_config``)."""
+        self._model(request)
+        limits = self.config.limits
+        return JSONResponse(
+            model_config(self.export.manifest, self.spec, hidden_size=self.runner.hidden_size, limits=limits)
         )
 
     async def model_ready(self, request: Request) -> Response:
@@ -442,6 +453,7 @@ def create_app(export: ExportDir, config: ServerConfig) -> Starlette:
         routes += [
             Route(base, backbone.model_metadata, methods=["GET"]),
             Route(base + "/ready", backbone.model_ready, methods=["GET"]),
+            Route(base + "/config", backbone.model_configuration, methods=["GET"]),
             Route(base + "/stats", backbone.model_stats, methods=["GET"]),
             Route(base + "/infer", backbone.infer, methods=["POST"]),
         ]
