@@ -132,3 +132,24 @@ def test_ort_format_on_an_export_without_copies_is_refused(toy_export):
     assert open_export(toy_export.export).file_of("device/shadow") == "device/shadow.onnx"
     result = CliRunner().invoke(main, [str(toy_export.export), "-p", "red", "--graph-format", "ort"])
     assert result.exit_code == 1 and "has no .ort copies" in result.output
+
+
+def test_quantizing_an_export_converts_its_copies_again(ort_export, toy_export, tmp_path):
+    """quantize_export (benchmarks derive int8/int4 from fp32 with it) used to pass the .ort files to the
+    quantizer; the copies must follow the quantized graphs, or the runtime would run stale fp32 copies."""
+    from shadowpeft.export.pipeline import quantize_export
+
+    manifest = quantize_export(ort_export, tmp_path / "int8", weights="int8")
+    shadow, copy = manifest.graphs["device/shadow"], manifest.graphs["ort/device/shadow"]
+    assert (shadow.weights, copy.weights, copy.file) == ("int8", "int8", "device/shadow.ort")
+    assert copy.sha256 != Manifest.from_file(ort_export).graphs["ort/device/shadow"].sha256
+    export = open_export(tmp_path / "int8", threads=1)
+    assert export.file_of("device/shadow") == "device/shadow.ort"
+    assert _tokens(export) == _tokens(open_export(tmp_path / "int8", threads=1, graph_format="onnx"))
+    plain = quantize_export(toy_export.export, tmp_path / "plain", weights="int8")  # no copies: none appear
+    assert {key: graph.weights for key, graph in plain.graphs.items()} == {
+        "device/shadow": "int8",
+        "device/head": "int8",
+        "cloud/backbone": "fp32",
+        "coupled": "int8",
+    }
