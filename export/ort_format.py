@@ -3,6 +3,7 @@
 Mobile and reduced-operator builds of onnxruntime load ``.ort`` files. onnxruntime writes one when a
 session is created with ``session.save_model_format = ORT``; only basic (provider-independent)
 graph optimizations are applied, so the file runs on any execution provider the profile names.
+The runtime loads these copies instead of the ``.onnx`` graphs (``shadowpeft.runtime.graph_format``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from pathlib import Path
 import onnxruntime as ort
 
 from shadowpeft.export.errors import ExportError
+from shadowpeft.runtime.contract import ORT_KEY_PREFIX
 
 __all__ = ["ORT_KEY_PREFIX", "convert_to_ort"]
 
-#: Manifest key of a graph's ``.ort`` copy: ``ort/device/shadow`` for ``device/shadow``.
-ORT_KEY_PREFIX = "ort/"
+# ORT_KEY_PREFIX (the manifest key of a copy) is declared in the contract, which the runtime reads too.
 
 
 def convert_to_ort(onnx_path: Path) -> Path:

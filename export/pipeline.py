@@ -24,7 +24,7 @@ from shadowpeft.export.errors import ExportError
 from shadowpeft.export.graphs import export_view
 from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint, read_escalation
 from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_data_files
-from shadowpeft.export.ort_format import ORT_KEY_PREFIX, convert_to_ort
+from shadowpeft.export.ort_format import convert_to_ort
 from shadowpeft.export.plan import GraphJob, graph_jobs, keys_for
 from shadowpeft.export.quality import memory_figures, quantized_agreement
 from shadowpeft.export.quantize import (
@@ -36,7 +36,7 @@ from shadowpeft.export.quantize import (
     weight_format,
 )
 from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
-from shadowpeft.runtime.contract import CLOUD_BACKBONE, GRAPH_ROLES, GraphSpec
+from shadowpeft.runtime.contract import CLOUD_BACKBONE, GRAPH_ROLES, ORT_KEY_PREFIX, GraphSpec, ort_copy_key
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.manifest import SCHEMA_VERSION, Escalation, Manifest, file_sha256
 
@@ -257,12 +257,15 @@ def _with_ort_copies(manifest: Manifest, jobs: list[GraphJob], root: Path) -> Ma
     graphs, figures = dict(manifest.graphs), dict(manifest.validation)
     for job in jobs:
         if job.on_device:
-            spec = graphs[job.key]
-            path = convert_to_ort(root / spec.file)
-            relative = path.relative_to(root).as_posix()
-            graphs[ORT_KEY_PREFIX + job.key] = replace(spec, file=relative, sha256=file_sha256(path), external_data={})
-            figures[f"{ORT_KEY_PREFIX}{job.key}.bytes"] = path.stat().st_size
+            copy = graphs[ort_copy_key(job.key)] = _ort_copy(graphs[job.key], root)
+            figures[f"{ort_copy_key(job.key)}.bytes"] = (root / copy.file).stat().st_size
     return replace(manifest, graphs=graphs, validation=figures)
+
+
+def _ort_copy(graph: GraphSpec, root: Path) -> GraphSpec:
+    """Converts ``graph`` (a file under ``root``) to ``.ort`` and returns the copy's spec (same I/O and weights)."""
+    path = convert_to_ort(root / graph.file)
+    return replace(graph, file=path.relative_to(root).as_posix(), sha256=file_sha256(path), external_data={})
 
 
 def graph_opset(path: Path) -> int:
@@ -280,7 +283,8 @@ def quantize_export(src: Path, dst: Path, *, weights: str) -> Manifest:
     The quantize and write stages of :func:`export_checkpoint` on an existing export, for comparing
     weight formats of one set of graphs: the on-device graphs (every role but ``cloud-backbone``)
     go through :func:`~shadowpeft.export.quantize.quantize_graph` with its default parameters; the
-    manifest gets their new sha256s, weight format, opsets and ``quantization`` name. Unlike
+    manifest gets their new sha256s, weight format, opsets and ``quantization`` name. Their ``.ort``
+    copies, if the export has them, are converted again from the quantized graphs. Unlike
     ``shadow-export`` it does not re-run the agreement check against fp32.
 
     Args:
@@ -292,18 +296,26 @@ def quantize_export(src: Path, dst: Path, *, weights: str) -> Manifest:
         The manifest written to ``dst``.
     """
     manifest = Manifest.from_file(src)
-    on_device = {spec.file for spec in manifest.graphs.values() if spec.role != GRAPH_ROLES[CLOUD_BACKBONE]}
-    skipped = {Path(f).name for f in on_device} | {n for f in on_device for n in external_data_files(src / f)}
+    copies = [key for key in manifest.graphs if key.startswith(ORT_KEY_PREFIX)]
+    on_device = {
+        key: spec.file
+        for key, spec in manifest.graphs.items()
+        if spec.role != GRAPH_ROLES[CLOUD_BACKBONE] and key not in copies
+    }
+    skipped = {Path(manifest.graphs[key].file).name for key in copies} | {Path(f).name for f in on_device.values()}
+    skipped |= {n for f in on_device.values() for n in external_data_files(src / f)}
     shutil.copytree(src, dst, ignore=lambda folder, names: [n for n in names if n in skipped])
     graphs = dict(manifest.graphs)
     for key, spec in manifest.graphs.items():
-        if spec.file not in on_device:
+        if key not in on_device:
             continue
         quantize_graph(src / spec.file, dst / spec.file, weights=weights)
         sha, data, _ = graph_files(dst, spec.file, external_data_files(dst / spec.file))
         graphs[key] = replace(
             spec, weights=weights, sha256=sha, external_data=data, opset=graph_opset(dst / spec.file)
         )
+    for key in copies:  # an .ort copy of an fp32 graph would be stale: convert the quantized graph again
+        graphs[key] = _ort_copy(graphs[key.removeprefix(ORT_KEY_PREFIX)], dst)
     manifest = replace(manifest, graphs=graphs, quantization=quantization_name(weights))
     manifest.write(dst)
     return manifest

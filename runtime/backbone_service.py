@@ -49,6 +49,7 @@ from shadowpeft.runtime.export_dir import ExportDir
 from shadowpeft.runtime.handshake import METADATA_KEY
 from shadowpeft.runtime.kv import KVCache, kv_bytes_per_token
 from shadowpeft.runtime.memory import MemoryGuard, plan_memory, warm_up_step
+from shadowpeft.runtime.model_config import PLATFORM, SHADOW_STATES_DATATYPES, model_config, served_tensors
 from shadowpeft.runtime.protocol import datatype_of
 from shadowpeft.runtime.sessions import BackboneRunner, Session, SessionLimits, SessionTable
 
@@ -163,27 +164,30 @@ class BackboneService:
     def server_metadata() -> dict[str, Any]:
         """The server metadata: name, version, protocol extensions."""
         version = importlib.metadata.version("shadowpeft")
-        return {"name": "shadowpeft", "version": version, "extensions": ["binary_tensor_data", "sequence"]}
+        extensions = ["binary_tensor_data", "sequence", "model_configuration"]
+        return {"name": "shadowpeft", "version": version, "extensions": extensions}
 
     def model_metadata(self) -> dict[str, Any]:
         """The model metadata, with the backbone's identity and the limits under ``shadowpeft``."""
-        d = self.runner.hidden_size
+        inputs, outputs = served_tensors(self.runner.hidden_size)
         return {
             "name": MODEL_NAME,
             "versions": [MODEL_VERSION],
-            "platform": "onnxruntime_onnx",
-            "inputs": [
-                {"name": INPUT_IDS, "datatype": "INT64", "shape": [1, -1]},
-                {"name": SHADOW_STATES, "datatype": "FP32", "shape": [1, -1, d]},
-            ],
-            "outputs": [{"name": HIDDEN_STATES, "datatype": "FP32", "shape": [1, -1, d]}],
+            "platform": PLATFORM,
+            "inputs": [tensor.metadata() for tensor in inputs],
+            "outputs": [tensor.metadata() for tensor in outputs],
             METADATA_KEY: self.identity(),
         }
+
+    def model_config(self) -> dict[str, Any]:
+        """Triton's model configuration of the served backbone (JSON form; runtime/model_config.py)."""
+        d, limits = self.runner.hidden_size, self.config.limits
+        return model_config(self.export.manifest, self.spec, hidden_size=d, limits=limits)
 
     def identity(self) -> dict[str, Any]:
         """The ``shadowpeft`` extension of the model metadata: what the device's handshake compares, and limits."""
         return {
-            "accepted_datatypes": {SHADOW_STATES: ["FP32", "FP16"]},
+            "accepted_datatypes": {SHADOW_STATES: list(SHADOW_STATES_DATATYPES)},
             "output_datatype": f"the datatype of {SHADOW_STATES}",
             "hidden_size": self.runner.hidden_size,
             "vocab_size": self.vocab,

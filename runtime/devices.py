@@ -90,7 +90,8 @@ class DeviceProfile:
         int4_accuracy_level: MatMulNBits ``accuracy_level`` (0-4); used only when ``weights == "int4"``.
         max_context: Longest sequence (prompt + generated tokens) the runtime allows.
         memory_budget_mb: Memory the export may use on the device, or ``None`` for no budget.
-        ort_format: Whether the export also converts graphs to the ``.ort`` format for mobile builds.
+        ort_format: Whether the export also converts graphs to the ``.ort`` format for mobile builds (the
+            runtime then loads those copies, see ``shadowpeft.runtime.graph_format``).
 
     Raises:
         DeviceProfileError: On construction, listing every invalid field.

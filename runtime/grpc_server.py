@@ -209,24 +209,13 @@ class _Servicer:
 
     @_rpc()
     async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
+        from google.protobuf import json_format
         from tritonclient.grpc import model_config_pb2 as mc
 
         self.service.check_model(request.name, request.version or None)
-        metadata = self.service.model_metadata()
-
-        def tensors(kind: type, entries: list[dict[str, Any]]) -> list[Any]:
-            types = [mc.DataType.Value(f"TYPE_{entry['datatype']}") for entry in entries]
-            return [kind(name=e["name"], data_type=t, dims=e["shape"]) for e, t in zip(entries, types, strict=True)]
-
-        config = mc.ModelConfig(
-            name=MODEL_NAME,
-            platform=metadata["platform"],
-            backend="onnxruntime",
-            max_batch_size=0,  # batch 1 in the shapes: one sequence per request
-            input=tensors(mc.ModelInput, metadata["inputs"]),
-            output=tensors(mc.ModelOutput, metadata["outputs"]),
-            parameters={METADATA_KEY: mc.ModelParameter(string_value=json.dumps(metadata[METADATA_KEY]))},
-        )
+        config = json_format.ParseDict(self.service.model_config(), mc.ModelConfig())  # the HTTP /config's
+        # gRPC's model metadata has no room for the backbone identity the device's handshake compares
+        config.parameters[METADATA_KEY].string_value = json.dumps(self.service.identity())
         return self.pb.ModelConfigResponse(config=config)
 
     @_rpc()

@@ -10,6 +10,7 @@ import click
 
 from shadowpeft.runtime.cli_errors import cli_errors
 from shadowpeft.runtime.errors import DeviceProfileError, ExportLoadError, ManifestError, RuntimeGenerationError
+from shadowpeft.runtime.graph_format import GRAPH_FORMATS
 from shadowpeft.runtime.speculative import AUTO
 
 __all__ = ["main"]
@@ -89,6 +90,14 @@ class _DraftTokens(click.ParamType):
 @click.option("--device", default=None, help="Device profile (providers, threads, max context).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="Override the profile's threads.")
 @click.option("--provider", "providers", multiple=True, help="onnxruntime provider, repeatable [the profile's].")
+@click.option(
+    "--graph-format",
+    type=click.Choice(GRAPH_FORMATS),
+    default="auto",
+    show_default=True,
+    help="auto: load the .ort copies an export for an ort_format profile carries (the .onnx where a copy will "
+    "not load, with a warning); onnx: ignore them; ort: require them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per token, then a summary.")
 @cli_errors(ManifestError, DeviceProfileError, ExportLoadError, RuntimeGenerationError, ValueError, OSError)
 def main(export_dir: Path, prompts, prompts_file, mode, server, token, wire, timeout, as_json, **options) -> None:
@@ -134,6 +143,7 @@ def _run(export_dir, prompts, prompts_file, mode, server, token, wire, timeout, 
         threads=options.pop("threads"),
         providers=providers,
         spin_wait=mode == "detached",
+        graph_format=options.pop("graph_format"),
     )
     tokenizer = RuntimeTokenizer.from_export(export.root, export.manifest)
     escalation = _policy(export, **escalation_options) if mode == "auto" else None

@@ -65,7 +65,7 @@ __all__ = ["ServerConfig", "create_app", "run_server", "serve", "serving_options
 
 logger = logging.getLogger(__name__)
 
-_ROUTES = "GET /v2, /v2/health/live|ready, /v2/models/NAME[/versions/1][/ready|/stats]; POST .../infer"
+_ROUTES = "GET /v2, /v2/health/live|ready, /v2/models/NAME[/versions/1][/ready|/stats|/config]; POST .../infer"
 _INLINE_DECODE_BYTES = 64 << 10  # larger bodies are decoded in the thread pool
 _JSON_COST = (
     "parsing JSON costs about 14x its size; send tensors as binary data (the binary tensor extension: "
@@ -93,6 +93,11 @@ class _HttpRoutes:
     async def model_metadata(self, request: Request) -> Response:
         self._model(request)
         return JSONResponse(self.service.model_metadata())
+
+    async def model_configuration(self, request: Request) -> Response:
+        """Triton's model-configuration extension (``tritonclient``'s ``get_model_config``)."""
+        self._model(request)
+        return JSONResponse(self.service.model_config())
 
     async def model_ready(self, request: Request) -> Response:
         self._model(request)
@@ -203,6 +208,7 @@ def create_app(export: ExportDir, config: ServerConfig) -> Starlette:
             Route(base, backbone.model_metadata, methods=["GET"]),
             Route(base + "/ready", backbone.model_ready, methods=["GET"]),
             Route(base + "/stats", backbone.model_stats, methods=["GET"]),
+            Route(base + "/config", backbone.model_configuration, methods=["GET"]),
             Route(base + "/infer", backbone.infer, methods=["POST"]),
         ]
     handlers = {

@@ -9,6 +9,7 @@ passed through the loop, never stored on a module.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -19,7 +20,7 @@ from shadowpeft.backbone import build_implicit_backbone, explicit_backbone
 from shadowpeft.block import BlockParts, schedule, shadow_block
 from shadowpeft.cache import ShadowCache
 from shadowpeft.config import ShadowConfig
-from shadowpeft.errors import ShadowConfigError
+from shadowpeft.errors import CheckpointError, ShadowConfigError
 from shadowpeft.modules import ShadowInjection, ShadowUpdate
 
 Mode = Literal["attached", "detached"]
@@ -226,6 +227,85 @@ class ShadowModel(nn.Module):
             hidden = self.run(input_ids, attention_mask=attention_mask, position_ids=position_ids).hidden
         assert hidden is not None  # attached mode always returns it
         return hidden
+
+    # ----- peft-style save and load ----------------------------------------------------------------
+    # The checkpoint module imports this one, so both methods import it when called.
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        base_ref: str | None = None,
+        overwrite: bool = False,
+        safe_serialization: bool = True,
+    ) -> Path:
+        """Save the adapter and trained heads to ``save_directory`` (peft's ``PeftModel.save_pretrained``).
+
+        Writes exactly what :func:`~shadowpeft.checkpoint.store.save_shadow` writes (the same files),
+        so the folder loads with :meth:`from_pretrained` or ``load_shadow``. The base is not saved:
+        only its name and fingerprint, checked again on load.
+
+        Args:
+            save_directory: Target directory; created, or replaced atomically when ``overwrite``.
+            base_ref: How users should reload the base (hub name or path); defaults to the base
+                config's ``_name_or_path``.
+            overwrite: Replace an existing checkpoint in ``save_directory`` (peft overwrites
+                silently; here an existing non-empty folder is refused unless asked).
+            safe_serialization: Accepted for peft compatibility; must stay ``True`` (safetensors is
+                the only format written).
+
+        Returns:
+            The checkpoint directory.
+
+        Raises:
+            CheckpointError: ``save_directory`` is a file, or a non-empty folder without ``overwrite``.
+            ValueError: ``safe_serialization=False``.
+        """
+        from shadowpeft.checkpoint.store import save_shadow
+
+        if not safe_serialization:
+            raise ValueError(
+                "safe_serialization=False asks for a pickle file; shadowpeft writes safetensors only. "
+                "Drop the argument (or pass True)."
+            )
+        return save_shadow(self, save_directory, base_ref=base_ref, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        *,
+        shadow_model: nn.Module | None = None,
+        is_trainable: bool = False,
+    ) -> ShadowModel:
+        """Wrap ``model`` with the adapter saved in ``model_id`` (peft's ``PeftModel.from_pretrained``).
+
+        ``ShadowModel.from_pretrained`` returns the task class the checkpoint holds
+        (:class:`~shadowpeft.heads.ShadowForCausalLM` or ``ShadowForSequenceClassification``);
+        called on a task class it also checks the checkpoint is of that task. Reads every folder
+        ``load_shadow`` reads (ours, with the base fingerprint checked, and published shadow-peft ones).
+
+        Args:
+            model: The plain base (``AutoModelForCausalLM`` / ``...ForSequenceClassification``) the
+                adapter was trained on; frozen in place.
+            model_id: A local checkpoint directory written by :meth:`save_pretrained` or ``save_shadow``.
+            shadow_model: For a checkpoint trained with an explicit shadow model, that model again.
+            is_trainable: Train mode with the shadow modules trainable; otherwise eval mode, all frozen.
+
+        Raises:
+            CheckpointError: the folder is missing or corrupt, or ``model`` is not the base the
+                adapter was trained on (each differing part is named), or a task class that does not
+                match the checkpoint's task.
+        """
+        from shadowpeft.checkpoint.store import load_shadow
+
+        loaded = load_shadow(model, model_id, shadow_model=shadow_model, is_trainable=is_trainable)
+        if not isinstance(loaded, cls):
+            raise CheckpointError(
+                f"{model_id} holds a {type(loaded).__name__} adapter, not a {cls.__name__}; call "
+                f"{type(loaded).__name__}.from_pretrained or ShadowModel.from_pretrained (which picks the task)."
+            )
+        return loaded
 
     # ----- parameters ------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, Tensor]:

@@ -38,6 +38,7 @@ __all__ = [
     "HIDDEN_STATES",
     "INPUT_IDS",
     "LOGITS",
+    "ORT_KEY_PREFIX",
     "PAST_SEQUENCE",
     "POSITION_IDS",
     "SEQUENCE",
@@ -53,6 +54,7 @@ __all__ = [
     "detached_shadow_io",
     "head_io",
     "is_past_name",
+    "ort_copy_key",
     "past_key_name",
     "present_key_name",
     "present_name_for",
@@ -71,6 +73,16 @@ GRAPH_ROLES: dict[str, GraphRole] = {
     CLOUD_BACKBONE: "cloud-backbone",
     COUPLED: "coupled",
 }
+
+#: Manifest key of a graph's ``.ort`` copy (written for ``ort_format = true`` device profiles): ``ort/device/shadow``
+#: for ``device/shadow``. Same inputs, outputs and weights as the graph it copies; the runtime loads it instead.
+ORT_KEY_PREFIX = "ort/"
+
+
+def ort_copy_key(key: str) -> str:
+    """The manifest key of graph ``key``'s ``.ort`` copy."""
+    return ORT_KEY_PREFIX + key
+
 
 # Symbolic dimensions.
 BATCH = "batch_size"
