@@ -1,0 +1,28 @@
+"""Greedy generation with onnxruntime-genai's own Generator API, for the tests that compare it with ours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+def genai_greedy(folder: Path, prompt: list[int], new_tokens: int) -> tuple[list[int], dict[str, Any]]:
+    """The new tokens onnxruntime-genai generates greedily from ``folder``, and its speculative statistics.
+
+    Skips the test when onnxruntime-genai is not installed (requirements.txt pins it). Generation stops at
+    ``new_tokens`` or at the config's EOS, as ``shadow-run`` does. The statistics count nothing unless the
+    folder's config has a draft model.
+    """
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(prompt, dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = [int(token) for token in generator.get_sequence(0)[len(prompt) :]]
+    return tokens, dict(generator.get_speculative_stats())
