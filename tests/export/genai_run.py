@@ -26,3 +26,17 @@ def genai_greedy(folder: Path, prompt: list[int], new_tokens: int) -> tuple[list
         generator.generate_next_token()
     tokens = [int(token) for token in generator.get_sequence(0)[len(prompt) :]]
     return tokens, dict(generator.get_speculative_stats())
+
+
+def runtime_greedy(export_dir: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """The new tokens of the runtime's detached ``Generator`` (what ``shadow-run --mode detached`` runs), greedy,
+    stopping at the tokenizer's EOS as ``shadow-run`` does."""
+    from shadowpeft.runtime.export_dir import open_export
+    from shadowpeft.runtime.generate import Generator
+    from shadowpeft.runtime.sampling import SamplingConfig
+    from shadowpeft.runtime.tokenizer import RuntimeTokenizer
+
+    export = open_export(export_dir)
+    eos = RuntimeTokenizer.from_export(export_dir, export.manifest).eos_ids
+    generator = Generator(export, mode="detached", eos_ids=eos)
+    return generator.generate([prompt], SamplingConfig(max_new_tokens=new_tokens))[0].token_ids

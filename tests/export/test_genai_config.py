@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from shadowpeft.export.errors import ExportError
@@ -14,6 +13,7 @@ from shadowpeft.export.genai_config import GENAI_CONFIG_NAME, SpecialTokens, gen
 from shadowpeft.runtime.contract import DEVICE_SHADOW, GraphSpec, detached_shadow_io
 from shadowpeft.runtime.errors import ManifestError
 from shadowpeft.runtime.manifest import Manifest, verify_files
+from tests.export.genai_run import genai_greedy, runtime_greedy
 
 PROMPTS = ([2, 10, 11, 12], [2, 20, 30, 40, 50, 60], [2, 7])
 NEW_TOKENS = 12
@@ -107,33 +107,14 @@ def test_coupled_only_export_writes_no_genai_config():
     assert write_genai_folder(Path("unused"), None, None, None, ()) is None
 
 
-def _genai_tokens(device: Path, prompt: list[int]) -> list[int]:
-    og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(str(device))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + NEW_TOKENS, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array(prompt, dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(token) for token in generator.get_sequence(0)[len(prompt) :]]
-
-
 @pytest.mark.parametrize("weights", ["fp32", "int4"])
 def test_genai_greedy_tokens_equal_shadow_run_detached(exports, weights):
-    from shadowpeft.runtime.export_dir import open_export
-    from shadowpeft.runtime.generate import Generator
-    from shadowpeft.runtime.sampling import SamplingConfig
-    from shadowpeft.runtime.tokenizer import RuntimeTokenizer
-
     root = exports[weights]
-    export = open_export(root)
-    assert export.manifest.graph(DEVICE_SHADOW).weights == weights
-    eos = RuntimeTokenizer.from_export(root, export.manifest).eos_ids  # as shadow-run stops
-    generator = Generator(export, mode="detached", eos_ids=eos)
-    for prompt in PROMPTS:  # one at a time, as onnxruntime-genai runs them
-        ours = generator.generate([list(prompt)], SamplingConfig(max_new_tokens=NEW_TOKENS))[0].token_ids
-        assert _genai_tokens(root / "device", list(prompt)) == ours
+    assert Manifest.from_file(root).graph(DEVICE_SHADOW).weights == weights
+    for prompt in PROMPTS:  # one at a time, as onnxruntime-genai's generator runs them
+        ours = runtime_greedy(root, list(prompt), NEW_TOKENS)
+        theirs, _ = genai_greedy(root / "device", list(prompt), NEW_TOKENS)
+        assert theirs == ours
         assert len(ours) == NEW_TOKENS  # no early EOS: every step is compared
 
 
