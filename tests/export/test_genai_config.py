@@ -101,6 +101,17 @@ def test_every_genai_file_is_sealed_in_the_manifest(exports, tmp_path):
         verify_files(copy)
 
 
+def test_context_length_is_the_base_limit_capped_by_the_profile():
+    from types import SimpleNamespace
+
+    from shadowpeft.export.genai_config import _context_length
+    from shadowpeft.runtime.devices import load_device_profile
+
+    model = SimpleNamespace(base_backbone=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192)))
+    assert _context_length(model, None) == 8192
+    assert _context_length(model, load_device_profile("arm64-phone")) == load_device_profile("arm64-phone").max_context
+
+
 def test_coupled_only_export_writes_no_genai_config():
     from shadowpeft.export.genai_config import write_genai_folder
 
