@@ -21,6 +21,7 @@ import torch
 from shadowpeft import __version__
 from shadowpeft.export.bundle import check_destination, graph_files, staging_directory, write_tokenizer
 from shadowpeft.export.errors import ExportError
+from shadowpeft.export.genai_config import write_genai_folder
 from shadowpeft.export.graphs import export_view
 from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint, read_escalation
 from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_data_files
@@ -36,7 +37,14 @@ from shadowpeft.export.quantize import (
     weight_format,
 )
 from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
-from shadowpeft.runtime.contract import CLOUD_BACKBONE, GRAPH_ROLES, ORT_KEY_PREFIX, GraphSpec, ort_copy_key
+from shadowpeft.runtime.contract import (
+    CLOUD_BACKBONE,
+    DEVICE_SHADOW,
+    GRAPH_ROLES,
+    ORT_KEY_PREFIX,
+    GraphSpec,
+    ort_copy_key,
+)
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.manifest import SCHEMA_VERSION, Escalation, Manifest, file_sha256
 
@@ -249,6 +257,9 @@ def _manifest(
         vocab_size=model.base.get_output_embeddings().weight.shape[0],
         escalation=escalation,
         tokenizer_sha256={relative: file_sha256(root / relative) for relative in tokenizer_files},
+        interop_files=write_genai_folder(
+            root, graphs.get(DEVICE_SHADOW), model, loaded.tokenizer, tokenizer_files, profile=options.profile
+        ),
     )
 
 

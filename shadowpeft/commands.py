@@ -33,6 +33,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("starlette", "uvicorn", "psutil"),
     "triton": ("tritonclient", "google"),
     "grpc": ("grpc", "tritonclient", "google"),
+    "genai": ("onnxruntime_genai",),
 }
 EXTRAS["all"] = tuple(dict.fromkeys(m for modules in EXTRAS.values() for m in modules)) + ("matplotlib",)
 

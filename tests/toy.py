@@ -18,8 +18,11 @@ def toy_words() -> list[str]:
     return ["repeat", "the", "color", "sample", "is", ":", *COLORS, *(str(i) for i in range(200))]
 
 
-def save_toy_base(directory: Path, *, seed: int = 0) -> Path:
-    """Write a 3-layer random Llama (hidden 32) and its word-level tokenizer to ``directory``."""
+def save_toy_base(directory: Path, *, seed: int = 0, hidden_size: int = 32) -> Path:
+    """Write a 3-layer random Llama (hidden 32, 4 heads) and its word-level tokenizer to ``directory``.
+
+    ``hidden_size=64`` gives heads of 16, the least that onnxruntime-genai's GroupQueryAttention runs.
+    """
     vocab = {token: i for i, token in enumerate([*SPECIALS, *toy_words()])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -29,8 +32,8 @@ def save_toy_base(directory: Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -9,7 +9,9 @@ from shadowpeft import get_shadow_model
 from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export.cli import main
 from shadowpeft.runtime.manifest import verify_files
+from shadowpeft.runtime.tokenizer import RuntimeTokenizer
 from tests.conftest import perturb
+from tests.export.genai_run import genai_greedy, runtime_greedy
 from tests.slow.conftest import requires_smollm2
 from tests.tolerances import ONNX_VS_TORCH_FP32, QUANTIZED_TOP1_SMOLLM2
 
@@ -37,3 +39,12 @@ def test_detached_export_of_the_real_model(smollm2_fresh, tmp_path, weights, pro
     assert figures["device/shadow.bytes"] < figures["device/shadow.fp32_bytes"]
     if profile == "arm64-phone":  # ort_format = true
         assert "ort/device/shadow" in manifest.graphs
+    # onnxruntime-genai opens the device folder: its tokenizer reads SmolLM2's files as ours does, and its
+    # greedy tokens are the runtime's detached ones (export/genai_config.py).
+    og = pytest.importorskip("onnxruntime_genai")
+    tokenizer = RuntimeTokenizer.from_export(out, manifest)
+    genai_tokenizer = og.Tokenizer(og.Model(str(out / "device")))
+    for text in ("To be, or not to be, that is the question:", "The capital of France is"):
+        ids = tokenizer.encode(text, chat=False)
+        assert [int(i) for i in genai_tokenizer.encode(text)] == ids
+        assert genai_greedy(out / "device", ids, 16)[0] == runtime_greedy(out, ids, 16)
