@@ -10,6 +10,9 @@ Rows (all measured in one run on one machine; ratios against the first row):
     ort-{plain,coupled,detached}-{fp32,int8,int4}
                            onnxruntime: the plain base graph, the coupled graph (shadow + base in one),
                            the detached graph (shadow alone), each fp32 / int8 / int4
+    genai-plain-{fp32,int8,int4}
+                           the anchor: the plain base built by onnxruntime-genai's model builder (fused
+                           q/k/v MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNorm), its Generator
     split-loopback         device runtime (int8 device graphs) + shadow-serve in a thread, over loopback
     split-delay            the same with a simulated network delay per HTTP round trip (default 20 ms)
 
@@ -112,7 +115,7 @@ def base_model(opts: Options, work: Path) -> str:
         return SMOLLM2
     from tests import toy
 
-    return str(toy.save_toy_base(work / "toy-base"))
+    return str(toy.save_toy_base(work / "toy-base", hidden_size=64))  # heads of 16: GroupQueryAttention's least
 
 
 def machine(threads: int) -> dict[str, Any]:
@@ -131,7 +134,14 @@ def prepare(opts: Options, work: Path) -> Any:
 
     base = base_model(opts, work)
     with decode_speed.benchmark_settings(opts.threads):
-        return prep.prepare(work / "assets", base, prompt_tokens=opts.prompt_tokens, smoke=opts.smoke, progress=_say)
+        return prep.prepare(
+            work / "assets",
+            base,
+            prompt_tokens=opts.prompt_tokens,
+            smoke=opts.smoke,
+            threads=opts.threads,
+            progress=_say,
+        )
 
 
 def _say(text: str) -> None:
@@ -188,6 +198,8 @@ def row_files(spec: Any, prepared: Any) -> tuple[int | None, int | None]:
     if spec.kind == "ort":
         path = Path(prepared.graphs[spec.target])
         return prepared.files[spec.target], speed_bandwidth.weight_bytes_per_token(path)
+    if spec.kind == "genai":
+        return prepared.files[spec.target], None
     if spec.kind == "split":
         device = prepared.files[f"split-{spec.target}-device"]
         return device + prepared.files[f"split-{spec.target}-cloud"], None

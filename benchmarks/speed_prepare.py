@@ -11,6 +11,8 @@ Exports (one folder each under the work directory)::
     plain-<w>/base.onnx   the plain base model (no adapter) as one graph: embed -> base layers ->
                    final norm -> head as a (d, V) MatMul weight, KV cache in and out like the
                    export's graphs; fp32 traced with export_graph, int8/int4 by quantize_graph.
+    genai-<w>/     the plain base as onnxruntime-genai's model builder writes it (the anchor rows,
+                   benchmarks/speed_genai.py), from the same Hugging Face folder.
 
 Deriving int8/int4 from the fp32 export (export.pipeline.quantize_export) runs exactly the quantization
 pass that
@@ -32,8 +34,10 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
+from benchmarks import speed_genai
 from shadowpeft import ShadowConfig, get_shadow_model
 from shadowpeft.arch import spec_for
+from shadowpeft.checkpoint.assets import resolve_base
 from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export.graphs import HeadWeight, example_past, kv_layout
 from shadowpeft.export.onnx_export import export_graph, external_data_files
@@ -107,7 +111,7 @@ def prompt_ids(base: str, prompt_tokens: int, *, smoke: bool) -> tuple[int, ...]
     return tuple(ids[:prompt_tokens])
 
 
-def prepare(work: Path, base: str, *, prompt_tokens: int, smoke: bool, progress) -> Prepared:
+def prepare(work: Path, base: str, *, prompt_tokens: int, smoke: bool, threads: int, progress) -> Prepared:
     """Write the checkpoint and every graph under ``work`` (emptied first); ``progress(str)`` reports stages."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -140,6 +144,13 @@ def prepare(work: Path, base: str, *, prompt_tokens: int, smoke: bool, progress)
         )
         files[f"split-{weights}-cloud"] = graph_bytes(root / "cloud" / "backbone.onnx")
     files["adapter-checkpoint"] = sum(p.stat().st_size for p in (work / "ckpt").rglob("*") if p.is_file())
+    for weights in WEIGHTS:
+        progress(f"onnxruntime-genai model builder, plain base {weights}")
+        folder = speed_genai.build(
+            resolve_base(base), work / f"genai-{weights}", weights, threads=threads, cache=work / "genai-cache"
+        )
+        graphs[f"genai-{weights}"] = str(folder)
+        files[f"genai-{weights}"] = speed_genai.folder_bytes(folder)
     eos = {tokenizer.eos_token_id, *_as_tuple(base_model.generation_config.eos_token_id)} - {None}
     return Prepared(base, prompt, tuple(sorted(eos)), {w: str(p) for w, p in exports.items()}, graphs, files, diff)
 

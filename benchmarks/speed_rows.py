@@ -13,6 +13,8 @@ Kinds of row:
     ort     one ONNX graph (plain base, coupled, detached) in a bare greedy loop: the prompt in one
             call, then one call per new token feeding the KV cache back; every declared output is
             fetched, as the runtime does.
+    genai   the anchor: the plain base as onnxruntime-genai's model builder writes it, run by its own
+            Generator (benchmarks/speed_genai.py).
     split   the device runtime (runtime.generate.Generator, mode="coupled") against shadow-serve's
             app (runtime.server.create_app) served by uvicorn in a thread of the same process, over
             loopback HTTP; optionally every HTTP round trip delayed by ``delay_ms`` in the client's
@@ -49,6 +51,8 @@ class RowSpec:
             ``base``); ort: the graph name in Prepared.graphs; split: the weight format of the export.
         reference: The row whose tokens this row must reproduce (``None``: no check).
         delay_ms: Injected delay per HTTP round trip (split rows).
+        agreement_with: A row whose tokens this one's are compared with position by position (quantized
+            anchors: the share of tokens before the first difference is reported, not required).
     """
 
     id: str
@@ -57,6 +61,7 @@ class RowSpec:
     target: str
     reference: str | None = None
     delay_ms: float = 0.0
+    agreement_with: str | None = None
 
 
 def rows(*, split_weights: str, delay_ms: float) -> tuple[RowSpec, ...]:
@@ -82,6 +87,17 @@ def rows(*, split_weights: str, delay_ms: float) -> tuple[RowSpec, ...]:
                     f"ort-{graph}-{weights}", f"{name}, onnxruntime {weights}", "ort", f"{graph}-{weights}", reference
                 )
             )
+    for weights in ("fp32", "int8", "int4"):  # the anchor: what a user would run for a merged LoRA
+        table.append(
+            RowSpec(
+                f"genai-plain-{weights}",
+                f"plain base, onnxruntime-genai model builder {weights} (fused graph, its Generator)",
+                "genai",
+                f"genai-{weights}",
+                "torch-base" if weights == "fp32" else None,
+                agreement_with=f"ort-plain-{weights}",
+            )
+        )
     device = f"device graphs {split_weights}, cloud fp32"
     table += [
         RowSpec(
@@ -226,6 +242,25 @@ def measure_ort(job: Job) -> Measured:
     return measured
 
 
+def measure_genai(job: Job) -> Measured:
+    """onnxruntime-genai's builder graph of the plain base with its own Generator (benchmarks/speed_genai.py)."""
+    import onnxruntime_genai as og
+
+    from benchmarks import speed_genai
+
+    model = og.Model(job.graphs[job.row.target])
+    n = job.new_tokens
+    for _ in range(job.warmup):
+        speed_genai.greedy(model, job.prompt, 1)
+        tokens = speed_genai.greedy(model, job.prompt, n)[0]
+    measured = Measured(tokens=tokens)
+    for _ in range(job.repeats):
+        measured.prefill_s.append(min(speed_genai.greedy(model, job.prompt, 1)[1] for _ in range(PREFILL_SAMPLES)))
+        measured.decode_s_per_token.append(speed_genai.greedy(model, job.prompt, n)[2] / (n - 1))
+    measured.extra = {"fused_ops": speed_genai.fused_ops(Path(job.graphs[job.row.target]))}
+    return measured
+
+
 # ------------------------------------------------------------------------------------------------ split
 
 
@@ -343,7 +378,9 @@ def run_job(job: Job) -> dict[str, Any]:
     """Measure the job's row; the result dict also holds memory figures and whether torch was imported."""
     rss_start = memory_kb("VmRSS")
     start = time.perf_counter()
-    measure = {"torch": measure_torch, "ort": measure_ort, "split": measure_split}[job.row.kind]
+    measure = {"torch": measure_torch, "ort": measure_ort, "genai": measure_genai, "split": measure_split}[
+        job.row.kind
+    ]
     measured = measure(job)
     return {
         **asdict(measured),

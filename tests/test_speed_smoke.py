@@ -25,6 +25,7 @@ SPEED_ROWS = (
     "torch-detached",
     "torch-base",
     *(f"ort-{graph}-{w}" for w in ("fp32", "int8", "int4") for graph in ("plain", "coupled", "detached")),
+    *(f"genai-plain-{w}" for w in ("fp32", "int8", "int4")),
     "split-loopback",
     "split-delay",
 )
@@ -38,6 +39,7 @@ MUST_MATCH = (
     "ort-detached-fp32",
     "ort-coupled-int8",
     "ort-coupled-int4",
+    "genai-plain-fp32",
     "split-delay",
 )
 
@@ -84,6 +86,10 @@ def test_speed_smoke_rows_are_what_they_claim(speed_run: tuple[int, dict, Path])
         assert row["torch_imported"] is (row["kind"] == "torch"), row_id  # the runtime rows stay torch-free
         if row["kind"] == "ort":
             assert row["file_bytes"] > 0 and row["weight_bytes_per_token"] > 0 and row["bandwidth_fraction"] > 0
+        if row["kind"] == "genai":  # the anchor is the builder's fused graph, and its agreement is reported
+            assert row["file_bytes"] > 0 and row["extra"]["fused_ops"]["GroupQueryAttention"] == 3
+            assert 0.0 <= row["agreement"] <= 1.0 and row["agreement_with"] == row_id.replace("genai", "ort")
+    assert rows["genai-plain-int4"]["extra"]["fused_ops"]["MatMulNBits"] > 0
     assert rows["split-delay"]["decode_ms_per_token"] >= record["delay_ms"] == 20.0  # one round trip per token
     assert rows["split-loopback"]["extra"]["bytes_sent_per_token"] > 0
     assert [t["id"] for t in record["targets"]] == [
@@ -92,6 +98,12 @@ def test_speed_smoke_rows_are_what_they_claim(speed_run: tuple[int, dict, Path])
         "attached-vs-base",
         "coupled-int8-vs-base-int8",
         "detached-int8-vs-base-int8",
+        "coupled-int4-vs-genai-int4",
+        "coupled-int8-vs-genai-int8",
+        "detached-int4-vs-genai-int4",
+        "coupled-int4-prefill-vs-genai-int4",
+        "coupled-int8-prefill-vs-genai-int8",
+        "split-vs-coupled-local",
     ]
     assert all(t["value"] > 0 and t["met"] in (True, False) for t in record["targets"])
     assert record["plain_graph_max_abs_diff"] <= 1e-3
