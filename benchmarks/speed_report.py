@@ -343,7 +343,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = record["rows"]
-    colors = {"torch": "tab:blue", "ort": "tab:orange", "split": "tab:green"}
+    colors = {"torch": "tab:blue", "ort": "tab:orange", "genai": "tab:purple", "split": "tab:green"}
     panels = (
         ("decode_ms_per_token", "decode ms/token (lower is better)"),
         ("prefill_tokens_per_s", f"prefill tokens/s, {record['prompt_tokens']}-token prompt"),
