@@ -24,6 +24,7 @@ from shadowpeft.export.errors import ExportError
 from shadowpeft.export.graphs import export_view
 from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint, read_escalation
 from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_data_files
+from shadowpeft.export.optimum_config import write_optimum_folder
 from shadowpeft.export.ort_format import ORT_KEY_PREFIX, convert_to_ort
 from shadowpeft.export.plan import GraphJob, graph_jobs, keys_for
 from shadowpeft.export.quality import memory_figures, quantized_agreement
@@ -36,7 +37,7 @@ from shadowpeft.export.quantize import (
     weight_format,
 )
 from shadowpeft.export.validate import FP32_LOGIT_TOLERANCE, check_parity
-from shadowpeft.runtime.contract import CLOUD_BACKBONE, GRAPH_ROLES, GraphSpec
+from shadowpeft.runtime.contract import CLOUD_BACKBONE, DEVICE_SHADOW, GRAPH_ROLES, GraphSpec
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.manifest import SCHEMA_VERSION, Escalation, Manifest, file_sha256
 
@@ -249,6 +250,7 @@ def _manifest(
         vocab_size=model.base.get_output_embeddings().weight.shape[0],
         escalation=escalation,
         tokenizer_sha256={relative: file_sha256(root / relative) for relative in tokenizer_files},
+        interop_files=write_optimum_folder(root, graphs.get(DEVICE_SHADOW), model, loaded.tokenizer, tokenizer_files),
     )
 
 

@@ -201,7 +201,7 @@ def _cloud_graph(export_dir: Path) -> tuple[Manifest, GraphSpec]:
         if graph is not None:
             digests = None if manifest.tokenizer_sha256 is None else {}
             cloud_only = dataclasses.replace(
-                manifest, graphs={CLOUD_GRAPH: graph}, tokenizer_files=(), tokenizer_sha256=digests
+                manifest, graphs={CLOUD_GRAPH: graph}, tokenizer_files=(), tokenizer_sha256=digests, interop_files=None
             )
             verify_files(export_dir, cloud_only)
     except ManifestError as err:

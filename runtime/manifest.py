@@ -9,6 +9,8 @@ name, dtype and symbolic dimension from it and hard-codes none of them::
       device/head.onnx      GraphSpec(role="head")
       cloud/backbone.onnx   GraphSpec(role="cloud-backbone"), external data listed with its sha256
       tokenizer/...         Manifest.tokenizer_files, each with its sha256 (Manifest.tokenizer_sha256)
+      device/genai_config.json, device/tokenizer.json...
+                            Manifest.interop_files: what other runtimes read (onnxruntime-genai), with sha256
 
 The graph records (:class:`~shadowpeft.runtime.contract.specs.GraphSpec`, ``TensorSpec``) and the
 names in them are declared in :mod:`shadowpeft.runtime.contract`. Reading validates every key and
@@ -67,7 +69,8 @@ MANIFEST_NAME = "manifest.json"
 #: 2 added ``vocab_size``; a version-1 manifest gets it from its graphs (see :func:`legacy_vocab_size`).
 #: 3 added ``tokenizer_sha256``; older manifests still open, with a warning that their tokenizer files
 #: (and chat template) cannot be checked.
-SCHEMA_VERSION = 3
+#: 4 added ``interop_files`` (optional: files for other runtimes, such as onnxruntime-genai's config).
+SCHEMA_VERSION = 4
 #: The first schema version whose manifests must state ``vocab_size``.
 _VOCAB_SIZE_SINCE = 2
 #: The first schema version whose manifests must give every tokenizer file's sha256.
@@ -172,6 +175,10 @@ class Manifest:
         tokenizer_sha256: sha256 of every tokenizer file (the chat template included), by its path in
             ``tokenizer_files``. Required from schema version 3; ``None`` (and absent from the JSON) in older
             manifests, whose tokenizer files :func:`verify_files` can only check for presence.
+        interop_files: sha256 of every file written for other runtimes, by its path in the export: e.g.
+            onnxruntime-genai's ``device/genai_config.json`` and the tokenizer copies beside it (see
+            ``shadowpeft.export.genai_config``). The runtime never reads them; :func:`verify_files` checks them
+            like the graphs. ``None`` (and absent from the JSON) when there are none, and before schema 4.
 
     Raises:
         ManifestError: On construction, listing every invalid field.
@@ -192,6 +199,7 @@ class Manifest:
     vocab_size: int | None = None
     escalation: Escalation | None = None
     tokenizer_sha256: dict[str, str] | None = None
+    interop_files: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tokenizer_files, list):
@@ -257,6 +265,7 @@ class Manifest:
                 "validation": dict(data["validation"]),
                 "escalation": escalation,
                 "tokenizer_sha256": None if data.get("tokenizer_sha256") is None else dict(data["tokenizer_sha256"]),
+                "interop_files": None if data.get("interop_files") is None else dict(data["interop_files"]),
             }
         )
 
@@ -317,6 +326,10 @@ class Manifest:
             del data["tokenizer_sha256"]
         else:
             data["tokenizer_sha256"] = dict(self.tokenizer_sha256)
+        if self.interop_files is None:  # absent rather than null, as for escalation
+            del data["interop_files"]
+        else:
+            data["interop_files"] = dict(self.interop_files)
         return data
 
     def write(self, path: str | Path) -> Path:
@@ -372,6 +385,10 @@ def verify_files(export_dir: str | Path, manifest: Manifest | None = None) -> Ma
             problem = _digest_problem(root, relative, sha256)
             if problem:
                 problems.append(f"graphs[{key!r}]: {problem}")
+    for relative, sha256 in (manifest.interop_files or {}).items():
+        problem = _digest_problem(root, relative, sha256)
+        if problem:
+            problems.append(f"interop_files: {problem}")
     digests = manifest.tokenizer_sha256
     for relative in manifest.tokenizer_files:
         problem = _digest_problem(root, relative, None if digests is None else digests[relative], noun="")
@@ -450,6 +467,7 @@ def _manifest_problems(data: Any) -> list[str]:
     if data.get("escalation") is not None:
         problems += escalation_problems(data["escalation"], "escalation")
     problems += _tokenizer_digest_problems(data)
+    problems += _interop_problems(data.get("interop_files"))
     if "validation" in data and check_kind(data["validation"], "validation", problems, array=False):
         for metric, value in data["validation"].items():
             is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -481,6 +499,16 @@ def _tokenizer_digest_problems(data: Mapping[str, Any]) -> list[str]:
             problems.append(f"{place}: {relative!r} is not one of tokenizer_files. Re-export.")
     for relative in sorted(listed - set(digests)) if listed is not None else ():
         problems.append(f"tokenizer_sha256 has no digest for tokenizer file {relative!r}. Re-export.")
+    return problems
+
+
+def _interop_problems(files: Any) -> list[str]:
+    """``interop_files``: an object of relative paths inside the export -> sha256 (optional)."""
+    problems: list[str] = []
+    if files is not None and check_kind(files, "interop_files", problems, array=False):
+        for relative, sha256 in files.items():
+            if check_path(relative, f"interop_files key {relative!r}", problems):
+                check_sha256(sha256, f"interop_files[{relative!r}]", problems)
     return problems
 
 

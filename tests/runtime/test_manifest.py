@@ -130,7 +130,7 @@ def test_graph_lookup_names_available_graphs(data: dict[str, Any]) -> None:
 
 def test_constants() -> None:
     assert MANIFEST_NAME == "manifest.json"
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     assert DTYPES == ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
     assert ROLES == ("detached-shadow", "head", "cloud-backbone", "coupled")
 
@@ -645,3 +645,25 @@ def test_shadow_run_reports_a_deeply_nested_manifest_without_traceback(tmp_path:
     result = CliRunner().invoke(main, [str(tmp_path), "-p", "hi"])
     assert result.exit_code == 1 and "nests its JSON too deeply to read" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+# --- files for other runtimes (4) ------------------------------------------------------------------
+
+
+def test_interop_files_are_optional_and_checked_like_graphs(tmp_path: Path, data: dict[str, Any]) -> None:
+    assert Manifest.from_dict(data).interop_files is None  # absent: none written (e.g. a coupled-only export)
+    (tmp_path / "device").mkdir()
+    (tmp_path / "device" / "genai_config.json").write_text("{}")
+    data["interop_files"] = {"device/genai_config.json": SHA_EMPTY_OBJECT}
+    export = _export_dir(tmp_path, data)
+    assert verify_files(export).interop_files == {"device/genai_config.json": SHA_EMPTY_OBJECT}
+    (export / "device" / "genai_config.json").unlink()
+    with pytest.raises(ManifestError, match=r"interop_files: file 'device/genai_config.json' is missing"):
+        verify_files(export)
+
+
+def test_interop_files_need_relative_paths_and_digests(data: dict[str, Any]) -> None:
+    data["interop_files"] = {"../genai_config.json": SHA_A, "device/tokenizer.json": "x"}
+    problems = _problems(data)
+    assert problems[0].startswith("interop_files key '../genai_config.json' must be a relative path inside")
+    assert problems[1].startswith("interop_files['device/tokenizer.json'] must be a sha256 digest")
