@@ -54,7 +54,7 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     base = save_toy_base(root / "base")
     model = perturb(get_shadow_model(AutoModelForCausalLM.from_pretrained(base)))
     save_shadow(model, root / "ckpt", base_ref=str(base))
-    export_checkpoint(root / "ckpt", root / "fp32", ExportOptions(selections=("split",)))
+    export_checkpoint(root / "ckpt", root / "fp32", ExportOptions(selections=("split",), steps=2))
     quantize_export(root / "fp32", root / "int8", weights="int8")
     return {"fp32": root / "fp32", "int8": root / "int8", "base": base}
 
