@@ -91,7 +91,7 @@ def model_config(
         "use_cache": True,
         **special,
     }
-    for key in ("_name_or_path", "transformers_version"):
+    for key in ("_name_or_path", "_model_name_or_path", "transformers_version"):  # where it came from, who wrote it
         config.pop(key, None)
     return portable_config(config)
 

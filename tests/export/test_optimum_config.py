@@ -9,11 +9,9 @@ unreachable) and compare its greedy tokens with the runtime's, and its RoPE base
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -24,25 +22,11 @@ from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export.optimum_config import GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TOKENIZER_CONFIG_NAME
 from shadowpeft.export.pipeline import ExportOptions, export_checkpoint, quantize_export
 from shadowpeft.runtime.errors import ManifestError
-from shadowpeft.runtime.export_dir import open_export
-from shadowpeft.runtime.generate import Generator
 from shadowpeft.runtime.manifest import Manifest, verify_files
-from shadowpeft.runtime.sampling import SamplingConfig
-from shadowpeft.runtime.tokenizer import RuntimeTokenizer
 from tests.conftest import perturb
+from tests.interop.optimum_stack import optimum_python, probe, runtime_greedy
 from tests.toy import save_toy_base
-from tests.venvs import venv_python
 
-PROBE = Path(__file__).resolve().parents[1] / "interop" / "optimum_probe.py"
-#: The Optimum stack: transformers 4.57 (optimum-onnx pins < 4.58); the main environment's onnxruntime,
-#: so both sides run the same kernels; torch pinned beside them (a bare torch would be the CUDA build).
-OPTIMUM_PINS = (
-    "optimum-onnx==0.1.0",
-    "optimum==2.1.0",
-    "transformers==4.57.6",
-    f"onnxruntime=={onnxruntime.__version__}",
-    f"torch=={torch.__version__.split('+')[0]}",
-)
 PROMPTS = ["repeat the color : red 5", "the color is", "sample 7 is blue"]  # different lengths: left padding
 NEW_TOKENS = 12
 
@@ -60,16 +44,8 @@ def exports(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def optimum_python() -> Path:
-    return venv_python("optimum", OPTIMUM_PINS)
-
-
-def probe(python: Path, request: dict) -> dict:
-    done = subprocess.run(
-        [str(python), str(PROBE)], input=json.dumps(request), capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+def optimum() -> Path:
+    return optimum_python()
 
 
 def test_device_folder_carries_optimum_files_sealed_in_the_manifest(exports) -> None:
@@ -96,22 +72,18 @@ def test_device_folder_carries_optimum_files_sealed_in_the_manifest(exports) -> 
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_optimum_generates_the_runtime_tokens(exports, optimum_python, weights) -> None:
+def test_optimum_generates_the_runtime_tokens(exports, optimum, weights) -> None:
     """ORTModelForCausalLM on <export>/device, a left-padded batch, greedy: the runtime's detached tokens."""
     root = exports[weights]
     request = {"generate": str(root / "device"), "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS}
-    answer = probe(optimum_python, {**request, "file_name": "shadow.onnx"})
+    answer = probe(optimum, {**request, "file_name": "shadow.onnx"})
     assert answer["class"] == "PreTrainedTokenizerFast"
-    export = open_export(root)
-    tokenizer = RuntimeTokenizer.from_export(export.root, export.manifest)
-    generator = Generator(export, eos_ids=tokenizer.eos_ids)
-    prompts = [tokenizer.encode(prompt, chat=False) for prompt in PROMPTS]
-    results = generator.generate(prompts, SamplingConfig(max_new_tokens=NEW_TOKENS))
-    assert answer["tokens"] == [result.token_ids for result in results]
-    assert len({len(p) for p in prompts}) == len(PROMPTS)  # the batch really was padded
+    ids, tokens = runtime_greedy(root, PROMPTS, NEW_TOKENS)
+    assert answer["prompt_ids"] == ids and len({len(p) for p in ids}) == len(PROMPTS)  # the batch really was padded
+    assert answer["tokens"] == tokens
 
 
-def test_portable_config_reads_alike_in_transformers_4_57(tmp_path, optimum_python) -> None:
+def test_portable_config_reads_alike_in_transformers_4_57(tmp_path, optimum) -> None:
     """A 5.x config with RoPE base 100,000: 4.57 reads the same base and computes the same logits."""
     torch.manual_seed(0)
     rope = {"rope_type": "default", "rope_theta": 1e5}
@@ -124,10 +96,10 @@ def test_portable_config_reads_alike_in_transformers_4_57(tmp_path, optimum_pyth
     ids = list(range(3, 60, 3))  # positions far enough apart for the RoPE base to show in the logits
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].numpy()
-    before = probe(optimum_python, {"logits": str(tmp_path), "ids": ids})
+    before = probe(optimum, {"logits": str(tmp_path), "ids": ids})
     assert before["rope_theta"] == 10000.0  # what 4.57 reads from a 5.x config: the bug this fixes
     write_portable_config(tmp_path)
-    after = probe(optimum_python, {"logits": str(tmp_path), "ids": ids})
+    after = probe(optimum, {"logits": str(tmp_path), "ids": ids})
     assert after["rope_theta"] == 100000.0
     np.testing.assert_allclose(np.array(after["logits"]), expected, atol=1e-5, rtol=0)
     assert np.abs(np.array(before["logits"]) - expected).max() > 1e-3

@@ -4,7 +4,8 @@ Reads a JSON request on stdin and prints a JSON answer on stdout:
 
 * ``{"generate": DEVICE_DIR, "prompts": [...], "max_new_tokens": N, "file_name": "shadow.onnx"}``: loads the
   tokenizer and ``ORTModelForCausalLM`` from the device folder, left-pads the prompts into one batch and
-  decodes greedily; answers ``{"tokens": [[ids...] per prompt, cut after the first EOS]}``.
+  decodes greedily; answers ``{"tokens": [[ids...] per prompt, cut after the first EOS], "prompt_ids": [[...]],
+  "class": tokenizer class}``.
 * ``{"logits": MODEL_DIR, "ids": [...]}``: loads the config and a ``LlamaForCausalLM`` (any ``AutoModelForCausalLM``)
   with this transformers; answers ``{"rope_theta": ..., "logits": [[...]]}``.
 
@@ -32,7 +33,8 @@ def generate(request: dict) -> dict:
         if model.generation_config.eos_token_id in row:
             row = row[: row.index(model.generation_config.eos_token_id) + 1]
         tokens.append(row)
-    return {"tokens": tokens, "padding_side": tokenizer.padding_side, "class": type(tokenizer).__name__}
+    prompt_ids = tokenizer(request["prompts"])["input_ids"]
+    return {"tokens": tokens, "prompt_ids": prompt_ids, "class": type(tokenizer).__name__}
 
 
 def logits(request: dict) -> dict:
