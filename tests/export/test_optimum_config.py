@@ -2,7 +2,7 @@
 
 The fast tests check the files an export writes for Optimum and their sha256 in the manifest. The
 interop tests run ``tests/interop/optimum_probe.py`` in a venv with optimum-onnx and transformers 4.57
-(:mod:`tests.venvs`: built from PyPI on first run, about 100 s, then reused; skipped when PyPI is
+(:mod:`tests.venvs`: built from PyPI on first run, about 2 minutes and 1.3 GB, then reused; skipped when PyPI is
 unreachable) and compare its greedy tokens with the runtime's, and its RoPE base and logits with 5.x's.
 """
 
