@@ -25,6 +25,7 @@ from shadowpeft.export.genai_config import write_genai_folder
 from shadowpeft.export.graphs import export_view
 from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint, read_escalation
 from shadowpeft.export.onnx_export import DEFAULT_OPSET, export_graph, external_data_files
+from shadowpeft.export.optimum_config import write_optimum_folder
 from shadowpeft.export.ort_format import convert_to_ort
 from shadowpeft.export.plan import GraphJob, graph_jobs, keys_for
 from shadowpeft.export.quality import memory_figures, quantized_agreement
@@ -257,9 +258,17 @@ def _manifest(
         vocab_size=model.base.get_output_embeddings().weight.shape[0],
         escalation=escalation,
         tokenizer_sha256={relative: file_sha256(root / relative) for relative in tokenizer_files},
-        interop_files=write_genai_folder(
-            root, graphs.get(DEVICE_SHADOW), model, loaded.tokenizer, tokenizer_files, profile=options.profile
-        ),
+        # genai first: the Optimum writer then replaces device/tokenizer_config.json with a transformers 4.57 form
+        interop_files={
+            **(
+                write_genai_folder(
+                    root, graphs.get(DEVICE_SHADOW), model, loaded.tokenizer, tokenizer_files, profile=options.profile
+                )
+                or {}
+            ),
+            **(write_optimum_folder(root, graphs.get(DEVICE_SHADOW), model, loaded.tokenizer, tokenizer_files) or {}),
+        }
+        or None,
     )
 
 

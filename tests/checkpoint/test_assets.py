@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from shadowpeft.checkpoint.assets import (
     verify_architecture,
 )
 from shadowpeft.errors import AssetError
+from tests.modes import wrong_modes
 
 
 class _FakeDistribution:
@@ -243,3 +245,17 @@ def test_verify_architecture_lists_every_mismatch() -> None:
         assert field in message
     assert "class=" not in message
     assert "Delete tiny" in message
+
+
+def test_converted_folder_gets_the_umask_modes(
+    tmp_path: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch, umask: int
+) -> None:
+    """The conversion runs in a mkdtemp folder (0700) and safetensors writes 0600; the cache is published as usual."""
+
+    def convert(gguf: Path, out_dir: Path) -> None:
+        for name in assets._REQUIRED_FILES:
+            os.close(os.open(out_dir / name, os.O_CREAT | os.O_WRONLY, 0o600))
+
+    monkeypatch.setattr(assets, "_convert_gguf", convert)
+    final = smollm2_dir(tmp_path / "cache")
+    assert wrong_modes(final, umask) == []

@@ -23,6 +23,7 @@ from shadowpeft.checkpoint import files as ckpt
 from shadowpeft.checkpoint.fingerprint import compare, fingerprint
 from shadowpeft.checkpoint.store import CONFIG_NAME, MODULES_NAME, WEIGHTS_NAME, load_shadow, save_shadow
 from tests.conftest import ARCH_CONFIGS, no_dropout_config, padded_batch, perturb, tiny_base
+from tests.modes import wrong_modes
 from tests.tolerances import PUBLISHED_PARITY_FP32
 
 CLS = "sequence-classification"
@@ -269,6 +270,13 @@ def test_empty_existing_directory_is_used(tmp_path: Path) -> None:
     (tmp_path / "ckpt").mkdir()
     save_shadow(_wrapped("llama"), tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / WEIGHTS_NAME).is_file()
+
+
+def test_saved_checkpoint_gets_the_umask_modes(tmp_path: Path, umask: int) -> None:
+    """safetensors writes its file 0600 and the staging directory is mkdtemp's 0700; neither is what is published."""
+    target = save_shadow(_wrapped("llama", train_shadow_head=True), tmp_path / "ckpt")
+    assert sorted(p.name for p in target.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, MODULES_NAME])
+    assert wrong_modes(target, umask) == []
 
 
 def _failing_save_file(tensors: dict, filename: str, metadata: dict | None = None) -> None:

@@ -23,6 +23,7 @@ from shadowpeft.runtime.export_dir import open_export
 from shadowpeft.runtime.manifest import MANIFEST_NAME, Escalation, Manifest, verify_files
 from shadowpeft.train.selective import ESCALATION_NAME, EscalationRecord
 from tests.conftest import perturb
+from tests.modes import set_umask, wrong_modes
 from tests.tolerances import BROKEN_PASS_KL, BROKEN_PASS_TOP1
 from tests.toy import save_toy_base
 
@@ -103,6 +104,22 @@ def test_detached_reexport_is_byte_identical_and_int4_applies(toy, tmp_path):
     assert names == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_export_gets_the_umask_modes(toy, tmp_path):
+    """The staging folder (mkdtemp, 0700) does not leak its mode into the export.
+
+    One export, under umask 027 (under 022 the old fixed 0755/0644 happened to be right; the atomic tests
+    cover both masks on the same code).
+    """
+    out = tmp_path / "export"
+    previous = set_umask(0o027)
+    try:
+        result = run(toy["ckpt"], "-o", out, "--detached")
+    finally:
+        set_umask(previous)
+    assert result.exit_code == 0, result.output
+    assert wrong_modes(out, 0o027) == []
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(toy, tmp_path):

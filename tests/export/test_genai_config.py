@@ -89,7 +89,7 @@ def test_every_genai_file_is_sealed_in_the_manifest(exports, tmp_path):
     root = exports["fp32"]
     manifest = verify_files(root)
     files = {"device/genai_config.json", "device/tokenizer.json", "device/tokenizer_config.json"}
-    assert set(manifest.interop_files) == files
+    assert set(manifest.interop_files) >= files  # beside Optimum's config.json and generation_config.json
     config = json.loads((root / "device" / GENAI_CONFIG_NAME).read_text())
     assert config["model"]["eos_token_id"] == 3 and config["model"]["context_length"] == 128
     assert config["model"]["decoder"]["num_hidden_layers"] == manifest.graph(DEVICE_SHADOW).input_names.count(

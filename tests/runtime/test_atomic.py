@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shadowpeft.runtime import atomic
+from tests.modes import wrong_modes
 
 
 def _hidden(parent: Path) -> list[str]:
@@ -103,3 +104,27 @@ def test_staging_names_carry_the_pid_and_stale_ones_are_removed(tmp_path: Path) 
         atomic.publish_directory(staging, out)
     assert live.is_dir() and all(path.is_dir() for path in other)
     assert atomic.remove_stale_staging(out) == []
+
+
+def test_published_files_and_directories_get_the_umask_modes(tmp_path: Path, umask: int) -> None:
+    """Not mkstemp's 0600 or mkdtemp's 0700, nor the 0600 that libraries writing through temp files leave."""
+    written = atomic.write_atomic(tmp_path / "results.json", "{}\n")
+    assert wrong_modes(written, umask) == []
+    out = tmp_path / "out"
+    with atomic.staging_directory(out) as staging:
+        (staging / "nested").mkdir(mode=0o700)
+        private = os.open(staging / "nested" / "weights.bin", os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(private)
+        (staging / "run.sh").write_text("#!/bin/sh\n")
+        (staging / "run.sh").chmod(0o700)
+        atomic.publish_directory(staging, out)
+    assert wrong_modes(out / "nested", umask) == []
+    # an owner-executable file stays executable, as far as the umask allows
+    assert (out / "run.sh").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_current_umask_reads_the_mask_without_changing_it(umask: int) -> None:
+    assert atomic.current_umask() == umask
+    assert atomic.current_umask() == umask
+    assert atomic.default_modes() == (0o777 & ~umask, 0o666 & ~umask)

@@ -5,6 +5,7 @@ The first run converts the GGUF into the user cache (about 20 s); later runs loa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,13 @@ def test_load_gives_expected_config(smollm2: tuple[LlamaForCausalLM, object]) ->
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert len(tokenizer) == 49152
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_converted_config_gives_transformers_4_the_same_rope_base() -> None:
+    """rope_parameters for transformers 5, the legacy rope_theta/rope_scaling for 4.x: both say 100,000."""
+    config = json.loads((smollm2_dir() / "config.json").read_text(encoding="utf-8"))
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
+    assert (config["rope_theta"], config["rope_scaling"]) == (100000.0, None)
 
 
 def test_greedy_answer_is_sensible(smollm2: tuple[LlamaForCausalLM, object]) -> None:

@@ -1,0 +1,176 @@
+"""The device folder as a Hugging Face Optimum model: ``ORTModelForCausalLM`` loads the detached shadow.
+
+Optimum (PyPI ``optimum-onnx``, which pins transformers < 4.58) opens a folder holding a ``config.json``
+and an ONNX decoder with Optimum's I/O names, which are ours (``input_ids``, ``attention_mask``,
+``position_ids``, ``past_key_values.{i}.key|value`` -> ``logits``, ``present.{i}.key|value``). The
+export writes what it needs beside the detached shadow graph::
+
+    export/device/
+      shadow.onnx               the detached shadow (any weight format); named with file_name="shadow.onnx"
+      config.json               the detached model: the shadow stack's config, with the graph's KV layers,
+                                the base vocabulary and the tokenizer's special ids; transformers 4.x and 5.x
+                                read it alike (shadowpeft.checkpoint.hf_config)
+      generation_config.json    bos/eos/pad ids, greedy by default
+      tokenizer_config.json     the tokenizer as transformers 4.57 reads it (PreTrainedTokenizerFast, left
+                                padding, input_ids + attention_mask only)
+      tokenizer.json ...        copies of export/tokenizer/* (the runtime keeps reading those)
+
+and loads with::
+
+    model = ORTModelForCausalLM.from_pretrained("<export>/device", file_name="shadow.onnx")
+    tokenizer = AutoTokenizer.from_pretrained("<export>/device")
+
+``file_name`` is needed: a split export's device folder also holds ``head.onnx``, and without it Optimum
+picks a graph by its own naming rules. Naming the graph ``model.onnx`` instead would rename a file every
+manifest, runtime and client already knows, for one ``from_pretrained`` argument.
+
+Optimum sizes the empty KV of the first step as ``hidden_size // num_attention_heads`` for most model
+types (``head_dim`` only for gemma and a few others), so a stack whose head size differs from that ratio
+(Qwen3's larger models) does not load; the config keeps the true sizes rather than ones bent to fit.
+
+The files written are returned with their sha256 for the manifest's ``interop_files``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from shadowpeft.checkpoint.hf_config import portable_config
+from shadowpeft.export.errors import ExportError
+from shadowpeft.heads import ShadowForCausalLM
+from shadowpeft.runtime.atomic import write_atomic
+from shadowpeft.runtime.contract import ATTENTION_MASK, INPUT_IDS, GraphSpec, StackLayout, past_key_name
+from shadowpeft.runtime.manifest import file_sha256
+
+__all__ = [
+    "GENERATION_CONFIG_NAME",
+    "MODEL_CONFIG_NAME",
+    "TOKENIZER_CONFIG_NAME",
+    "model_config",
+    "tokenizer_config",
+    "write_optimum_folder",
+]
+
+MODEL_CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+#: A tokenizer class every transformers version reads from ``tokenizer.json`` alone (5.x writes
+#: ``TokenizersBackend``, which 4.57 does not know).
+_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def model_config(
+    shadow_config: dict[str, Any], spec: GraphSpec, *, vocab_size: int, special: dict[str, int | None]
+) -> dict[str, Any]:
+    """The ``config.json`` of the detached shadow graph ``spec``.
+
+    Args:
+        shadow_config: The shadow stack's config as ``save_pretrained`` writes it (``to_diff_dict()``): model
+            type, widths, heads, RoPE.
+        spec: The manifest's ``device/shadow`` graph; its KV inputs give the layer count, KV heads and
+            head size Optimum feeds it.
+        vocab_size: Width of the graph's ``logits`` (the base vocabulary; the shadow stack has no embedding).
+        special: ``bos_token_id``, ``eos_token_id``, ``pad_token_id`` (``None`` where the tokenizer has none).
+
+    Raises:
+        ExportError: The graph has no KV input of shape (batch, kv_heads, past, head_dim).
+    """
+    layout = _stack_layout(spec)
+    config = {
+        **shadow_config,
+        "num_hidden_layers": layout.num_layers,
+        "num_key_value_heads": layout.kv_heads,
+        "head_dim": layout.head_dim,
+        "vocab_size": vocab_size,
+        "use_cache": True,
+        **special,
+    }
+    for key in ("_name_or_path", "_model_name_or_path", "transformers_version"):  # where it came from, who wrote it
+        config.pop(key, None)
+    return portable_config(config)
+
+
+def tokenizer_config(data: dict[str, Any]) -> dict[str, Any]:
+    """The export's ``tokenizer_config.json`` as transformers 4.57 (and 5.x) reads it for Optimum.
+
+    The class becomes ``PreTrainedTokenizerFast``; ``model_input_names`` are the graph's (4.57's default
+    adds ``token_type_ids``, which generation would then feed the graph); padding is on the left, as
+    batched decoding with a KV cache needs.
+    """
+    return {
+        **data,
+        "tokenizer_class": _TOKENIZER_CLASS,
+        "model_input_names": [INPUT_IDS, ATTENTION_MASK],
+        "padding_side": "left",
+    }
+
+
+def write_optimum_folder(
+    root: Path,
+    spec: GraphSpec | None,
+    model: ShadowForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_files: Iterable[str],
+) -> dict[str, str] | None:
+    """Writes Optimum's files beside the detached shadow graph of the export ``root``.
+
+    Args:
+        root: The export directory (its graphs and ``tokenizer/`` already written).
+        spec: The manifest's ``device/shadow`` graph, or ``None`` when the export has none (nothing is written).
+        model: The exported model (the shadow stack's config, the base vocabulary).
+        tokenizer: Its tokenizer (special token ids).
+        tokenizer_files: The export's tokenizer files, relative to ``root``; copied into the graph's folder,
+            ``tokenizer_config.json`` rewritten by :func:`tokenizer_config`.
+
+    Returns:
+        sha256 of every file written, by its path relative to ``root`` (for the manifest's ``interop_files``),
+        or ``None`` when ``spec`` is ``None``.
+    """
+    if spec is None:
+        return None
+    folder = PurePosixPath(spec.file).parent
+    written = []
+    for relative in tokenizer_files:
+        source, target = root / relative, folder / PurePosixPath(relative).name
+        if target.name == TOKENIZER_CONFIG_NAME:
+            data = tokenizer_config(json.loads(source.read_text(encoding="utf-8")))
+            write_atomic(root / target, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copyfile(source, root / target)
+        written.append(target)
+    special = _special_ids(tokenizer)
+    vocab_size = model.base.get_output_embeddings().weight.shape[0]
+    config = model_config(model.shadow_model.config.to_diff_dict(), spec, vocab_size=vocab_size, special=special)
+    generation = {**special, "do_sample": False}
+    for name, data in ((MODEL_CONFIG_NAME, config), (GENERATION_CONFIG_NAME, generation)):
+        write_atomic(root / folder / name, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        written.append(folder / name)
+    return {path.as_posix(): file_sha256(root / path) for path in sorted(written)}
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
+    """EOS as ``shadow-run`` stops on it (the tokenizer's eos token); pad falls back to EOS, as generation does."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
+
+
+def _stack_layout(spec: GraphSpec) -> StackLayout:
+    """Layers, KV heads and head size of the graph, read from its ``past_key_values.*`` inputs."""
+    names = set(spec.input_names)
+    layers = 0
+    while past_key_name(layers, "key") in names:
+        layers += 1
+    first = next((t for t in spec.inputs if t.name == past_key_name(0, "key")), None)
+    if first is None or len(first.shape) != 4 or not all(isinstance(n, int) for n in first.shape[1::2]):
+        raise ExportError(
+            f"{spec.file} has no KV input {past_key_name(0, 'key')!r} of shape (batch, kv_heads, past, head_dim) "
+            "with fixed kv_heads and head_dim, so Optimum's config.json cannot describe it. Report this."
+        )
+    return StackLayout(layers, first.shape[1], first.shape[3])
