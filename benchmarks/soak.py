@@ -72,6 +72,7 @@ class Sampler:
         self.peak_active = self.peak_kv = 0
         self.halfway: float | None = None  # monotonic time splitting the soak's halves (set when it starts)
         self.peak_halves = [0, 0]  # peak RSS in the first and the second half of the soak
+        self.last_rss = self.baseline_rss  # the latest sample: at rest once everything ended (the leak check)
         self.kv_budget = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="soak-sampler")
@@ -88,7 +89,7 @@ class Sampler:
         last_stats = 0.0
         while not self._stop.wait(RSS_PERIOD_S):
             rss = rss_bytes(self.pid) or 0
-            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_rss, self.last_rss = max(self.peak_rss, rss), rss
             if self.halfway is not None:
                 half = int(time.monotonic() >= self.halfway)
                 self.peak_halves[half] = max(self.peak_halves[half], rss)
