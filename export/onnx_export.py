@@ -36,6 +36,8 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 # Fold constants (e.g. a weight's transpose) whatever their size: weights are what must be folded.
 _FOLD_LIMIT = 1 << 40
 
+_TRACER_PREFIX = "pkg.torch."  # metadata keys the torch exporter writes for debugging
+
 
 def export_graph(
     wrapper: nn.Module,
@@ -89,7 +91,24 @@ def export_graph(
         program.save(str(path), external_data=external)
     model = onnx.load(str(path), load_external_data=False)
     _declare(model, graph_io, path.name)
+    _strip_tracer_metadata(model)
     onnx.save_model(model, str(path))
+
+
+def _strip_tracer_metadata(model: onnx.ModelProto) -> None:
+    """Drops what the tracer records for debugging (``pkg.torch.*``: each node's Python stack trace with the
+    absolute paths of this machine's source files, FX node names, the exported program's signature): it
+    does nothing at run time, leaks the build machine's paths, and makes the same export from another
+    checkout differ byte for byte."""
+    for node in model.graph.node:
+        kept = [prop for prop in node.metadata_props if not prop.key.startswith(_TRACER_PREFIX)]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+        node.doc_string = ""
+    for holder in (model.graph, model):
+        kept = [prop for prop in holder.metadata_props if not prop.key.startswith(_TRACER_PREFIX)]
+        del holder.metadata_props[:]
+        holder.metadata_props.extend(kept)
 
 
 def _optimize(model: onnx_ir.Model) -> None:
