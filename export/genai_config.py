@@ -46,6 +46,7 @@ from shadowpeft.runtime.contract import (
     POSITION_IDS,
     GraphSpec,
     StackLayout,
+    declared_stack_layout,
     past_key_name,
     present_key_name,
 )
@@ -203,17 +204,13 @@ def _context_length(model: ShadowForCausalLM, profile: DeviceProfile | None) -> 
 
 def _stack_layout(spec: GraphSpec) -> StackLayout:
     """Layers, KV heads and head size of the graph, read from its ``past_key_values.*`` inputs."""
-    names = set(spec.input_names)
-    layers = 0
-    while past_key_name(layers, "key") in names:
-        layers += 1
-    first = next((t for t in spec.inputs if t.name == past_key_name(0, "key")), None)
-    if first is None or len(first.shape) != 4 or not all(isinstance(n, int) for n in first.shape[1::2]):
+    layout = declared_stack_layout(spec.inputs)
+    if layout is None:
         raise ExportError(
             f"{spec.file} has no KV input {past_key_name(0, 'key')!r} of shape (batch, kv_heads, past, head_dim) "
             "with fixed kv_heads and head_dim, so onnxruntime-genai cannot be configured for it. Report this."
         )
-    return StackLayout(layers, first.shape[1], first.shape[3])
+    return layout
 
 
 def _pattern(spec: GraphSpec, name_of, kind: str, layout: StackLayout, *, inputs: bool) -> str:

@@ -45,7 +45,14 @@ from shadowpeft.checkpoint.hf_config import portable_config
 from shadowpeft.export.errors import ExportError
 from shadowpeft.heads import ShadowForCausalLM
 from shadowpeft.runtime.atomic import write_atomic
-from shadowpeft.runtime.contract import ATTENTION_MASK, INPUT_IDS, GraphSpec, StackLayout, past_key_name
+from shadowpeft.runtime.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    GraphSpec,
+    StackLayout,
+    declared_stack_layout,
+    past_key_name,
+)
 from shadowpeft.runtime.manifest import file_sha256
 
 __all__ = [
@@ -163,14 +170,10 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
 
 def _stack_layout(spec: GraphSpec) -> StackLayout:
     """Layers, KV heads and head size of the graph, read from its ``past_key_values.*`` inputs."""
-    names = set(spec.input_names)
-    layers = 0
-    while past_key_name(layers, "key") in names:
-        layers += 1
-    first = next((t for t in spec.inputs if t.name == past_key_name(0, "key")), None)
-    if first is None or len(first.shape) != 4 or not all(isinstance(n, int) for n in first.shape[1::2]):
+    layout = declared_stack_layout(spec.inputs)
+    if layout is None:
         raise ExportError(
             f"{spec.file} has no KV input {past_key_name(0, 'key')!r} of shape (batch, kv_heads, past, head_dim) "
             "with fixed kv_heads and head_dim, so Optimum's config.json cannot describe it. Report this."
         )
-    return StackLayout(layers, first.shape[1], first.shape[3])
+    return layout

@@ -270,6 +270,20 @@ class StackLayout(NamedTuple):
     head_dim: int
 
 
+def declared_stack_layout(inputs: tuple[TensorSpec, ...]) -> StackLayout | None:
+    """The KV layout a graph declares through its ``past_key_values.*`` inputs: layers counted from 0 while
+    present, KV heads and head size from the first (``None`` without one of shape (batch, kv_heads, past,
+    head_dim) with fixed kv_heads and head_dim)."""
+    by_name = {spec.name: spec for spec in inputs}
+    layers = 0
+    while past_key_name(layers, "key") in by_name:
+        layers += 1
+    first = by_name.get(past_key_name(0, "key"))
+    if first is None or len(first.shape) != 4 or not all(isinstance(n, int) for n in first.shape[1::2]):
+        return None
+    return StackLayout(layers, first.shape[1], first.shape[3])
+
+
 def coupled_io(*, shadow: StackLayout, base: StackLayout, hidden: int, vocab: int, dtype: str = "float32") -> GraphIO:
     """I/O of the single-machine graph (``role="coupled"``): shadow and base with injection and update.
 
