@@ -40,6 +40,15 @@ _WEIGHTS = {fmt.option: fmt.name for fmt in FORMATS.values()}
     type=click.FloatRange(0, min_open=True),
     help="Largest |logit difference| allowed between the fp32 graphs and PyTorch.",
 )
+@click.option(
+    "--ops",
+    type=click.Choice(["auto", "fused", "standard"]),
+    default="auto",
+    show_default=True,
+    help="Decoder layers as onnxruntime's fused operators (GroupQueryAttention, RotaryEmbedding, "
+    "SkipSimplifiedLayerNormalization): auto = where the architecture allows, fused = or fail, "
+    "standard = plain ONNX operators only (for providers without onnxruntime's contrib operators).",
+)
 @click.option("--overwrite/--no-overwrite", default=False, help="Replace an existing export directory.")
 @cli_errors(ExportError, DeviceProfileError, OSError, ValueError)
 def main(
@@ -51,6 +60,7 @@ def main(
     opset: int,
     base: str | None,
     tolerance: float,
+    ops: str,
     overwrite: bool,
 ) -> None:
     """Export a ShadowPEFT checkpoint to ONNX: the detached on-device shadow, the cloud backbone, or both.
@@ -59,10 +69,10 @@ def main(
     (then pass --base). Every graph is checked against PyTorch with onnxruntime before anything is
     written; the export directory appears only once it is complete.
     """
-    _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, overwrite)
+    _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, ops, overwrite)
 
 
-def _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, overwrite) -> None:
+def _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, ops, overwrite) -> None:
     from shadowpeft.errors import AssetError, CheckpointError, UnsupportedArchitectureError
     from shadowpeft.export.pipeline import STAGES, ExportOptions, export_checkpoint
     from shadowpeft.export.report import summary_lines
@@ -78,6 +88,7 @@ def _export(checkpoint, out, selections, device, quantize, opset, base, toleranc
         base=base,
         overwrite=overwrite,
         tolerance=tolerance,
+        ops=ops,
     )
     start = time.perf_counter()
 

@@ -18,12 +18,14 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
 from shadowpeft.arch import spec_for
+from shadowpeft.export.fused_layers import Fusion, fused_view
 from shadowpeft.heads import ShadowForCausalLM
-from shadowpeft.modules import ShadowInjection
+from shadowpeft.modules import ShadowInjection, ShadowUpdate
 from shadowpeft.runtime.contract import StackLayout
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "HeadGraph",
     "HeadWeight",
     "IndexedInjection",
+    "IndexedUpdate",
     "export_view",
     "kv_layout",
 ]
@@ -58,16 +61,44 @@ class IndexedInjection(nn.Module):
     Same math as :class:`~shadowpeft.modules.ShadowInjection` (dropout off). Indexing the stacked
     ``[L-1, d, r]`` parameter would reach each MatMul weight through a Gather, which quantizers and
     constant folding do not see through; separate parameters become plain MatMul initializers.
+    ``alpha`` is folded into the up-projection: one Mul fewer per layer, fp32 rounding only.
     """
 
     def __init__(self, injection: ShadowInjection) -> None:
         super().__init__()
         self.downs = nn.ParameterList(_frozen(w) for w in injection.injection_downs)  # (d, r) each
-        self.ups = nn.ParameterList(_frozen(w) for w in injection.injection_ups)  # (r, d) each
-        self.alpha = injection.alpha
+        self.ups = nn.ParameterList(_frozen(injection.alpha * w) for w in injection.injection_ups)  # (r, d) each
 
     def forward(self, h: Tensor, s: Tensor, j: int) -> Tensor:
-        return torch.add(h, ((h - s) @ self.downs[j]) @ self.ups[j], alpha=self.alpha)
+        return h + ((h - s) @ self.downs[j]) @ self.ups[j]
+
+
+class IndexedUpdate(nn.Module):
+    """The update as a graph runs it: ``s + sigmoid(G(u)) * (T(u) - s)`` with ``u = LayerNorm(h)``.
+
+    Same math as :class:`~shadowpeft.modules.ShadowUpdate` (dropout off), written for few graph
+    nodes: the two first projections (gate and transform, both ``d -> g`` then SiLU) are one
+    ``(d, 2g)`` MatMul weight and one SiLU, split after; and the interpolation is ``s + gamma * (t - s)``
+    (``torch.lerp`` traces to a seven-node select between two formulas).
+    """
+
+    def __init__(self, update: ShadowUpdate) -> None:
+        super().__init__()
+        norm = update.hidden_norm
+        self.norm_shape, self.eps = norm.normalized_shape, norm.eps
+        self.norm_weight, self.norm_bias = _frozen(norm.weight), _frozen(norm.bias)
+        self.ins = nn.ParameterList(
+            _frozen(torch.cat([gate[0].weight, transform[0].weight]).t())  # (d, 2g)
+            for gate, transform in zip(update.update_gates, update.update_transforms, strict=True)
+        )
+        self.gate_outs = nn.ParameterList(_frozen(gate[2].weight.t()) for gate in update.update_gates)  # (g, d)
+        self.transform_outs = nn.ParameterList(_frozen(t[3].weight.t()) for t in update.update_transforms)  # (g, d)
+
+    def forward(self, h: Tensor, s: Tensor, j: int) -> Tensor:
+        u = F.layer_norm(h, self.norm_shape, self.norm_weight, self.norm_bias, self.eps)  # (B, T, d)
+        gate, transform = F.silu(u @ self.ins[j]).chunk(2, dim=-1)  # (B, T, g) each
+        gamma = torch.sigmoid(gate @ self.gate_outs[j])  # (B, T, d)
+        return s + gamma * (transform @ self.transform_outs[j] - s)
 
 
 def _frozen(weight: Tensor) -> nn.Parameter:
@@ -75,18 +106,25 @@ def _frozen(weight: Tensor) -> nn.Parameter:
 
 
 @contextlib.contextmanager
-def export_view(model: ShadowForCausalLM) -> Iterator[None]:
-    """The model as graphs trace it: eager attention and :class:`IndexedInjection`; restored after."""
+def export_view(model: ShadowForCausalLM, fusion: Fusion | None = None) -> Iterator[None]:
+    """The model as graphs trace it: eager attention, :class:`IndexedInjection` and :class:`IndexedUpdate`;
+    restored after.
+
+    With ``fusion``, the stacks it names run fused layers (:mod:`shadowpeft.export.fused_layers`).
+    """
+    fusion = fusion or Fusion()
     configs = [model.base_backbone.config, model.shadow_model.config]
     attention = [config._attn_implementation for config in configs]
-    injection = model.shadow_injection_model
+    injection, update = model.shadow_injection_model, model.shadow_update_model
     for config in configs:
         config._attn_implementation = "eager"  # plain MatMul/Softmax ops that every onnxruntime build runs
     model.shadow_injection_model = IndexedInjection(injection)
+    model.shadow_update_model = IndexedUpdate(update)
     try:
-        yield
+        with fused_view(model, base="base" in fusion.stacks, shadow="shadow" in fusion.stacks):
+            yield
     finally:
-        model.shadow_injection_model = injection
+        model.shadow_injection_model, model.shadow_update_model = injection, update
         for config, implementation in zip(configs, attention, strict=True):
             config._attn_implementation = implementation
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from shadowpeft.export.errors import ExportError
+from shadowpeft.export.fused_ops import TRANSLATIONS
 from shadowpeft.runtime.contract import GraphIO, TensorSpec
 
 __all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "export_graph", "external_data_files"]
@@ -80,6 +81,7 @@ def export_graph(
                 dynamic_shapes=dynamic,
                 opset_version=opset,
                 optimize=False,  # see _optimize
+                custom_translation_table=TRANSLATIONS,  # the fused layers' operators (export.fused_ops)
                 verbose=False,
             )
         except Exception as err:  # the exporter raises many types; all mean "could not trace"

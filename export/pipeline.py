@@ -1,6 +1,7 @@
 """``shadow-export``'s work, stage by stage: load, trace, export, validate, quantize, write.
 
-The graphs are traced from :func:`~shadowpeft.export.graphs.export_view` (eager attention, one
+The graphs are traced from :func:`~shadowpeft.export.graphs.export_view` (eager attention or fused
+layers, one
 injection weight per layer) and validated against the model as it is (its own attention
 implementation), so parity also covers the difference between the two.
 """
@@ -21,6 +22,7 @@ import torch
 from shadowpeft import __version__
 from shadowpeft.export.bundle import check_destination, graph_files, staging_directory, write_tokenizer
 from shadowpeft.export.errors import ExportError
+from shadowpeft.export.fused_layers import Fusion, plan_fusion
 from shadowpeft.export.genai_config import write_genai_folder
 from shadowpeft.export.graphs import export_view
 from shadowpeft.export.loading import LoadedCheckpoint, load_checkpoint, read_escalation
@@ -76,6 +78,9 @@ class ExportOptions:
         overwrite: Replace an existing output directory.
         tolerance: Largest allowed |logit difference| between fp32 graphs and PyTorch.
         steps: Cached decode steps of the parity check.
+        ops: ``auto`` (onnxruntime's fused operators for every decoder stack that allows them),
+            ``fused`` (the same, failing for a stack that does not) or ``standard`` (standard ONNX
+            operators only, for providers without onnxruntime's contrib operators).
     """
 
     selections: tuple[str, ...] = ("split",)
@@ -86,6 +91,7 @@ class ExportOptions:
     overwrite: bool = False
     tolerance: float = FP32_LOGIT_TOLERANCE
     steps: int = 8
+    ops: str = "auto"
 
     @property
     def weight_format(self) -> str:
@@ -119,11 +125,12 @@ def export_checkpoint(
     report("load", str(checkpoint))
     escalation = read_escalation(checkpoint)  # a malformed file stops the export before the slow stages
     loaded = load_checkpoint(checkpoint, base=options.base)
+    fusion = plan_fusion(loaded.model, options.ops)
     with staging_directory(out, overwrite=options.overwrite) as root, _scratch(root) as scratch:
-        report("trace", ", ".join(keys))
+        report("trace", f"{', '.join(keys)}; {fusion.describe()}")
         jobs = graph_jobs(loaded.model, keys)
         fp32_root = scratch if fmt.quantizes else root
-        with export_view(loaded.model), torch.no_grad():
+        with export_view(loaded.model, fusion), torch.no_grad():
             for job in jobs:
                 job.wrapper(*job.example)  # fails here, with a PyTorch traceback, before the exporter runs
             for job in jobs:
@@ -137,7 +144,7 @@ def export_checkpoint(
             quantization, quantized = _quantize(loaded, jobs, root, fp32_root, fmt, requested, report)
             figures.update(quantized)
         report("write", str(out))
-        manifest = _manifest(loaded, jobs, root, weights, quantization, options, figures, escalation)
+        manifest = _manifest(loaded, jobs, root, weights, quantization, options, figures, escalation, fusion)
         if options.profile is not None and options.profile.ort_format:
             manifest = _with_ort_copies(manifest, jobs, root)
         manifest.write(root)
@@ -228,6 +235,7 @@ def _manifest(
     options: ExportOptions,
     figures: dict[str, float],
     escalation: Escalation | None,
+    fusion: Fusion,
 ) -> Manifest:
     graphs = {}
     device_bytes = 0
@@ -235,7 +243,17 @@ def _manifest(
         sha, data, size = graph_files(root, job.file, external_data_files(root / job.file))
         graph_weights = weights if job.on_device else FP32
         opset = graph_opset(root / job.file)  # quantizers may raise it (int4 embeddings need 21)
-        graphs[job.key] = GraphSpec(job.file, job.role, opset, job.io.inputs, job.io.outputs, graph_weights, sha, data)
+        graphs[job.key] = GraphSpec(
+            job.file,
+            job.role,
+            opset,
+            job.io.inputs,
+            job.io.outputs,
+            graph_weights,
+            sha,
+            data,
+            fusion.in_graph(job.key),
+        )
         figures[f"{job.key}.bytes"] = size
         device_bytes += size if job.on_device else 0
     if options.profile is not None:

@@ -18,7 +18,8 @@ def summary_lines(manifest: Manifest, profile: DeviceProfile | None) -> list[str
         size = figures.get(f"{key}.bytes", 0) / 2**20
         before = figures.get(f"{key}.fp32_bytes")
         change = f" (fp32 {before / 2**20:.1f} MB)" if before else ""
-        lines.append(f"  {key:<15} {graph.file:<22} {graph.weights:<5} {size:8.1f} MB{change}")
+        ops = f"  fused: {', '.join(graph.fused)}" if graph.fused else ""
+        lines.append(f"  {key:<15} {graph.file:<22} {graph.weights:<5} {size:8.1f} MB{change}{ops}")
     tolerance = figures.get("parity.tolerance", 0)
     lines.append(f"Parity with PyTorch (fp32 graphs, tolerance {tolerance:g} x max(1, max|logit| / 10)):")
     for chain in ("detached", "split", "coupled"):

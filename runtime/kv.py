@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shadowpeft.runtime.contract import TensorSpec, is_past_name, present_name_for
+from shadowpeft.runtime.contract import ATTENTION_MASK, TensorSpec, is_past_name, present_name_for
 
 __all__ = ["KVCache", "kv_bytes_per_token", "kv_inputs"]
 
@@ -95,8 +95,33 @@ class KVCache:
             The outputs by name, and the cache of the next step (the ``present.*`` outputs, P+T positions).
         """
         names = list(output_names)
-        values = dict(zip(names, session.run(names, {**feeds, **self.past}), strict=True))
+        inputs = {**feeds, **self.past}
+        if self._rows_one_at_a_time(feeds):
+            rows = [
+                session.run(names, {name: value[row : row + 1] for name, value in inputs.items()})
+                for row in range(self.batch)
+            ]
+            outputs = [np.concatenate(parts, axis=0) for parts in zip(*rows, strict=True)]
+        else:
+            outputs = session.run(names, inputs)
+        values = dict(zip(names, outputs, strict=True))
         return values, KVCache({name: values[present_name_for(name)] for name in self.past})
+
+    @property
+    def batch(self) -> int:
+        """B, the sequences the cache holds (0 for a graph without KV inputs)."""
+        return next((value.shape[0] for value in self.past.values()), 0)
+
+    def _rows_one_at_a_time(self, feeds: Mapping[str, np.ndarray]) -> bool:
+        """Whether this is a multi-token step of several sequences on a non-empty cache.
+
+        onnxruntime's GroupQueryAttention (fused graphs, ``shadow-export --ops fused``) refuses that
+        shape; rows are independent (every graph input and output is batch-first), so running them
+        one at a time gives the same outputs for either kind of graph.
+        """
+        mask = feeds.get(ATTENTION_MASK)
+        new = mask.shape[1] - self.length if mask is not None else 0
+        return self.batch > 1 and self.length > 0 and new > 1
 
     def step(
         self, session: _Session, output_names: Sequence[str], feeds: Mapping[str, np.ndarray]

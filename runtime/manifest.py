@@ -70,7 +70,8 @@ MANIFEST_NAME = "manifest.json"
 #: 3 added ``tokenizer_sha256``; older manifests still open, with a warning that their tokenizer files
 #: (and chat template) cannot be checked.
 #: 4 added ``interop_files`` (optional: files for other runtimes, such as onnxruntime-genai's config).
-SCHEMA_VERSION = 4
+#: 5 added a graph's ``fused`` (optional: the stacks written with onnxruntime's fused operators).
+SCHEMA_VERSION = 5
 #: The first schema version whose manifests must state ``vocab_size``.
 _VOCAB_SIZE_SINCE = 2
 #: The first schema version whose manifests must give every tokenizer file's sha256.

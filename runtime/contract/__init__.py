@@ -48,7 +48,7 @@ from shadowpeft.runtime.contract.graph_io import (
     present_name_for,
 )
 from shadowpeft.runtime.contract.padding import left_pad, positions_for
-from shadowpeft.runtime.contract.specs import DTYPES, ROLES, GraphRole, GraphSpec, TensorSpec
+from shadowpeft.runtime.contract.specs import DTYPES, ROLES, STACKS, GraphRole, GraphSpec, TensorSpec
 from shadowpeft.runtime.contract.weights import (
     FP16,
     FP32,
@@ -99,6 +99,7 @@ __all__ = [
     "PAST_SEQUENCE",
     "POSITION_IDS",
     "ROLES",
+    "STACKS",
     "SEQUENCE",
     "SEQUENCE_END",
     "SEQUENCE_ID",

@@ -28,13 +28,15 @@ from shadowpeft.runtime.contract.fields import (
 )
 from shadowpeft.runtime.contract.weights import WEIGHT_FORMATS, WeightFormat
 
-__all__ = ["DTYPES", "ROLES", "GraphRole", "GraphSpec", "TensorSpec", "graph_problems", "tensor_problems"]
+__all__ = ["DTYPES", "ROLES", "STACKS", "GraphRole", "GraphSpec", "TensorSpec", "graph_problems", "tensor_problems"]
 
 #: Tensor element types a graph input or output may have (ONNX names, lower case).
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 
 GraphRole = Literal["detached-shadow", "head", "cloud-backbone", "coupled"]
 ROLES: tuple[str, ...] = get_args(GraphRole)
+#: The decoder stacks a graph may run, named in :attr:`GraphSpec.fused`.
+STACKS: tuple[str, ...] = ("shadow", "base")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ class GraphSpec:
         external_data: External-data files of the graph (relative path -> sha256). The runtime
             lets onnxruntime read their location from the model; this only lists them for
             :func:`~shadowpeft.runtime.manifest.verify_files` and for copying.
+        fused: The decoder stacks (:data:`STACKS`) this graph runs with onnxruntime's fused
+            operators (``com.microsoft`` GroupQueryAttention, RotaryEmbedding,
+            SkipSimplifiedLayerNormalization; ``shadow-export --ops``); empty: standard ONNX operators only.
 
     Raises:
         ManifestError: On construction, listing every invalid field.
@@ -103,9 +108,10 @@ class GraphSpec:
     weights: WeightFormat
     sha256: str
     external_data: dict[str, str] = field(default_factory=dict)
+    fused: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("inputs", "outputs"):
+        for name in ("inputs", "outputs", "fused"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         problems = instance_problems(self.inputs, TensorSpec, "inputs")
@@ -135,19 +141,29 @@ class GraphSpec:
         inputs = tuple(TensorSpec.from_dict(spec) for spec in data["inputs"])
         outputs = tuple(TensorSpec.from_dict(spec) for spec in data["outputs"])
         return cls(
-            **{**data, "inputs": inputs, "outputs": outputs, "external_data": dict(data.get("external_data", {}))}
+            **{
+                **data,
+                "inputs": inputs,
+                "outputs": outputs,
+                "external_data": dict(data.get("external_data", {})),
+                "fused": tuple(data.get("fused", ())),
+            }
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the JSON form."""
         inputs = [spec.to_dict() for spec in self.inputs]
         outputs = [spec.to_dict() for spec in self.outputs]
-        return {
+        data = {
             **shallow_values(self),
             "inputs": inputs,
             "outputs": outputs,
             "external_data": dict(self.external_data),
+            "fused": list(self.fused),
         }
+        if not self.fused:  # absent for a standard graph: its JSON reads as before schema 5
+            del data["fused"]
+        return data
 
 
 # --- validation of the JSON form ------------------------------------------------------------------
@@ -215,4 +231,9 @@ def graph_problems(data: Any, where: str) -> list[str]:
             place = f"{at(where, 'external_data')}[{relative!r}]"
             check_path(relative, place, problems)
             check_sha256(sha256, place, problems)
+    if "fused" in data and check_kind(data["fused"], at(where, "fused"), problems, array=True):
+        for index, stack in enumerate(data["fused"]):
+            check_choice(stack, f"{at(where, 'fused')}[{index}]", problems, allowed=STACKS, what="a decoder stack")
+        if len(set(map(str, data["fused"]))) != len(data["fused"]):
+            problems.append(f"{at(where, 'fused')} names a stack twice; got {data['fused']!r}. Re-export.")
     return problems

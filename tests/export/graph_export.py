@@ -8,6 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
+from shadowpeft.export.fused_layers import Fusion
 from shadowpeft.export.graphs import export_view
 from shadowpeft.export.onnx_export import export_graph
 from shadowpeft.export.plan import graph_jobs
@@ -30,10 +31,12 @@ class Exported:
         return {key: ort.InferenceSession(str(path), options) for key, path in (files or self.files).items()}
 
 
-def export_graphs(model: ShadowForCausalLM, root: Path, keys: tuple[str, ...] = ALL_GRAPHS) -> Exported:
-    """Trace ``keys`` of ``model`` into ``root`` exactly as the pipeline does."""
+def export_graphs(
+    model: ShadowForCausalLM, root: Path, keys: tuple[str, ...] = ALL_GRAPHS, fusion: Fusion | None = None
+) -> Exported:
+    """Trace ``keys`` of ``model`` into ``root`` exactly as the pipeline does (standard operators unless ``fusion``)."""
     files, ios = {}, {}
-    with export_view(model), torch.no_grad():
+    with export_view(model, fusion), torch.no_grad():
         for job in graph_jobs(model, keys):
             path = root / job.file
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -67,9 +67,9 @@ def test_graph_structure_heads_are_weights_and_no_unused_last_update(arch, tmp_p
         if key != CLOUD_BACKBONE:
             assert (d, vocab) in weights, f"{key}: the head is not a ({d}, {vocab}) MatMul initializer"
         if key in (CLOUD_BACKBONE, COUPLED):
-            # Updates run after base layers 1..L-2: two d->g MatMuls (gate, transform) each; the
-            # update after the last layer, whose output nothing reads, is not in the graph.
-            assert weights.count((d, g)) == 2 * (model.num_layers - 2), key
+            # Updates run after base layers 1..L-2: one d->2g MatMul (gate and transform inputs) each;
+            # the update after the last layer, whose output nothing reads, is not in the graph.
+            assert weights.count((d, 2 * g)) == model.num_layers - 2, key
             # One injection up-projection (r, d) per base layer from layer 1 on, each its own weight.
             r = model.shadow_config.injection.rank
             assert weights.count((r, d)) == model.num_layers - 1, key

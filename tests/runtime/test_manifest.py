@@ -130,7 +130,7 @@ def test_graph_lookup_names_available_graphs(data: dict[str, Any]) -> None:
 
 def test_constants() -> None:
     assert MANIFEST_NAME == "manifest.json"
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     assert DTYPES == ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
     assert ROLES == ("detached-shadow", "head", "cloud-backbone", "coupled")
 
