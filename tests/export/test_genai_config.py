@@ -115,7 +115,7 @@ def test_context_length_is_the_base_limit_capped_by_the_profile():
 def test_coupled_only_export_writes_no_genai_config():
     from shadowpeft.export.genai_config import write_genai_folder
 
-    assert write_genai_folder(Path("unused"), None, None, None, ()) is None
+    assert write_genai_folder(Path("unused"), None, None, None) is None
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int4"])
