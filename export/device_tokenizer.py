@@ -23,7 +23,7 @@ from typing import Any
 
 from shadowpeft.runtime.atomic import write_atomic
 from shadowpeft.runtime.contract import ATTENTION_MASK, INPUT_IDS, GraphSpec
-from shadowpeft.runtime.manifest import file_sha256
+from shadowpeft.runtime.manifest_files import file_sha256
 
 __all__ = ["TOKENIZER_CONFIG_NAME", "copy_tokenizer_files", "tokenizer_config"]
 

@@ -50,7 +50,7 @@ from shadowpeft.runtime.contract import (
     present_key_name,
 )
 from shadowpeft.runtime.devices import DeviceProfile
-from shadowpeft.runtime.manifest import file_sha256
+from shadowpeft.runtime.manifest_files import file_sha256
 
 __all__ = ["GENAI_CONFIG_NAME", "GENAI_MODEL_TYPE", "SpecialTokens", "genai_config", "write_genai_folder"]
 

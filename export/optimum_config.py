@@ -43,7 +43,7 @@ from shadowpeft.export.errors import ExportError
 from shadowpeft.heads import ShadowForCausalLM
 from shadowpeft.runtime.atomic import write_atomic
 from shadowpeft.runtime.contract import GraphSpec, StackLayout, declared_stack_layout, past_key_name
-from shadowpeft.runtime.manifest import file_sha256
+from shadowpeft.runtime.manifest_files import file_sha256
 
 __all__ = [
     "GENERATION_CONFIG_NAME",

@@ -48,7 +48,8 @@ from shadowpeft.runtime.contract import (
     ort_copy_key,
 )
 from shadowpeft.runtime.devices import DeviceProfile
-from shadowpeft.runtime.manifest import SCHEMA_VERSION, Escalation, Manifest, file_sha256
+from shadowpeft.runtime.manifest import SCHEMA_VERSION, Escalation, Manifest
+from shadowpeft.runtime.manifest_files import file_sha256
 
 __all__ = [
     "STAGES",

@@ -12,7 +12,8 @@ from shadowpeft.export.errors import ExportError
 from shadowpeft.export.genai_config import GENAI_CONFIG_NAME, SpecialTokens, genai_config
 from shadowpeft.runtime.contract import DEVICE_SHADOW, GraphSpec, detached_shadow_io
 from shadowpeft.runtime.errors import ManifestError
-from shadowpeft.runtime.manifest import Manifest, verify_files
+from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest_files import verify_files
 from tests.export.genai_run import genai_greedy, runtime_greedy
 
 PROMPTS = ([2, 10, 11, 12], [2, 20, 30, 40, 50, 60], [2, 7])

@@ -23,7 +23,8 @@ from shadowpeft.export.device_tokenizer import TOKENIZER_CONFIG_NAME
 from shadowpeft.export.optimum_config import GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME
 from shadowpeft.export.pipeline import ExportOptions, export_checkpoint, quantize_export
 from shadowpeft.runtime.errors import ManifestError
-from shadowpeft.runtime.manifest import Manifest, verify_files
+from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest_files import verify_files
 from tests.conftest import perturb
 from tests.interop.optimum_stack import optimum_python, probe, runtime_greedy
 from tests.toy import save_toy_base
