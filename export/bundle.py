@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from shadowpeft.export.errors import ExportError
 from shadowpeft.runtime import atomic
-from shadowpeft.runtime.manifest import MANIFEST_NAME, file_sha256
+from shadowpeft.runtime.manifest import MANIFEST_NAME
+from shadowpeft.runtime.manifest_files import file_sha256
 
 __all__ = ["TOKENIZER_DIR", "check_destination", "graph_files", "staging_directory", "write_tokenizer"]
 

@@ -9,6 +9,7 @@ generates with it::
       shadow.onnx               model.decoder.filename (the detached shadow, any weight format)
       genai_config.json         written here, from the manifest's GraphSpec of device/shadow
       tokenizer.json ...        copies of export/tokenizer/*: onnxruntime-genai reads them beside the config
+                                (written once for it and Optimum by shadowpeft.export.device_tokenizer)
 
 Every input and output name in the config comes from the graph's declared I/O (the names are Optimum's,
 which are also onnxruntime-genai's defaults), so the config cannot drift from the graph. Three choices
@@ -22,14 +23,12 @@ follow from the graph itself:
   another KV layout).
 * The EOS, BOS and pad ids are the tokenizer's, as ``shadow-run`` reads them, so both stop on the same token.
 
-The files written are returned with their sha256 for the manifest's ``interop_files``.
+The config is returned with its sha256 for the manifest's ``interop_files``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
@@ -51,7 +50,7 @@ from shadowpeft.runtime.contract import (
     present_key_name,
 )
 from shadowpeft.runtime.devices import DeviceProfile
-from shadowpeft.runtime.manifest import file_sha256
+from shadowpeft.runtime.manifest_files import file_sha256
 
 __all__ = ["GENAI_CONFIG_NAME", "GENAI_MODEL_TYPE", "SpecialTokens", "genai_config", "write_genai_folder"]
 
@@ -154,32 +153,27 @@ def write_genai_folder(
     spec: GraphSpec | None,
     model: ShadowForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    tokenizer_files: Iterable[str],
     *,
     profile: DeviceProfile | None = None,
 ) -> dict[str, str] | None:
-    """Writes ``genai_config.json`` and tokenizer copies beside the detached shadow graph of the export ``root``.
+    """Writes ``genai_config.json`` beside the detached shadow graph of the export ``root``.
+
+    The tokenizer files onnxruntime-genai also reads there are written by
+    :func:`~shadowpeft.export.device_tokenizer.copy_tokenizer_files`.
 
     Args:
         root: The export directory (its graphs and ``tokenizer/`` already written).
         spec: The manifest's ``device/shadow`` graph, or ``None`` when the export has none (nothing is written).
         model: The exported model (shadow stack sizes, base context length).
         tokenizer: Its tokenizer (special token ids).
-        tokenizer_files: The export's tokenizer files, relative to ``root``; copied into the graph's folder.
         profile: Device profile; its ``max_context`` caps the context length.
 
     Returns:
-        sha256 of every file written, by its path relative to ``root`` (the manifest's ``interop_files``),
+        sha256 of the file written, by its path relative to ``root`` (for the manifest's ``interop_files``),
         or ``None`` when ``spec`` is ``None``.
     """
     if spec is None:
         return None
-    folder = PurePosixPath(spec.file).parent
-    written = []
-    for relative in tokenizer_files:
-        target = folder / PurePosixPath(relative).name
-        shutil.copyfile(root / relative, root / target)
-        written.append(target.as_posix())
     shadow = model.shadow_model.config
     config = genai_config(
         spec,
@@ -189,10 +183,9 @@ def write_genai_folder(
         vocab_size=model.base.get_output_embeddings().weight.shape[0],
         tokens=SpecialTokens.from_tokenizer(tokenizer),
     )
-    target = folder / GENAI_CONFIG_NAME
+    target = PurePosixPath(spec.file).parent / GENAI_CONFIG_NAME
     write_atomic(root / target, json.dumps(config, indent=2) + "\n")
-    written.append(target.as_posix())
-    return {relative: file_sha256(root / relative) for relative in sorted(written)}
+    return {target.as_posix(): file_sha256(root / target)}
 
 
 def _context_length(model: ShadowForCausalLM, profile: DeviceProfile | None) -> int:

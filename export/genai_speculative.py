@@ -33,7 +33,8 @@ from shadowpeft.export.errors import ExportError
 from shadowpeft.export.genai_config import GENAI_CONFIG_NAME
 from shadowpeft.runtime import atomic
 from shadowpeft.runtime.contract import DEVICE_SHADOW, GraphSpec
-from shadowpeft.runtime.manifest import Manifest, verify_files
+from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest_files import verify_files
 
 __all__ = ["DEFAULT_DRAFT_TOKENS", "speculative_config", "write_speculative_folder"]
 

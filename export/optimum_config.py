@@ -11,9 +11,8 @@ export writes what it needs beside the detached shadow graph::
                                 the base vocabulary and the tokenizer's special ids; transformers 4.x and 5.x
                                 read it alike (shadowpeft.checkpoint.hf_config)
       generation_config.json    bos/eos/pad ids, greedy by default
-      tokenizer_config.json     the tokenizer as transformers 4.57 reads it (PreTrainedTokenizerFast, left
-                                padding, input_ids + attention_mask only)
-      tokenizer.json ...        copies of export/tokenizer/* (the runtime keeps reading those)
+      tokenizer_config.json     the tokenizer as transformers 4.57 reads it, and tokenizer.json ...: written
+                                once for Optimum and onnxruntime-genai (shadowpeft.export.device_tokenizer)
 
 and loads with::
 
@@ -28,14 +27,12 @@ Optimum sizes the empty KV of the first step as ``hidden_size // num_attention_h
 types (``head_dim`` only for gemma and a few others), so a stack whose head size differs from that ratio
 (Qwen3's larger models) does not load; the config keeps the true sizes rather than ones bent to fit.
 
-The files written are returned with their sha256 for the manifest's ``interop_files``.
+The configs written are returned with their sha256 for the manifest's ``interop_files``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -45,31 +42,18 @@ from shadowpeft.checkpoint.hf_config import portable_config
 from shadowpeft.export.errors import ExportError
 from shadowpeft.heads import ShadowForCausalLM
 from shadowpeft.runtime.atomic import write_atomic
-from shadowpeft.runtime.contract import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    GraphSpec,
-    StackLayout,
-    declared_stack_layout,
-    past_key_name,
-)
-from shadowpeft.runtime.manifest import file_sha256
+from shadowpeft.runtime.contract import GraphSpec, StackLayout, declared_stack_layout, past_key_name
+from shadowpeft.runtime.manifest_files import file_sha256
 
 __all__ = [
     "GENERATION_CONFIG_NAME",
     "MODEL_CONFIG_NAME",
-    "TOKENIZER_CONFIG_NAME",
     "model_config",
-    "tokenizer_config",
     "write_optimum_folder",
 ]
 
 MODEL_CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
-TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
-#: A tokenizer class every transformers version reads from ``tokenizer.json`` alone (5.x writes
-#: ``TokenizersBackend``, which 4.57 does not know).
-_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 
 def model_config(
@@ -103,37 +87,22 @@ def model_config(
     return portable_config(config)
 
 
-def tokenizer_config(data: dict[str, Any]) -> dict[str, Any]:
-    """The export's ``tokenizer_config.json`` as transformers 4.57 (and 5.x) reads it for Optimum.
-
-    The class becomes ``PreTrainedTokenizerFast``; ``model_input_names`` are the graph's (4.57's default
-    adds ``token_type_ids``, which generation would then feed the graph); padding is on the left, as
-    batched decoding with a KV cache needs.
-    """
-    return {
-        **data,
-        "tokenizer_class": _TOKENIZER_CLASS,
-        "model_input_names": [INPUT_IDS, ATTENTION_MASK],
-        "padding_side": "left",
-    }
-
-
 def write_optimum_folder(
     root: Path,
     spec: GraphSpec | None,
     model: ShadowForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    tokenizer_files: Iterable[str],
 ) -> dict[str, str] | None:
-    """Writes Optimum's files beside the detached shadow graph of the export ``root``.
+    """Writes Optimum's configs beside the detached shadow graph of the export ``root``.
+
+    The tokenizer files Optimum also reads there are written by
+    :func:`~shadowpeft.export.device_tokenizer.copy_tokenizer_files`.
 
     Args:
         root: The export directory (its graphs and ``tokenizer/`` already written).
         spec: The manifest's ``device/shadow`` graph, or ``None`` when the export has none (nothing is written).
         model: The exported model (the shadow stack's config, the base vocabulary).
         tokenizer: Its tokenizer (special token ids).
-        tokenizer_files: The export's tokenizer files, relative to ``root``; copied into the graph's folder,
-            ``tokenizer_config.json`` rewritten by :func:`tokenizer_config`.
 
     Returns:
         sha256 of every file written, by its path relative to ``root`` (for the manifest's ``interop_files``),
@@ -142,19 +111,11 @@ def write_optimum_folder(
     if spec is None:
         return None
     folder = PurePosixPath(spec.file).parent
-    written = []
-    for relative in tokenizer_files:
-        source, target = root / relative, folder / PurePosixPath(relative).name
-        if target.name == TOKENIZER_CONFIG_NAME:
-            data = tokenizer_config(json.loads(source.read_text(encoding="utf-8")))
-            write_atomic(root / target, json.dumps(data, indent=2, sort_keys=True) + "\n")
-        else:
-            shutil.copyfile(source, root / target)
-        written.append(target)
     special = _special_ids(tokenizer)
     vocab_size = model.base.get_output_embeddings().weight.shape[0]
     config = model_config(model.shadow_model.config.to_diff_dict(), spec, vocab_size=vocab_size, special=special)
     generation = {**special, "do_sample": False}
+    written = []
     for name, data in ((MODEL_CONFIG_NAME, config), (GENERATION_CONFIG_NAME, generation)):
         write_atomic(root / folder / name, json.dumps(data, indent=2, sort_keys=True) + "\n")
         written.append(folder / name)

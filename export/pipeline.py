@@ -21,6 +21,7 @@ import torch
 
 from shadowpeft import __version__
 from shadowpeft.export.bundle import check_destination, graph_files, staging_directory, write_tokenizer
+from shadowpeft.export.device_tokenizer import copy_tokenizer_files
 from shadowpeft.export.errors import ExportError
 from shadowpeft.export.fused_layers import Fusion, plan_fusion
 from shadowpeft.export.genai_config import write_genai_folder
@@ -49,7 +50,8 @@ from shadowpeft.runtime.contract import (
     ort_copy_key,
 )
 from shadowpeft.runtime.devices import DeviceProfile
-from shadowpeft.runtime.manifest import SCHEMA_VERSION, Escalation, Manifest, file_sha256
+from shadowpeft.runtime.manifest import SCHEMA_VERSION, Escalation, Manifest
+from shadowpeft.runtime.manifest_files import file_sha256
 
 __all__ = [
     "STAGES",
@@ -276,18 +278,29 @@ def _manifest(
         vocab_size=model.base.get_output_embeddings().weight.shape[0],
         escalation=escalation,
         tokenizer_sha256={relative: file_sha256(root / relative) for relative in tokenizer_files},
-        # genai first: the Optimum writer then replaces device/tokenizer_config.json with a transformers 4.57 form
-        interop_files={
-            **(
-                write_genai_folder(
-                    root, graphs.get(DEVICE_SHADOW), model, loaded.tokenizer, tokenizer_files, profile=options.profile
-                )
-                or {}
-            ),
-            **(write_optimum_folder(root, graphs.get(DEVICE_SHADOW), model, loaded.tokenizer, tokenizer_files) or {}),
-        }
-        or None,
+        interop_files=_interop_files(root, graphs.get(DEVICE_SHADOW), loaded, tokenizer_files, options.profile),
     )
+
+
+def _interop_files(
+    root: Path,
+    device: GraphSpec | None,
+    loaded: LoadedCheckpoint,
+    tokenizer_files: tuple[str, ...],
+    profile: DeviceProfile | None,
+) -> dict[str, str] | None:
+    """Writes what other runtimes read beside the detached shadow graph ``device``; their sha256 by path.
+
+    onnxruntime-genai and Optimum read one folder: the tokenizer copies are written once for both, then
+    each runtime's configs. ``None`` (nothing written) for an export without a detached shadow graph.
+    """
+    if device is None:
+        return None
+    return {
+        **copy_tokenizer_files(root, device, tokenizer_files),
+        **write_genai_folder(root, device, loaded.model, loaded.tokenizer, profile=profile),
+        **write_optimum_folder(root, device, loaded.model, loaded.tokenizer),
+    }
 
 
 def _with_ort_copies(manifest: Manifest, jobs: list[GraphJob], root: Path) -> Manifest:

@@ -43,7 +43,8 @@ from shadowpeft.runtime.contract import (
     present_key_name,
 )
 from shadowpeft.runtime.errors import ManifestError
-from shadowpeft.runtime.manifest import Manifest, verify_files
+from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest_files import verify_files
 
 __all__ = [
     "CLOUD_GRAPH",

@@ -19,7 +19,8 @@ from shadowpeft.runtime.contract import GraphSpec
 from shadowpeft.runtime.devices import DeviceProfile
 from shadowpeft.runtime.errors import ExportLoadError
 from shadowpeft.runtime.graph_format import GraphFormat, graph_sources, unread_files
-from shadowpeft.runtime.manifest import Manifest, export_file, verify_files
+from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest_files import export_file, verify_files
 
 __all__ = ["ExportDir", "open_export", "session_options"]
 

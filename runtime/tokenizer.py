@@ -2,7 +2,7 @@
 
 Reads ``tokenizer.json``, ``tokenizer_config.json`` (special tokens, and the chat template when it
 is stored there) and ``chat_template.jinja`` from the files the manifest lists, never through a symbolic
-link or from outside the export (:func:`~shadowpeft.runtime.manifest.export_file`). The template is
+link or from outside the export (:func:`~shadowpeft.runtime.manifest_files.export_file`). The template is
 rendered in jinja2's sandbox, as Hugging Face renders it, within the bounds of
 :class:`~shadowpeft.runtime.chat_template.ChatTemplate`, and the result is encoded without adding special
 tokens (the template writes them).
@@ -20,7 +20,8 @@ from tokenizers import Tokenizer
 
 from shadowpeft.runtime.chat_template import ChatTemplate, TemplateLimits
 from shadowpeft.runtime.errors import ExportLoadError
-from shadowpeft.runtime.manifest import Manifest, export_file
+from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest_files import export_file
 
 __all__ = ["RuntimeTokenizer"]
 

@@ -91,7 +91,7 @@ class GraphSpec:
         sha256: Lower-case hex sha256 of ``file``.
         external_data: External-data files of the graph (relative path -> sha256). The runtime
             lets onnxruntime read their location from the model; this only lists them for
-            :func:`~shadowpeft.runtime.manifest.verify_files` and for copying.
+            :func:`~shadowpeft.runtime.manifest_files.verify_files` and for copying.
         fused: The decoder stacks (:data:`STACKS`) this graph runs with onnxruntime's fused
             operators (``com.microsoft`` GroupQueryAttention, RotaryEmbedding,
             SkipSimplifiedLayerNormalization; ``shadow-export --ops``); empty: standard ONNX operators only.

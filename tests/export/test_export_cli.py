@@ -20,7 +20,8 @@ from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export import pipeline
 from shadowpeft.export.cli import main
 from shadowpeft.runtime.export_dir import open_export
-from shadowpeft.runtime.manifest import MANIFEST_NAME, Escalation, Manifest, verify_files
+from shadowpeft.runtime.manifest import MANIFEST_NAME, Escalation, Manifest
+from shadowpeft.runtime.manifest_files import verify_files
 from shadowpeft.train.selective import ESCALATION_NAME, EscalationRecord
 from tests.conftest import perturb
 from tests.modes import set_umask, wrong_modes

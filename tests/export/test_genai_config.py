@@ -12,7 +12,8 @@ from shadowpeft.export.errors import ExportError
 from shadowpeft.export.genai_config import GENAI_CONFIG_NAME, SpecialTokens, genai_config
 from shadowpeft.runtime.contract import DEVICE_SHADOW, GraphSpec, detached_shadow_io
 from shadowpeft.runtime.errors import ManifestError
-from shadowpeft.runtime.manifest import Manifest, verify_files
+from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest_files import verify_files
 from tests.export.genai_run import genai_greedy, runtime_greedy
 
 PROMPTS = ([2, 10, 11, 12], [2, 20, 30, 40, 50, 60], [2, 7])
@@ -115,7 +116,7 @@ def test_context_length_is_the_base_limit_capped_by_the_profile():
 def test_coupled_only_export_writes_no_genai_config():
     from shadowpeft.export.genai_config import write_genai_folder
 
-    assert write_genai_folder(Path("unused"), None, None, None, ()) is None
+    assert write_genai_folder(Path("unused"), None, None, None) is None
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int4"])

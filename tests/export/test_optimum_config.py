@@ -19,10 +19,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from shadowpeft import get_shadow_model
 from shadowpeft.checkpoint.hf_config import write_portable_config
 from shadowpeft.checkpoint.store import save_shadow
-from shadowpeft.export.optimum_config import GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TOKENIZER_CONFIG_NAME
+from shadowpeft.export.device_tokenizer import TOKENIZER_CONFIG_NAME
+from shadowpeft.export.optimum_config import GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME
 from shadowpeft.export.pipeline import ExportOptions, export_checkpoint, quantize_export
 from shadowpeft.runtime.errors import ManifestError
-from shadowpeft.runtime.manifest import Manifest, verify_files
+from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest_files import verify_files
 from tests.conftest import perturb
 from tests.interop.optimum_stack import optimum_python, probe, runtime_greedy
 from tests.toy import save_toy_base
@@ -69,6 +71,16 @@ def test_device_folder_carries_optimum_files_sealed_in_the_manifest(exports) -> 
         verify_files(root)
     (device / MODEL_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     verify_files(root)
+
+
+def test_interop_files_are_the_device_folder_less_its_graphs(exports) -> None:
+    """Every file written for onnxruntime-genai and Optimum is sealed, the shared tokenizer copies included."""
+    root = exports["fp32"]
+    manifest = Manifest.from_file(root)
+    graphs = {name for spec in manifest.graphs.values() for name in (spec.file, *spec.external_data)}
+    written = {path.relative_to(root).as_posix() for path in (root / "device").iterdir()} - graphs
+    assert sorted(manifest.interop_files) == sorted(written)
+    assert {f"device/{name}" for name in ("genai_config.json", "tokenizer.json")} <= written
 
 
 @pytest.mark.parametrize("weights", ["fp32", "int8"])

@@ -22,7 +22,8 @@ from shadowpeft.export.triton import (
     write_triton_repository,
 )
 from shadowpeft.export.triton_cli import main
-from shadowpeft.runtime.manifest import Manifest, file_sha256
+from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest_files import file_sha256
 from tests.runtime.conftest import toy_export  # noqa: F401  (fixture re-export)
 from tests.tolerances import CACHED_VS_FULL_FP32
 

@@ -12,7 +12,8 @@ from jinja2.exceptions import TemplateError
 
 from shadowpeft.runtime.chat_template import ChatTemplate, TemplateLimits
 from shadowpeft.runtime.errors import ChatTemplateError, ManifestError
-from shadowpeft.runtime.manifest import MANIFEST_NAME, Manifest, file_sha256
+from shadowpeft.runtime.manifest import MANIFEST_NAME, Manifest
+from shadowpeft.runtime.manifest_files import file_sha256
 from shadowpeft.runtime.run_cli import main as run_main
 from shadowpeft.runtime.tokenizer import RuntimeTokenizer
 

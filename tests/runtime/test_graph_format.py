@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from shadowpeft.runtime.errors import ExportLoadError, ManifestError
 from shadowpeft.runtime.export_dir import open_export
 from shadowpeft.runtime.generate import Generator
-from shadowpeft.runtime.manifest import Manifest, file_sha256
+from shadowpeft.runtime.manifest import Manifest
+from shadowpeft.runtime.manifest_files import file_sha256
 from shadowpeft.runtime.run_cli import main
 from shadowpeft.runtime.sampling import SamplingConfig
 

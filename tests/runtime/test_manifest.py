@@ -14,15 +14,8 @@ import pytest
 
 from shadowpeft.runtime.contract import DTYPES, ROLES, GraphSpec, TensorSpec
 from shadowpeft.runtime.errors import ManifestError
-from shadowpeft.runtime.manifest import (
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-    Escalation,
-    Manifest,
-    export_file,
-    file_sha256,
-    verify_files,
-)
+from shadowpeft.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Escalation, Manifest
+from shadowpeft.runtime.manifest_files import export_file, file_sha256, verify_files
 
 SHA_A = "a" * 64
 SHA_EMPTY_OBJECT = hashlib.sha256(b"{}").hexdigest()  # what _export_dir writes into each tokenizer file
@@ -621,7 +614,7 @@ def test_schema_2_export_opens_with_a_warning_that_its_tokenizer_is_unchecked(
     del data["tokenizer_sha256"]
     export = _export_dir(tmp_path, data)
     assert "tokenizer_sha256" not in json.loads((export / MANIFEST_NAME).read_text())
-    with caplog.at_level("WARNING", logger="shadowpeft.runtime.manifest"):
+    with caplog.at_level("WARNING", logger="shadowpeft.runtime.manifest_files"):
         manifest = verify_files(export)
     assert manifest.tokenizer_sha256 is None
     assert "records no sha256 for its tokenizer files" in caplog.text and "Re-export" in caplog.text

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from shadowpeft import get_shadow_model
 from shadowpeft.checkpoint.store import save_shadow
 from shadowpeft.export.cli import main
-from shadowpeft.runtime.manifest import verify_files
+from shadowpeft.runtime.manifest_files import verify_files
 from shadowpeft.runtime.tokenizer import RuntimeTokenizer
 from tests.conftest import perturb
 from tests.export.genai_run import genai_greedy, runtime_greedy
