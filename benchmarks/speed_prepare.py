@@ -7,7 +7,10 @@ Exports (one folder each under the work directory)::
     export-int8/   the same graphs with the on-device ones (device/shadow, device/head, coupled)
     export-int4/   passed through export.quantize.quantize_graph with the pipeline's defaults (int4:
                    block 32, accuracy level 4); cloud/backbone stays fp32, as in the pipeline.
-                   manifest.json is rewritten with the new hashes and weight formats.
+                   manifest.json is rewritten with the new hashes and weight formats. These graphs
+                   use onnxruntime's fused operators (shadow-export's default, --ops auto).
+    export-std-<w>/  the coupled graph exported with --ops standard (plain ONNX operators), quantized
+                   the same way: the fused graphs' comparison.
     plain-<w>/base.onnx   the plain base model (no adapter) as one graph: embed -> base layers ->
                    final norm -> head as a (d, V) MatMul weight, KV cache in and out like the
                    export's graphs; fp32 traced with export_graph, int8/int4 by quantize_graph.
@@ -127,6 +130,12 @@ def prepare(work: Path, base: str, *, prompt_tokens: int, smoke: bool, threads: 
         progress(f"quantize the on-device graphs to {weights}")
         exports[weights] = work / f"export-{weights}"
         quantize_export(exports["fp32"], exports[weights], weights=weights)
+    progress("export the coupled graph with standard operators only (--ops standard), for comparison")
+    standard = {"fp32": work / "export-std-fp32"}
+    export_checkpoint(work / "ckpt", standard["fp32"], ExportOptions(selections=("coupled",), ops="standard"))
+    for weights in WEIGHTS[1:]:
+        standard[weights] = work / f"export-std-{weights}"
+        quantize_export(standard["fp32"], standard[weights], weights=weights)
     progress("export the plain base graph")
     plain = {"fp32": work / "plain-fp32" / PLAIN_GRAPH}
     diff = export_plain_base(base, plain["fp32"], prompt)
@@ -137,6 +146,7 @@ def prepare(work: Path, base: str, *, prompt_tokens: int, smoke: bool, threads: 
     graphs = {f"plain-{w}": str(path) for w, path in plain.items()}
     for kind, file in GRAPH_FILES.items():
         graphs |= {f"{kind}-{w}": str(root / file) for w, root in exports.items()}
+    graphs |= {f"coupled-std-{w}": str(root / GRAPH_FILES["coupled"]) for w, root in standard.items()}
     files = {name: graph_bytes(Path(path)) for name, path in graphs.items()}
     for weights, root in exports.items():
         files[f"split-{weights}-device"] = sum(

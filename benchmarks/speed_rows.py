@@ -87,6 +87,16 @@ def rows(*, split_weights: str, delay_ms: float) -> tuple[RowSpec, ...]:
                     f"ort-{graph}-{weights}", f"{name}, onnxruntime {weights}", "ort", f"{graph}-{weights}", reference
                 )
             )
+    for weights in ("fp32", "int8", "int4"):  # the same coupled graph without onnxruntime's fused operators
+        table.append(
+            RowSpec(
+                f"ort-coupled-std-{weights}",
+                f"shadowpeft coupled graph, standard ONNX operators (--ops standard), onnxruntime {weights}",
+                "ort",
+                f"coupled-std-{weights}",
+                "torch-base" if weights == "fp32" else f"ort-plain-{weights}",  # as the fused rows
+            )
+        )
     for weights in ("fp32", "int8", "int4"):  # the anchor: what a user would run for a merged LoRA
         table.append(
             RowSpec(
