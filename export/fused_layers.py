@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,8 @@ OPS = ("auto", "fused", "standard")
 #: The decoder stacks each graph runs.
 GRAPH_STACKS = {DEVICE_SHADOW: ("shadow",), DEVICE_HEAD: (), CLOUD_BACKBONE: ("base",), COUPLED: STACKS}
 
-#: Rotary scalings whose tables do not depend on the sequence length, so one table serves all positions.
+#: Rotary scalings whose values for a position do not depend on the sequence length (a traced graph
+#: would freeze a length-dependent one at the tracing example's length).
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 #: Fused vs HF layer on random inputs, relative to the layer's largest output (fp32 rounding is ~1e-7 of it;
 #: a different norm or activation is off by whole units).
@@ -103,10 +104,45 @@ def _norm_eps(norm: nn.Module) -> float | None:
     return float(eps) if eps is not None else None
 
 
-class FusedLayer(nn.Module):
-    """One decoder layer: ``(h, mask, positions, past k, past v) -> (h, present k, present v)``."""
+class StepInputs(NamedTuple):
+    """What every fused layer of a stack reads besides ``h`` and its cache; built once per forward.
 
-    def __init__(self, layer: nn.Module, tables: tuple[Tensor, Tensor], dims: tuple[int, int, int]) -> None:
+    Attributes:
+        mask: (B, 1, T, P+T) additive mask.
+        seqlens_k, total: :func:`~shadowpeft.export.fused_ops.lengths` of ``mask``.
+        cos, sin: (B*T, head_dim/2) rotary values of the new tokens (the stack's own rotary module's,
+            one half of its rotate-half layout), so no position has to fit a precomputed table.
+        rows: (B, T) each new token's row in ``cos``/``sin``.
+    """
+
+    mask: Tensor
+    seqlens_k: Tensor
+    total: Tensor
+    cos: Tensor
+    sin: Tensor
+    rows: Tensor
+
+
+def step_inputs(ctx: LayerContext, kind: str) -> StepInputs:
+    """:class:`StepInputs` for the layers of attention type ``kind`` from a traced layer context."""
+    mask = ctx.masks[kind]
+    cos, sin = ctx.position_embeddings  # (B, T, head_dim), halves equal
+    b, t, width = cos.shape
+    half = width // 2
+    rows = torch.arange(b * t, device=cos.device).reshape(b, t)
+    return StepInputs(
+        mask,
+        *fused_ops.lengths(mask),
+        cos[..., :half].reshape(b * t, half),
+        sin[..., :half].reshape(b * t, half),
+        rows,
+    )
+
+
+class FusedLayer(nn.Module):
+    """One decoder layer: ``(h, step inputs, past k, past v) -> (h, present k, present v)``."""
+
+    def __init__(self, layer: nn.Module, dims: tuple[int, int, int]) -> None:
         super().__init__()
         attn = layer.self_attn
         self.heads, self.kv_heads, self.head_dim = dims
@@ -126,19 +162,9 @@ class FusedLayer(nn.Module):
         self.qk_eps = _norm_eps(q_norm) if q_norm is not None else None
         self.o_proj = attn.o_proj
         self.mlp = layer.mlp
-        self.cos, self.sin = tables
 
-    def forward(
-        self,
-        h: Tensor,
-        mask: Tensor,
-        lengths: tuple[Tensor, Tensor],
-        positions: Tensor,
-        past_k: Tensor,
-        past_v: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """h (B, T, d), mask (B, 1, T, P+T) additive and its :func:`~shadowpeft.export.fused_ops.lengths`,
-        positions (B, T), past (B, kv_heads, P, head_dim)."""
+    def forward(self, h: Tensor, step: StepInputs, past_k: Tensor, past_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h (B, T, d), past (B, kv_heads, P, head_dim) -> h, present (B, kv_heads, P+T, head_dim)."""
         b, t, _ = h.shape
         q_width, k_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         x = fused_ops.rms_norm(h, self.input_norm, self.input_eps)
@@ -148,41 +174,23 @@ class FusedLayer(nn.Module):
             q = fused_ops.rms_norm(q.reshape(b, t, self.heads, self.head_dim), self.q_norm, self.qk_eps)
             k = fused_ops.rms_norm(k.reshape(b, t, self.kv_heads, self.head_dim), self.k_norm, self.qk_eps)
             q, k = q.reshape(b, t, q_width), k.reshape(b, t, k_width)
-        q = fused_ops.rotary(q, positions, self.cos, self.sin, self.heads)
-        k = fused_ops.rotary(k, positions, self.cos, self.sin, self.kv_heads)
+        q = fused_ops.rotary(q, step.rows, step.cos, step.sin, self.heads)
+        k = fused_ops.rotary(k, step.rows, step.cos, step.sin, self.kv_heads)
         out, present_k, present_v = fused_ops.gqa(
-            q, k, v.contiguous(), past_k, past_v, *lengths, mask, self.heads, self.kv_heads, self.scale
-        )
+            q, k, v.contiguous(), past_k, past_v, step.seqlens_k, step.total, step.mask, self.heads, self.kv_heads,
+            self.scale,
+        )  # fmt: skip
         normed, h = fused_ops.skip_rms_norm(self.o_proj(out), h, self.post_norm, self.post_eps)
         return h + self.mlp(normed), present_k, present_v
 
 
 class FusedStack(nn.Module):
-    """The fused layers of one decoder stack and their shared rotary tables."""
+    """The fused layers of one decoder stack."""
 
     def __init__(self, stack: nn.Module, spec: ArchSpec) -> None:
         super().__init__()
-        dims = spec.attention_dims(stack.config)
-        cos, sin = rotary_tables(stack, dims.head_dim)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-        self.layers = nn.ModuleList(
-            FusedLayer(layer, (self.cos, self.sin), tuple(dims)) for layer in spec.layers(stack)
-        )
-
-
-def rotary_tables(stack: nn.Module, head_dim: int) -> tuple[Tensor, Tensor]:
-    """``(cos, sin)`` tables ``(max_positions, head_dim / 2)`` from the stack's own rotary module.
-
-    The HF module returns ``(1, N, head_dim)`` with both halves equal (rotate-half layout) and its
-    attention scaling applied; the fused operator wants one half.
-    """
-    positions = torch.arange(stack.config.max_position_embeddings).unsqueeze(0)
-    probe = torch.zeros(1, 1, head_dim, dtype=stack.rotary_emb.inv_freq.dtype)
-    with torch.no_grad():
-        cos, sin = stack.rotary_emb(probe, position_ids=positions)
-    half = head_dim // 2
-    return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
+        dims = tuple(spec.attention_dims(stack.config))
+        self.layers = nn.ModuleList(FusedLayer(layer, dims) for layer in spec.layers(stack))
 
 
 def fusion_blocker(stack: nn.Module, spec: ArchSpec) -> str | None:
@@ -205,14 +213,12 @@ def fusion_blocker(stack: nn.Module, spec: ArchSpec) -> str | None:
         missing = _missing_modules(layer)
         if missing:
             return f"its layers lack {', '.join(missing)} (not a Llama-style layer)"
-    cos, sin = rotary_tables(stack, dims.head_dim)
     with torch.no_grad():
         full = stack.rotary_emb(torch.zeros(1, 1, dims.head_dim), position_ids=torch.arange(4).unsqueeze(0))[0]
-    if full.shape[-1] != dims.head_dim or not torch.equal(
-        full[0, :, : dims.head_dim // 2], full[0, :, dims.head_dim // 2 :]
-    ):
-        return "its rotary tables are not in the rotate-half layout over the whole head"
-    difference = _layer_difference(stack, spec, (cos, sin))
+    half = dims.head_dim // 2
+    if full.shape[-1] != dims.head_dim or not torch.equal(full[0, :, :half], full[0, :, half:]):
+        return "its rotary values are not in the rotate-half layout over the whole head"
+    difference = _layer_difference(stack, spec)
     if not difference <= _CHECK_TOLERANCE:
         return f"a fused layer differs from the model's own by {difference:.3g} (norm, activation or attention differ)"
     return None
@@ -241,12 +247,12 @@ def _get(module: nn.Module, dotted: str) -> Any:
     return module
 
 
-def _layer_difference(stack: nn.Module, spec: ArchSpec, tables: tuple[Tensor, Tensor]) -> float:
+def _layer_difference(stack: nn.Module, spec: ArchSpec) -> float:
     """Largest |difference| between fused layer 0 and the HF layer 0 (B=1, 3 new tokens, 4 cached), over
     max(1, largest |value|)."""
     config, dims = stack.config, spec.attention_dims(stack.config)
     layer = spec.layers(stack)[0]
-    fused = FusedLayer(layer, tables, tuple(dims))
+    fused = FusedLayer(layer, tuple(dims))
     generator = torch.Generator().manual_seed(0)
     dtype = layer.input_layernorm.weight.dtype
     past, new = 4, 3
@@ -259,8 +265,7 @@ def _layer_difference(stack: nn.Module, spec: ArchSpec, tables: tuple[Tensor, Te
     cache = DynamicCache(ddp_cache_data=[(past_k.clone(), past_v.clone())])
     with torch.no_grad():
         expected = spec.call_layer(layer, h, ctx, 0, cache)
-        mask = ctx.masks[ctx.layer_types[0]]
-        actual, present_k, present_v = fused(h, mask, fused_ops.lengths(mask), positions, past_k, past_v)
+        actual, present_k, present_v = fused(h, step_inputs(ctx, ctx.layer_types[0]), past_k, past_v)
     pairs = ((actual, expected), (present_k, cache.layers[0].keys), (present_v, cache.layers[0].values))
     return max(float((a - b).abs().max()) / max(1.0, float(b.abs().max())) for a, b in pairs)
 
@@ -271,18 +276,19 @@ class _FusedSpec:
     def __init__(self, spec: ArchSpec, stack: FusedStack) -> None:
         self._spec = spec
         self._stack = stack
-        self._lengths: tuple[Tensor, tuple[Tensor, Tensor]] | None = None  # (mask, its lengths)
+        self._steps: dict[str, tuple[Tensor, StepInputs]] = {}  # layer type -> (its mask, step inputs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._spec, name)
 
     def call_layer(self, layer: nn.Module, h: Tensor, ctx: LayerContext, idx: int, cache: Any) -> Tensor:
         entry = cache.layers[idx]  # DynamicCache filled from the graph's past inputs (export.graphs)
-        mask = ctx.masks[ctx.layer_types[idx]]
-        if self._lengths is None or self._lengths[0] is not mask:  # once per forward of the stack, not per layer
-            self._lengths = (mask, fused_ops.lengths(mask))
-        layer = self._stack.layers[idx]
-        h, entry.keys, entry.values = layer(h, mask, self._lengths[1], ctx.position_ids, entry.keys, entry.values)
+        kind = ctx.layer_types[idx]
+        mask = ctx.masks[kind]
+        if kind not in self._steps or self._steps[kind][0] is not mask:  # once per forward of the stack, not per layer
+            self._steps[kind] = (mask, step_inputs(ctx, kind))
+        step = self._steps[kind][1]
+        h, entry.keys, entry.values = self._stack.layers[idx](h, step, entry.keys, entry.values)
         return h
 
 

@@ -68,7 +68,8 @@ def _(x: Tensor, skip: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tens
 def rotary(x: Tensor, position_ids: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
     """Rotary embedding (halves rotated, the HF ``rotate_half`` layout) of ``x`` (B, T, heads * head_dim).
 
-    ``cos``/``sin`` are tables ``(max_positions, head_dim / 2)`` read at ``position_ids`` (B, T).
+    ``cos``/``sin`` are ``(N, head_dim / 2)`` rows read at ``position_ids`` (B, T): a table by position, or
+    (as the fused layers pass them) the rows of this step's tokens, indexed ``0 .. B*T-1``.
     """
     b, t, width = x.shape
     h = x.view(b, t, heads, width // heads)

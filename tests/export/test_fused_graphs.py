@@ -206,3 +206,21 @@ def test_multi_token_step_of_a_batch_on_a_cache_runs_row_by_row(tmp_path):
     real = mask[:, 4:].astype(bool)
     assert np.abs(logits - whole[:, 4:])[real].max() <= ONNX_VS_TORCH_FP32
     assert cache.length == 7
+
+
+def test_positions_past_the_models_maximum_work_as_in_the_standard_graph(tmp_path):
+    """The rotary values are computed for each step's positions: no table to run past."""
+    model = _model("llama")
+    limit = model.shadow_model.config.max_position_embeddings
+    standard = export_graphs(model, tmp_path / "standard", (DEVICE_SHADOW,))
+    fused = export_graphs(model, tmp_path / "fused", (DEVICE_SHADOW,), fusion=plan_fusion(model, "auto"))
+    ids = np.random.default_rng(0).integers(4, 60, (1, 5))
+    mask = np.ones((1, 5), dtype=np.int64)
+    positions = np.arange(limit + 3, limit + 8)[None]
+    logits = []
+    for exported in (standard, fused):
+        graph_io = exported.ios[DEVICE_SHADOW]
+        names = [spec.name for spec in graph_io.outputs]
+        feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions}
+        logits.append(KVCache.empty(graph_io, 1).step(exported.sessions()[DEVICE_SHADOW], names, feeds)[LOGITS])
+    assert np.abs(logits[0] - logits[1]).max() <= ONNX_VS_TORCH_FP32
