@@ -25,11 +25,15 @@ SPEED_ROWS = (
     "torch-detached",
     "torch-base",
     *(f"ort-{graph}-{w}" for w in ("fp32", "int8", "int4") for graph in ("plain", "coupled", "detached")),
+    *(f"ort-coupled-std-{w}" for w in ("fp32", "int8", "int4")),
     *(f"genai-plain-{w}" for w in ("fp32", "int8", "int4")),
     "split-loopback",
     "split-delay",
 )
 # Fresh adapters are the identity and fp32 graphs match PyTorch, so these rows must give their reference's tokens.
+# Quantized, only the standard coupled graph quantizes exactly as the plain base graph on the toy: its k and v
+# projections (32 columns) are too narrow to quantize apart, while the fused graph's one q/k/v weight (128
+# columns) is quantized, so the fused int8/int4 coupled rows may pick other tokens here (not on SmolLM2).
 MUST_MATCH = (
     "torch-published",
     "torch-peft-tuner",
@@ -37,8 +41,9 @@ MUST_MATCH = (
     "ort-plain-fp32",
     "ort-coupled-fp32",
     "ort-detached-fp32",
-    "ort-coupled-int8",
-    "ort-coupled-int4",
+    "ort-coupled-std-fp32",
+    "ort-coupled-std-int8",
+    "ort-coupled-std-int4",
     "genai-plain-fp32",
     "split-delay",
 )
