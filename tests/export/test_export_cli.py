@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -83,6 +84,14 @@ def test_split_coupled_int8_for_a_laptop_profile(toy, tmp_path):
     assert figures["device/shadow.bytes"] < figures["device/shadow.fp32_bytes"]
     assert figures["memory.estimate_mb"] <= figures["memory.budget_mb"]
     assert "fits" in result.output and "top-1 agreement" in result.output
+    # --ops auto (the default) fuses both Llama stacks, and the manifest and summary say so per graph.
+    assert {key: g.fused for key, g in manifest.graphs.items()} == {
+        "device/shadow": ("shadow",),
+        "device/head": (),
+        "cloud/backbone": ("base",),
+        "coupled": ("shadow", "base"),
+    }
+    assert "shadow stack fused; base stack fused" in result.output and "fused: shadow, base" in result.output
     for stage in ("load", "trace", "export", "validate", "quantize", "write"):
         assert f" {stage}" in result.output
     # Tokenizer and chat template travel with the graphs, and every graph opens in onnxruntime.
@@ -105,6 +114,16 @@ def test_detached_reexport_is_byte_identical_and_int4_applies(toy, tmp_path):
     assert names == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_ops_standard_writes_plain_onnx_operators(toy, tmp_path):
+    out = tmp_path / "export"
+    result = run(toy["ckpt"], "-o", out, "--detached", "--ops", "standard")
+    assert result.exit_code == 0, result.output
+    graph = Manifest.from_file(out).graphs["device/shadow"]
+    assert graph.fused == () and "shadow stack standard (--ops standard)" in result.output
+    domains = {node.domain for node in onnx.load(str(out / graph.file)).graph.node}
+    assert domains <= {"", "ai.onnx"}  # no com.microsoft operator
 
 
 def test_export_gets_the_umask_modes(toy, tmp_path):

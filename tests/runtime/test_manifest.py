@@ -139,6 +139,20 @@ def test_construction_in_code_is_validated() -> None:
         GraphSpec("g.onnx", "shadow", 17, (spec,), (TensorSpec("y", "float32", ()),), "fp32", SHA_A)  # type: ignore[arg-type]
 
 
+def test_a_graphs_fused_stacks_round_trip_and_are_checked(data: dict[str, Any]) -> None:
+    graph = data["graphs"]["device/shadow"]
+    assert "fused" not in graph and GraphSpec.from_dict(graph).fused == ()  # a standard graph, as before schema 5
+    fused = GraphSpec.from_dict({**graph, "fused": ["shadow"]})
+    assert fused.fused == ("shadow",) and fused.to_dict()["fused"] == ["shadow"]
+    assert "fused" not in GraphSpec.from_dict(graph).to_dict()  # absent rather than empty
+    with pytest.raises(ManifestError, match=r"fused\[0\] 'attention' is not a decoder stack"):
+        GraphSpec.from_dict({**graph, "fused": ["attention"]})
+    with pytest.raises(ManifestError, match=r"fused names a stack twice"):
+        GraphSpec.from_dict({**graph, "fused": ["base", "base"]})
+    with pytest.raises(ManifestError, match=r"fused must be"):
+        GraphSpec.from_dict({**graph, "fused": "shadow"})
+
+
 def test_manifest_in_code_requires_graph_specs(data: dict[str, Any]) -> None:
     values = {**Manifest.from_dict(data).__dict__, "graphs": {"g": data["graphs"]["device/head"]}}
     with pytest.raises(ManifestError, match=r"graphs\[0\] must be a GraphSpec"):
