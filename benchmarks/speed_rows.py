@@ -289,8 +289,14 @@ def delayed_transport(delay_s: float) -> Any:
 
 
 @contextlib.contextmanager
-def serving(export: Any) -> Iterator[int]:
-    """shadow-serve's app on 127.0.0.1 (a free port) in a thread of this process; yields the port."""
+def serving(export: Any, *, app: Any = None, wrap: Any = None) -> Iterator[int]:
+    """shadow-serve's app on 127.0.0.1 (a free port) in a thread of this process; yields the port.
+
+    Args:
+        export: The opened export to serve.
+        app: The app (``create_app(export, ...)``) if the caller made it; else one is made here.
+        wrap: Called with the app, returns the ASGI app uvicorn serves (benchmarks/split_profile.py times it).
+    """
     import socket
     import threading
 
@@ -300,8 +306,9 @@ def serving(export: Any) -> Iterator[int]:
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    app = create_app(export, ServerConfig(TOKEN))  # served as shadow-serve serves it (connection limits)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **serving_options(app)))
+    app = app or create_app(export, ServerConfig(TOKEN))  # served as shadow-serve serves it (connection limits)
+    served = wrap(app) if wrap is not None else app
+    server = uvicorn.Server(uvicorn.Config(served, log_level="warning", **serving_options(app)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

@@ -1,0 +1,200 @@
+"""Where a split decode step spends its time: ``time.perf_counter`` around each stage, by wrapping.
+
+:func:`instrumented` wraps the callables a coupled step passes through, in one process that runs
+both sides (the device runtime and shadow-serve in a thread), and restores them on exit. Raw
+timers may nest; :func:`stages` turns their totals into disjoint stages that add up to the wall
+time of the step::
+
+    device  shadow graph ─ device/shadow session.run                                 (compute)
+            BackboneClient.step ─ encode_request ─ httpx request ─ decode_response
+                                                    │
+    server                                          └─ ASGI app (infer route only)
+                 read_body ─ decode_request ─ _validate ─ run_in_threadpool ─ encode_response
+                                                            └─ BackboneRunner.run
+                                                                 └─ cloud/backbone session.run  (compute)
+    device  head graph ─ device/head session.run                                     (compute)
+
+``http transport`` is the httpx request minus the app's time (httpx, h11, the loopback socket,
+uvicorn's parsing and the hand-off to and from its event-loop thread); ``server other`` is the app
+minus its wrapped parts (middleware, routing, the request gate, the session table); ``device other``
+is the wall minus everything the device side waited for (feeds, the sampler, the client's Python).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+#: Disjoint stages in table order: (id, label, compute?).
+STAGES: tuple[tuple[str, str, bool], ...] = (
+    ("device_shadow_graph", "device/shadow session run", True),
+    ("device_head_graph", "device/head session run", True),
+    ("backbone_graph", "cloud/backbone session run (server)", True),
+    ("request_encoding", "client: encode_request (tensors -> KServe v2 binary body)", False),
+    ("response_decoding", "client: decode_response (body -> tensors)", False),
+    ("http_transport", "HTTP round trip minus the server app (httpx, h11, loopback, uvicorn, loop hand-off)", False),
+    ("server_read_body", "server: read_body", False),
+    ("server_parse", "server: decode_request (parse + checks)", False),
+    ("server_validation", "server: request validation (_validate)", False),
+    ("server_thread_hop", "server: run_in_threadpool hand-off, both ways", False),
+    ("server_runner_python", "server: BackboneRunner feeds and copies around the session run", False),
+    ("response_encoding", "server: encode_response", False),
+    ("server_other", "server: middleware, routing, gate, session table, stats", False),
+    ("device_other", "device: feeds, sampler, link and client Python", False),
+)
+
+
+class StageClock:
+    """Totals of raw timers (seconds and calls), safe to add to from several threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] += seconds
+            self.calls[name] += 1
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self.seconds)
+
+    def timed(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+        """``func`` with every call's duration added to ``name``."""
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.add(name, time.perf_counter() - start)
+
+        return wrapper
+
+    def timed_async(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+        """The coroutine function ``func`` with every await's duration added to ``name``."""
+
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return await func(*args, **kwargs)
+            finally:
+                self.add(name, time.perf_counter() - start)
+
+        return wrapper
+
+    def thread_hop(self, run_in_threadpool: Callable[..., Any]) -> Callable[..., Any]:
+        """``run_in_threadpool`` timing the hand-off: from the await to the worker's start, and from its end back."""
+
+        async def wrapper(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            marks: dict[str, float] = {}
+
+            def inner(*a: Any, **k: Any) -> Any:
+                marks["start"] = time.perf_counter()
+                try:
+                    return func(*a, **k)
+                finally:
+                    marks["end"] = time.perf_counter()
+
+            called = time.perf_counter()
+            try:
+                return await run_in_threadpool(inner, *args, **kwargs)
+            finally:
+                if "end" in marks:
+                    self.add("hop", (marks["start"] - called) + (time.perf_counter() - marks["end"]))
+
+        return wrapper
+
+
+class TimedApp:
+    """ASGI wrapper timing the app's handling of each ``POST .../infer`` (the server's whole share)."""
+
+    def __init__(self, app: Any, clock: StageClock) -> None:
+        self.app, self.clock = app, clock
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/infer"):
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.clock.add("app", time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def instrumented(clock: StageClock, *, export: Any, app: Any, client: Any) -> Iterator[None]:
+    """Wraps the stages of a split step (see the module docstring) for the duration of the block.
+
+    Args:
+        clock: Where the raw timers add up.
+        export: The opened export both sides use (its sessions are wrapped per instance).
+        app: shadow-serve's app (``create_app``); its service's validation and runner are wrapped.
+        client: The :class:`~shadowpeft.runtime.client.BackboneClient` (HTTP wire).
+    """
+    from shadowpeft.runtime import backbone_service, server, wire_http
+    from shadowpeft.runtime.contract import DEVICE_HEAD, DEVICE_SHADOW
+
+    service = app.state.backbone
+    patches: list[tuple[Any, str, Any]] = [
+        (export.session(DEVICE_SHADOW), "run", clock.timed("shadow", export.session(DEVICE_SHADOW).run)),
+        (export.session(DEVICE_HEAD), "run", clock.timed("head", export.session(DEVICE_HEAD).run)),
+        (service.runner.session, "run", clock.timed("graph", service.runner.session.run)),
+        (service.runner, "run", clock.timed("runner", service.runner.run)),
+        (service, "_validate", clock.timed("validate", service._validate)),
+        (wire_http, "encode_request", clock.timed("encode", wire_http.encode_request)),
+        (wire_http, "decode_response", clock.timed("decode", wire_http.decode_response)),
+        (client._wire._http, "request", clock.timed("http", client._wire._http.request)),
+        (server, "read_body", clock.timed_async("read_body", server.read_body)),
+        (server, "decode_request", clock.timed("parse", server.decode_request)),
+        (server, "encode_response", clock.timed("response_encode", server.encode_response)),
+        (backbone_service, "run_in_threadpool", clock.thread_hop(backbone_service.run_in_threadpool)),
+    ]
+    saved = [(target, name, target.__dict__.get(name, _ABSENT)) for target, name, _ in patches]
+    try:
+        for target, name, wrapper in patches:
+            setattr(target, name, wrapper)
+        yield
+    finally:
+        for target, name, before in reversed(saved):
+            if before is _ABSENT:
+                delattr(target, name)
+            else:
+                setattr(target, name, before)
+
+
+_ABSENT = object()
+
+
+def stages(raw: dict[str, float], wall: float) -> dict[str, float]:
+    """Disjoint stages (seconds, :data:`STAGES` ids) from raw timer totals over the same span as ``wall``."""
+    get = lambda name: raw.get(name, 0.0)  # noqa: E731
+    server_parts = ("read_body", "parse", "validate", "hop", "runner", "response_encode")
+    out = {
+        "device_shadow_graph": get("shadow"),
+        "device_head_graph": get("head"),
+        "backbone_graph": get("graph"),
+        "request_encoding": get("encode"),
+        "response_decoding": get("decode"),
+        "http_transport": get("http") - get("app"),
+        "server_read_body": get("read_body"),
+        "server_parse": get("parse"),
+        "server_validation": get("validate"),
+        "server_thread_hop": get("hop"),
+        "server_runner_python": get("runner") - get("graph"),
+        "response_encoding": get("response_encode"),
+        "server_other": get("app") - sum(get(name) for name in server_parts),
+    }
+    device_waits = ("shadow", "head", "encode", "decode", "http")
+    out["device_other"] = wall - sum(get(name) for name in device_waits)
+    return out
