@@ -61,6 +61,10 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, seen: list[int]) -> int:
         """Next token id from ``logits`` (V,) given the ids ``seen`` so far (prompt and output)."""
+        if self.greedy and self.config.repetition_penalty == 1.0:
+            # What pick(distribution(...)) returns, without two float64 copies of the vocabulary per token
+            # (0.3 ms of a split decode step at V = 49,152; the local graph rows take a bare argmax too).
+            return int(np.argmax(logits))
         return self.pick(self.distribution(logits, seen))
 
     @property
