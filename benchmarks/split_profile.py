@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +42,8 @@ from benchmarks.harness import RESULTS_DIR, physical_cores, run_cli
 
 SMOLLM2 = "smollm2-135m-instruct"
 ALONE_CALLS = 20  # one-token calls per graph timed alone; the median counts
+_SPIN = {False: "no spin", True: "spinning"}
+_CPU = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class Settings:
     repeats: int
     threads: int
     int8_backbone: bool = False  # also time an int8 copy of cloud/backbone alone (an estimate; see time_alone)
+    spin_wait: bool = False  # onnxruntime's spin-waiting for the split sessions (the speed row: off)
+    server: str = "thread"  # shadow-serve's app in a thread of this process (the speed row), or "process"
 
 
 def profile_split(export_path: Path, settings: Settings) -> dict[str, Any]:
@@ -64,14 +70,13 @@ def profile_split(export_path: Path, settings: Settings) -> dict[str, Any]:
     from shadowpeft.runtime.export_dir import open_export
     from shadowpeft.runtime.generate import Generator
     from shadowpeft.runtime.sampling import SamplingConfig
-    from shadowpeft.runtime.server import ServerConfig, create_app
 
     n = settings.new_tokens
-    # As speed_rows.measure_split: one export for both sides, no spin-waiting (runtime.export_dir.session_options).
-    export = open_export(export_path, threads=settings.threads, spin_wait=False)
-    app = create_app(export, ServerConfig(speed_rows.TOKEN))
+    # As speed_rows.measure_split: one export for both sides, no spin-waiting (runtime.export_dir.session_options)
+    # unless --spin-wait asks for it (an experiment: the served graphs then spin as the local rows' do).
+    export = open_export(export_path, threads=settings.threads, spin_wait=settings.spin_wait)
     clock = split_stages.StageClock()
-    with speed_rows.serving(export, app=app, wrap=lambda inner: split_stages.TimedApp(inner, clock)) as port:
+    with _served(export, settings, clock) as (port, app):
         client = BackboneClient(f"http://127.0.0.1:{port}", token=speed_rows.TOKEN)
         generator = Generator(export, mode="coupled", client=client)
 
@@ -96,7 +101,7 @@ def profile_split(export_path: Path, settings: Settings) -> dict[str, Any]:
                     {
                         "wall_s": wall,
                         "generator_decode_s": full.decode_s / (n - 1),
-                        "stages_s": split_stages.stages(raw, wall),
+                        "stages_s": split_stages.stages(raw, wall, in_process=app is not None),
                         "raw_s": raw,
                     }
                 )
@@ -118,6 +123,42 @@ def profile_split(export_path: Path, settings: Settings) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _served(export: Any, settings: Settings, clock: split_stages.StageClock) -> Iterator[tuple[int, Any]]:
+    """Yields (port, app): shadow-serve's app in a thread of this process (timed by ``clock``), or (port, None)
+    for ``shadow-serve`` itself in a child process (as users run it: its own export, no CPU arena)."""
+    from shadowpeft.runtime.server import ServerConfig, create_app
+
+    if settings.server == "thread":
+        app = create_app(export, ServerConfig(speed_rows.TOKEN))
+        with speed_rows.serving(export, app=app, wrap=lambda inner: split_stages.TimedApp(inner, clock)) as port:
+            yield port, app
+        return
+    with socket.socket() as probe:  # a free port for the child (released just before it binds it)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = "from shadowpeft.runtime.serve_cli import main; main()"
+    args = [str(export.root), "--port", str(port), "--token", speed_rows.TOKEN, "--log-level", "warning"]
+    child = subprocess.Popen([sys.executable, "-c", code, *args, "--threads", str(settings.threads)])
+    try:
+        _wait_ready(port, child)
+        yield port, None
+    finally:
+        child.terminate()
+        child.wait(30)
+
+
+def _wait_ready(port: int, child: subprocess.Popen) -> None:
+    from shadowpeft.runtime.client import BackboneClient
+
+    with BackboneClient(f"http://127.0.0.1:{port}", token=speed_rows.TOKEN, retries=0) as probe:
+        deadline = time.monotonic() + 120
+        while not probe.ready():
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"shadow-serve did not start (exit code {child.poll()})")
+            time.sleep(0.2)
+
+
 def _medians(per_repeat: list[dict[str, Any]]) -> dict[str, Any]:
     stages = {s: statistics.median(r["stages_s"][s] for r in per_repeat) for s in per_repeat[0]["stages_s"]}
     return {
@@ -131,26 +172,25 @@ def _medians(per_repeat: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def time_alone(export: Any, export_path: Path, settings: Settings) -> dict[str, Any]:
-    """Each split graph alone, one token after a past of the prompt plus half the new tokens: as served (no
-    spin-waiting) and as the local rows run (spinning); and the export's coupled graph's decode, if it has one."""
+    """Each split graph alone, one token after a past of the prompt plus half the new tokens, without spin-waiting
+    (as served) and spinning (as the local rows run); and the export's coupled graph's decode (spinning), if any."""
     import onnxruntime as ort
 
     from shadowpeft.runtime.contract import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW
     from shadowpeft.runtime.export_dir import session_options
 
     past = len(settings.prompt) + settings.new_tokens // 2
-    spinning = session_options(settings.threads)
 
     def session(key: str, spin: bool) -> Any:
-        if not spin:
+        if spin == settings.spin_wait:  # as the split run opened it
             return export.session(key)
-        path = str(export.root / export.graph(key).file)
-        return ort.InferenceSession(path, spinning, providers=["CPUExecutionProvider"])
+        options = session_options(settings.threads, spin_wait=spin)
+        return ort.InferenceSession(str(export.root / export.graph(key).file), options, providers=[_CPU])
 
     out: dict[str, Any] = {"past_tokens": past}
     for key in (DEVICE_SHADOW, DEVICE_HEAD, CLOUD_BACKBONE):
         for spin in (False, True):
-            out[f"{key} {'spinning' if spin else 'served'}"] = one_token_s(session(key, spin), export.graph(key), past)
+            out[f"{key} {_SPIN[spin]}"] = one_token_s(session(key, spin), export.graph(key), past)
     if settings.int8_backbone and export.graph(CLOUD_BACKBONE).weights == "fp32":
         out.update(int8_backbone_alone(export, settings.threads, past))
     if export.has(COUPLED):
@@ -180,8 +220,8 @@ def int8_backbone_alone(export: Any, threads: int, past: int) -> dict[str, float
         out = {}
         for spin in (False, True):
             options = session_options(threads, spin_wait=spin)
-            session = ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
-            out[f"{CLOUD_BACKBONE} int8 {'spinning' if spin else 'served'}"] = one_token_s(session, spec, past)
+            session = ort.InferenceSession(str(dst), options, providers=[_CPU])
+            out[f"{CLOUD_BACKBONE} int8 {_SPIN[spin]}"] = one_token_s(session, spec, past)
             del session
     return out
 
@@ -286,6 +326,19 @@ def machine_load() -> dict[str, Any]:
     show_default=True,
     help="Also time an int8 copy of the fp32 cloud/backbone alone (an estimate; no such export format).",
 )
+@click.option(
+    "--spin-wait/--no-spin-wait",
+    default=False,
+    show_default=True,
+    help="Let the split sessions spin-wait (an experiment; shadow-serve and the speed row do not).",
+)
+@click.option(
+    "--server",
+    type=click.Choice(["thread", "process"]),
+    default="thread",
+    show_default=True,
+    help="shadow-serve's app in a thread (the speed row; every stage timed) or shadow-serve in a process.",
+)
 @click.pass_context
 def cli(ctx: click.Context, **o: Any) -> None:
     """Per-token breakdown of a split decode step over loopback: compute vs everything else."""
@@ -293,7 +346,7 @@ def cli(ctx: click.Context, **o: Any) -> None:
     threads = o["threads"] or (1 if smoke else physical_cores())
     with _export(o, smoke) as (path, prompt):
         new_tokens, repeats = o["new_tokens"] or (8 if smoke else 128), o["repeats"] or (2 if smoke else 5)
-        settings = Settings(prompt, new_tokens, repeats, threads, o["int8_backbone"])
+        settings = Settings(prompt, new_tokens, repeats, threads, o["int8_backbone"], o["spin_wait"], o["server"])
         load_before = machine_load()
         measured = profile_split(path, settings)
         record = report.build_record(

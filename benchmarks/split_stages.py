@@ -49,6 +49,17 @@ STAGES: tuple[tuple[str, str, bool], ...] = (
 )
 
 
+#: With shadow-serve in a process of its own only the device side is instrumented: the server's share is one stage.
+PROCESS_STAGES: tuple[tuple[str, str, bool | None], ...] = (
+    ("device_shadow_graph", "device/shadow session run", True),
+    ("device_head_graph", "device/head session run", True),
+    ("request_encoding", "client: encode_request (tensors -> KServe v2 binary body)", False),
+    ("response_decoding", "client: decode_response (body -> tensors)", False),
+    ("server_round_trip", "httpx request to the shadow-serve process (transport, server, backbone session)", None),
+    ("device_other", "device: feeds, sampler, link and client Python", False),
+)
+
+
 class StageClock:
     """Totals of raw timers (seconds and calls), safe to add to from several threads."""
 
@@ -133,33 +144,37 @@ class TimedApp:
 
 
 @contextlib.contextmanager
-def instrumented(clock: StageClock, *, export: Any, app: Any, client: Any) -> Iterator[None]:
+def instrumented(clock: StageClock, *, export: Any, app: Any | None, client: Any) -> Iterator[None]:
     """Wraps the stages of a split step (see the module docstring) for the duration of the block.
 
     Args:
         clock: Where the raw timers add up.
         export: The opened export both sides use (its sessions are wrapped per instance).
-        app: shadow-serve's app (``create_app``); its service's validation and runner are wrapped.
+        app: shadow-serve's app (``create_app``) in this process, its service's validation and runner wrapped;
+            ``None`` when the server runs in another process (the device side only).
         client: The :class:`~shadowpeft.runtime.client.BackboneClient` (HTTP wire).
     """
     from shadowpeft.runtime import backbone_service, server, wire_http
     from shadowpeft.runtime.contract import DEVICE_HEAD, DEVICE_SHADOW
 
-    service = app.state.backbone
     patches: list[tuple[Any, str, Any]] = [
         (export.session(DEVICE_SHADOW), "run", clock.timed("shadow", export.session(DEVICE_SHADOW).run)),
         (export.session(DEVICE_HEAD), "run", clock.timed("head", export.session(DEVICE_HEAD).run)),
-        (service.runner.session, "run", clock.timed("graph", service.runner.session.run)),
-        (service.runner, "run", clock.timed("runner", service.runner.run)),
-        (service, "_validate", clock.timed("validate", service._validate)),
         (wire_http, "encode_request", clock.timed("encode", wire_http.encode_request)),
         (wire_http, "decode_response", clock.timed("decode", wire_http.decode_response)),
         (client._wire._http, "request", clock.timed("http", client._wire._http.request)),
-        (server, "read_body", clock.timed_async("read_body", server.read_body)),
-        (server, "decode_request", clock.timed("parse", server.decode_request)),
-        (server, "encode_response", clock.timed("response_encode", server.encode_response)),
-        (backbone_service, "run_in_threadpool", clock.thread_hop(backbone_service.run_in_threadpool)),
     ]
+    if app is not None:
+        service = app.state.backbone
+        patches += [
+            (service.runner.session, "run", clock.timed("graph", service.runner.session.run)),
+            (service.runner, "run", clock.timed("runner", service.runner.run)),
+            (service, "_validate", clock.timed("validate", service._validate)),
+            (server, "read_body", clock.timed_async("read_body", server.read_body)),
+            (server, "decode_request", clock.timed("parse", server.decode_request)),
+            (server, "encode_response", clock.timed("response_encode", server.encode_response)),
+            (backbone_service, "run_in_threadpool", clock.thread_hop(backbone_service.run_in_threadpool)),
+        ]
     saved = [(target, name, target.__dict__.get(name, _ABSENT)) for target, name, _ in patches]
     try:
         for target, name, wrapper in patches:
@@ -176,9 +191,23 @@ def instrumented(clock: StageClock, *, export: Any, app: Any, client: Any) -> It
 _ABSENT = object()
 
 
-def stages(raw: dict[str, float], wall: float) -> dict[str, float]:
-    """Disjoint stages (seconds, :data:`STAGES` ids) from raw timer totals over the same span as ``wall``."""
+def stages(raw: dict[str, float], wall: float, *, in_process: bool = True) -> dict[str, float]:
+    """Disjoint stages (seconds, :data:`STAGES` ids; :data:`PROCESS_STAGES` ids when the server ran in another
+    process) from raw timer totals over the same span as ``wall``."""
     get = lambda name: raw.get(name, 0.0)  # noqa: E731
+    device_waits = ("shadow", "head", "encode", "decode", "http")
+    if not in_process:
+        ids = (
+            "device_shadow_graph",
+            "device_head_graph",
+            "request_encoding",
+            "response_decoding",
+            "server_round_trip",
+        )
+        return {
+            **dict(zip(ids, map(get, device_waits), strict=True)),
+            "device_other": wall - sum(map(get, device_waits)),
+        }
     server_parts = ("read_body", "parse", "validate", "hop", "runner", "response_encode")
     out = {
         "device_shadow_graph": get("shadow"),
@@ -195,6 +224,5 @@ def stages(raw: dict[str, float], wall: float) -> dict[str, float]:
         "response_encoding": get("response_encode"),
         "server_other": get("app") - sum(get(name) for name in server_parts),
     }
-    device_waits = ("shadow", "head", "encode", "decode", "http")
     out["device_other"] = wall - sum(get(name) for name in device_waits)
     return out

@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from benchmarks import split_profile
-from benchmarks.split_stages import STAGES
+from benchmarks.split_stages import PROCESS_STAGES, STAGES
 
 
 def test_smoke_profile_writes_every_stage_and_the_graphs_alone(toy_export, tmp_path) -> None:
@@ -21,7 +21,7 @@ def test_smoke_profile_writes_every_stage_and_the_graphs_alone(toy_export, tmp_p
     assert abs(sum(row["ms"] for row in record["stages"]) - record["wall_ms"]) < 1e-6
     assert record["wire"]["requests_per_token"] == 1.0  # one request per decoded token
     assert len(record["tokens"]) == 3 and record["coupled_tokens_equal"] is True  # fp32 split == fp32 coupled
-    assert {"device/shadow served", "device/head served", "cloud/backbone spinning"} <= set(record["alone_ms"])
+    assert {"device/shadow no spin", "device/head no spin", "cloud/backbone spinning"} <= set(record["alone_ms"])
     assert record["command"].startswith("python -m benchmarks.split_profile") and "shared_machine" in record
     markdown = (tmp_path / "split_profile_smoke.md").read_text()
     assert "| backbone_graph |" in markdown and "Shared machine:" in markdown
@@ -32,5 +32,17 @@ def test_int8_backbone_copy_is_timed_alone(toy_export) -> None:
 
     export = open_export(toy_export.export, threads=1, spin_wait=False)
     alone = split_profile.int8_backbone_alone(export, 1, past=4)
-    assert set(alone) == {"cloud/backbone int8 served", "cloud/backbone int8 spinning"}
+    assert set(alone) == {"cloud/backbone int8 no spin", "cloud/backbone int8 spinning"}
     assert all(seconds > 0 for seconds in alone.values())
+
+
+def test_smoke_profile_against_a_shadow_serve_process(toy_export, tmp_path) -> None:
+    args = ["--smoke", "--export", str(toy_export.export), "--out", str(tmp_path), "--server", "process"]
+    args += ["--new-tokens", "3", "--repeats", "1", "--prompt-tokens", "5", "--no-int8-backbone"]
+    result = CliRunner().invoke(split_profile.cli, args, obj="python -m benchmarks.split_profile --smoke")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "split_profile_smoke.json").read_text())
+    assert [row["stage"] for row in record["stages"]] == [stage for stage, _, _ in PROCESS_STAGES]
+    assert record["server"] == "process" and record["compute_ms"] is None
+    assert abs(sum(row["ms"] for row in record["stages"]) - record["wall_ms"]) < 1e-6
+    assert record["coupled_tokens_equal"] is True  # shadow-serve in its own process answers the same tokens
