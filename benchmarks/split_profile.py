@@ -57,6 +57,7 @@ class Settings:
     int8_backbone: bool = False  # also time an int8 copy of cloud/backbone alone (an estimate; see time_alone)
     spin_wait: bool = False  # onnxruntime's spin-waiting for the split sessions (the speed row: off)
     server: str = "thread"  # shadow-serve's app in a thread of this process (the speed row), or "process"
+    wire: str = "http"  # BackboneClient's wire: "http" (the speed row) or "grpc"
 
 
 def profile_split(export_path: Path, settings: Settings) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def profile_split(export_path: Path, settings: Settings) -> dict[str, Any]:
     export = open_export(export_path, threads=settings.threads, spin_wait=settings.spin_wait)
     clock = split_stages.StageClock()
     with _served(export, settings, clock) as (port, app):
-        client = BackboneClient(f"http://127.0.0.1:{port}", token=speed_rows.TOKEN)
+        client = BackboneClient(f"{settings.wire}://127.0.0.1:{port}", token=speed_rows.TOKEN)
         generator = Generator(export, mode="coupled", client=client)
 
         def run(tokens: int) -> tuple[Any, float, dict[str, float]]:
@@ -129,23 +130,34 @@ def _served(export: Any, settings: Settings, clock: split_stages.StageClock) -> 
     for ``shadow-serve`` itself in a child process (as users run it: its own export, no CPU arena)."""
     from shadowpeft.runtime.server import ServerConfig, create_app
 
+    grpc = settings.wire == "grpc"
     if settings.server == "thread":
         app = create_app(export, ServerConfig(speed_rows.TOKEN))
-        with speed_rows.serving(export, app=app, wrap=lambda inner: split_stages.TimedApp(inner, clock)) as port:
-            yield port, app
+        timed = lambda inner: split_stages.TimedApp(inner, clock)  # noqa: E731
+        with contextlib.ExitStack() as stack:
+            if grpc:
+                stack.enter_context(split_stages.grpc_servicer_timed(clock))
+            port = stack.enter_context(speed_rows.serving(export, app=app, wrap=timed, grpc=grpc))
+            yield (app.state.grpc_port if grpc else port), app
         return
-    with socket.socket() as probe:  # a free port for the child (released just before it binds it)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port, grpc_port = _free_port(), _free_port()
     code = "from shadowpeft.runtime.serve_cli import main; main()"
     args = [str(export.root), "--port", str(port), "--token", speed_rows.TOKEN, "--log-level", "warning"]
-    child = subprocess.Popen([sys.executable, "-c", code, *args, "--threads", str(settings.threads)])
+    args += ["--threads", str(settings.threads), *(["--grpc-port", str(grpc_port)] if grpc else [])]
+    child = subprocess.Popen([sys.executable, "-c", code, *args])
     try:
         _wait_ready(port, child)
-        yield port, None
+        yield (grpc_port if grpc else port), None
     finally:
         child.terminate()
         child.wait(30)
+
+
+def _free_port() -> int:
+    """A free port for the child (released just before it binds it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _wait_ready(port: int, child: subprocess.Popen) -> None:
@@ -339,6 +351,13 @@ def machine_load() -> dict[str, Any]:
     show_default=True,
     help="shadow-serve's app in a thread (the speed row; every stage timed) or shadow-serve in a process.",
 )
+@click.option(
+    "--wire",
+    type=click.Choice(["http", "grpc"]),
+    default="http",
+    show_default=True,
+    help="BackboneClient's wire: KServe v2 over HTTP (the speed row) or over gRPC (shadow-serve --grpc-port).",
+)
 @click.pass_context
 def cli(ctx: click.Context, **o: Any) -> None:
     """Per-token breakdown of a split decode step over loopback: compute vs everything else."""
@@ -346,7 +365,9 @@ def cli(ctx: click.Context, **o: Any) -> None:
     threads = o["threads"] or (1 if smoke else physical_cores())
     with _export(o, smoke) as (path, prompt):
         new_tokens, repeats = o["new_tokens"] or (8 if smoke else 128), o["repeats"] or (2 if smoke else 5)
-        settings = Settings(prompt, new_tokens, repeats, threads, o["int8_backbone"], o["spin_wait"], o["server"])
+        settings = Settings(
+            prompt, new_tokens, repeats, threads, o["int8_backbone"], o["spin_wait"], o["server"], o["wire"]
+        )
         load_before = machine_load()
         measured = profile_split(path, settings)
         record = report.build_record(

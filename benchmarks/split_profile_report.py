@@ -54,6 +54,7 @@ def build_record(
         "threads": settings.threads,
         "spin_wait": settings.spin_wait,
         "server": settings.server,
+        "wire_kind": settings.wire,
         "machine": {**machine_info(settings.threads), "onnxruntime": onnxruntime.__version__},
         "load_before": load[0],
         "load_after": load[1],
@@ -151,8 +152,9 @@ def markdown(record: dict[str, Any]) -> str:
             f"{m['onnxruntime']}, Python {m['python']}  ",
             f"Shared machine: {shared} (load average before {load}; other processes' busy cores before "
             f"{record['load_before']['busy_cores']}, after {record['load_after']['busy_cores']})  ",
-            f"Export: {weights}; {record['threads']} onnxruntime threads; wire {record['wire']['dtype']}, "
-            f"{record['wire']['requests_per_token']:.2f} requests per token",
+            f"Export: {weights}; {record['threads']} onnxruntime threads; shadow-serve in a {record['server']} "
+            f"(spin-waiting {'on' if record['spin_wait'] else 'off'}); wire {record['wire_kind']}, "
+            f"{record['wire']['dtype']} tensors, {record['wire']['requests_per_token']:.2f} requests per token",
             "",
             format_table(record),
             "",

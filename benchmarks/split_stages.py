@@ -35,16 +35,20 @@ STAGES: tuple[tuple[str, str, bool], ...] = (
     ("device_shadow_graph", "device/shadow session run", True),
     ("device_head_graph", "device/head session run", True),
     ("backbone_graph", "cloud/backbone session run (server)", True),
-    ("request_encoding", "client: encode_request (tensors -> KServe v2 binary body)", False),
-    ("response_decoding", "client: decode_response (body -> tensors)", False),
-    ("http_transport", "HTTP round trip minus the server app (httpx, h11, loopback, uvicorn, loop hand-off)", False),
+    ("request_encoding", "client: tensors -> KServe v2 request (binary body or protobuf)", False),
+    ("response_decoding", "client: KServe v2 response -> tensors", False),
+    (
+        "http_transport",
+        "round trip minus the server's share (HTTP: httpx, h11, uvicorn; gRPC: grpcio, HTTP/2; loopback, hand-offs)",
+        False,
+    ),
     ("server_read_body", "server: read_body", False),
-    ("server_parse", "server: decode_request (parse + checks)", False),
+    ("server_parse", "server: decode_request (parse + checks; gRPC: decode_infer_request)", False),
     ("server_validation", "server: request validation (_validate)", False),
     ("server_thread_hop", "server: run_in_threadpool hand-off, both ways", False),
     ("server_runner_python", "server: BackboneRunner feeds and copies around the session run", False),
-    ("response_encoding", "server: encode_response", False),
-    ("server_other", "server: middleware, routing, gate, session table, stats", False),
+    ("response_encoding", "server: tensors -> KServe v2 response", False),
+    ("server_other", "server: middleware, routing, gate, session table, stats (gRPC: servicer)", False),
     ("device_other", "device: feeds, sampler, link and client Python", False),
 )
 
@@ -53,9 +57,9 @@ STAGES: tuple[tuple[str, str, bool], ...] = (
 PROCESS_STAGES: tuple[tuple[str, str, bool | None], ...] = (
     ("device_shadow_graph", "device/shadow session run", True),
     ("device_head_graph", "device/head session run", True),
-    ("request_encoding", "client: encode_request (tensors -> KServe v2 binary body)", False),
-    ("response_decoding", "client: decode_response (body -> tensors)", False),
-    ("server_round_trip", "httpx request to the shadow-serve process (transport, server, backbone session)", None),
+    ("request_encoding", "client: tensors -> KServe v2 request (binary body or protobuf)", False),
+    ("response_decoding", "client: KServe v2 response -> tensors", False),
+    ("server_round_trip", "request to the shadow-serve process (transport, server, backbone session)", None),
     ("device_other", "device: feeds, sampler, link and client Python", False),
 )
 
@@ -131,6 +135,7 @@ class TimedApp:
 
     def __init__(self, app: Any, clock: StageClock) -> None:
         self.app, self.clock = app, clock
+        self.state = app.state  # runtime.server.serve reads the service (and leaves the gRPC port) there
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].endswith("/infer"):
@@ -152,18 +157,28 @@ def instrumented(clock: StageClock, *, export: Any, app: Any | None, client: Any
         export: The opened export both sides use (its sessions are wrapped per instance).
         app: shadow-serve's app (``create_app``) in this process, its service's validation and runner wrapped;
             ``None`` when the server runs in another process (the device side only).
-        client: The :class:`~shadowpeft.runtime.client.BackboneClient` (HTTP wire).
+        client: The :class:`~shadowpeft.runtime.client.BackboneClient`, over HTTP or gRPC.
     """
-    from shadowpeft.runtime import backbone_service, server, wire_http
+    from shadowpeft.runtime import backbone_service, grpc_server, server, wire_grpc, wire_http
     from shadowpeft.runtime.contract import DEVICE_HEAD, DEVICE_SHADOW
 
     patches: list[tuple[Any, str, Any]] = [
         (export.session(DEVICE_SHADOW), "run", clock.timed("shadow", export.session(DEVICE_SHADOW).run)),
         (export.session(DEVICE_HEAD), "run", clock.timed("head", export.session(DEVICE_HEAD).run)),
-        (wire_http, "encode_request", clock.timed("encode", wire_http.encode_request)),
-        (wire_http, "decode_response", clock.timed("decode", wire_http.decode_response)),
-        (client._wire._http, "request", clock.timed("http", client._wire._http.request)),
     ]
+    wire = client._wire
+    if isinstance(wire, wire_http.HttpWire):
+        patches += [
+            (wire_http, "encode_request", clock.timed("encode", wire_http.encode_request)),
+            (wire_http, "decode_response", clock.timed("decode", wire_http.decode_response)),
+            (wire._http, "request", clock.timed("http", wire._http.request)),
+        ]
+    else:  # gRPC: the stub call is the round trip
+        patches += [
+            (wire_grpc, "encode_infer_request", clock.timed("encode", wire_grpc.encode_infer_request)),
+            (wire_grpc, "decode_infer_response", clock.timed("decode", wire_grpc.decode_infer_response)),
+            (wire, "_call", clock.timed("http", wire._call)),
+        ]
     if app is not None:
         service = app.state.backbone
         patches += [
@@ -173,8 +188,30 @@ def instrumented(clock: StageClock, *, export: Any, app: Any | None, client: Any
             (server, "read_body", clock.timed_async("read_body", server.read_body)),
             (server, "decode_request", clock.timed("parse", server.decode_request)),
             (server, "encode_response", clock.timed("response_encode", server.encode_response)),
+            (grpc_server, "decode_infer_request", clock.timed("parse", grpc_server.decode_infer_request)),
+            (grpc_server, "encode_infer_response", clock.timed("response_encode", grpc_server.encode_infer_response)),
             (backbone_service, "run_in_threadpool", clock.thread_hop(backbone_service.run_in_threadpool)),
         ]
+    with _patched(patches):
+        yield
+
+
+@contextlib.contextmanager
+def grpc_servicer_timed(clock: StageClock) -> Iterator[None]:
+    """Times the gRPC servicer's ModelInfer as the server's share (``app``, as :class:`TimedApp` for HTTP).
+
+    Enter it before the gRPC server starts: the server takes the servicer's methods when it starts.
+    """
+    from shadowpeft.runtime import grpc_server
+
+    servicer = grpc_server._Servicer
+    with _patched([(servicer, "ModelInfer", clock.timed_async("app", servicer.ModelInfer))]):
+        yield
+
+
+@contextlib.contextmanager
+def _patched(patches: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """Sets each ``(target, name, value)`` for the block and restores what was there."""
     saved = [(target, name, target.__dict__.get(name, _ABSENT)) for target, name, _ in patches]
     try:
         for target, name, wrapper in patches:

@@ -36,13 +36,25 @@ def test_int8_backbone_copy_is_timed_alone(toy_export) -> None:
     assert all(seconds > 0 for seconds in alone.values())
 
 
-def test_smoke_profile_against_a_shadow_serve_process(toy_export, tmp_path) -> None:
+def test_smoke_profile_against_a_shadow_serve_process_over_grpc(toy_export, tmp_path) -> None:
     args = ["--smoke", "--export", str(toy_export.export), "--out", str(tmp_path), "--server", "process"]
+    args += ["--wire", "grpc"]
     args += ["--new-tokens", "3", "--repeats", "1", "--prompt-tokens", "5", "--no-int8-backbone"]
     result = CliRunner().invoke(split_profile.cli, args, obj="python -m benchmarks.split_profile --smoke")
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "split_profile_smoke.json").read_text())
     assert [row["stage"] for row in record["stages"]] == [stage for stage, _, _ in PROCESS_STAGES]
-    assert record["server"] == "process" and record["compute_ms"] is None
+    assert record["server"] == "process" and record["wire_kind"] == "grpc" and record["compute_ms"] is None
     assert abs(sum(row["ms"] for row in record["stages"]) - record["wall_ms"]) < 1e-6
     assert record["coupled_tokens_equal"] is True  # shadow-serve in its own process answers the same tokens
+
+
+def test_in_thread_grpc_times_the_servicer_as_the_server_share(toy_export, tmp_path) -> None:
+    args = ["--smoke", "--export", str(toy_export.export), "--out", str(tmp_path), "--wire", "grpc"]
+    args += ["--new-tokens", "3", "--repeats", "1", "--prompt-tokens", "5", "--no-int8-backbone"]
+    result = CliRunner().invoke(split_profile.cli, args, obj="python -m benchmarks.split_profile --smoke")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "split_profile_smoke.json").read_text())
+    stages = {row["stage"]: row["ms"] for row in record["stages"]}
+    assert stages["backbone_graph"] > 0 and stages["server_read_body"] == 0  # no HTTP body on the gRPC wire
+    assert record["coupled_tokens_equal"] is True
