@@ -58,6 +58,7 @@ class Settings:
     spin_wait: bool = False  # onnxruntime's spin-waiting for the split sessions (the speed row: off)
     server: str = "thread"  # shadow-serve's app in a thread of this process (the speed row), or "process"
     wire: str = "http"  # BackboneClient's wire: "http" (the speed row) or "grpc"
+    other_coupled: tuple[Path, ...] = ()  # more coupled graphs to time locally (e.g. the fp32 export's)
 
 
 def profile_split(export_path: Path, settings: Settings) -> dict[str, Any]:
@@ -210,6 +211,13 @@ def time_alone(export: Any, export_path: Path, settings: Settings) -> dict[str, 
         runs = [speed_rows.greedy_graph(coupled, settings.prompt, settings.new_tokens) for _ in range(2)]
         out["coupled local decode"] = statistics.median(r[2] / (settings.new_tokens - 1) for r in runs)
         out["coupled local tokens"] = runs[0][0]
+    for path in settings.other_coupled:  # e.g. the fp32 export's: the backbone at the cloud graph's precision
+        options = session_options(settings.threads)
+        graph = ort.InferenceSession(str(path), options, providers=[_CPU])
+        runs = [speed_rows.greedy_graph(graph, settings.prompt, settings.new_tokens) for _ in range(2)]
+        out[f"coupled {path} decode"] = statistics.median(r[2] / (settings.new_tokens - 1) for r in runs)
+        out[f"coupled {path} tokens"] = runs[0][0]
+        del graph
     return out
 
 
@@ -358,6 +366,13 @@ def machine_load() -> dict[str, Any]:
     show_default=True,
     help="BackboneClient's wire: KServe v2 over HTTP (the speed row) or over gRPC (shadow-serve --grpc-port).",
 )
+@click.option(
+    "--coupled-graph",
+    "other_coupled",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Another coupled graph to time locally, e.g. the fp32 export's coupled.onnx (repeatable).",
+)
 @click.pass_context
 def cli(ctx: click.Context, **o: Any) -> None:
     """Per-token breakdown of a split decode step over loopback: compute vs everything else."""
@@ -366,7 +381,15 @@ def cli(ctx: click.Context, **o: Any) -> None:
     with _export(o, smoke) as (path, prompt):
         new_tokens, repeats = o["new_tokens"] or (8 if smoke else 128), o["repeats"] or (2 if smoke else 5)
         settings = Settings(
-            prompt, new_tokens, repeats, threads, o["int8_backbone"], o["spin_wait"], o["server"], o["wire"]
+            prompt,
+            new_tokens,
+            repeats,
+            threads,
+            o["int8_backbone"],
+            o["spin_wait"],
+            o["server"],
+            o["wire"],
+            tuple(o["other_coupled"]),
         )
         load_before = machine_load()
         measured = profile_split(path, settings)

@@ -64,11 +64,19 @@ def build_record(
         "compute_ms": compute_ms,
         "not_compute_ms": None if compute_ms is None else 1000 * wall - compute_ms,
         "stages": rows,
-        "alone_ms": {k: 1000 * v for k, v in alone.items() if isinstance(v, float)},
+        "alone_ms": {k: 1000 * v for k, v in alone.items() if isinstance(v, float) and not k.startswith("coupled ")},
         "past_tokens_alone": alone["past_tokens"],
         "coupled_local_ms": None if coupled is None else 1000 * coupled,
         "split_vs_coupled_local": None if coupled is None else wall / coupled,
         "coupled_tokens_equal": None if coupled is None else alone["coupled local tokens"] == measured["tokens"],
+        "other_coupled": {
+            str(path): {
+                "ms": 1000 * alone[f"coupled {path} decode"],
+                "split_vs": wall / alone[f"coupled {path} decode"],
+                "tokens_equal": alone[f"coupled {path} tokens"] == measured["tokens"],
+            }
+            for path in settings.other_coupled
+        },
         "split_int8_backbone_estimate_ms": _int8_estimate(1000 * wall, rows, alone),
         "wire": measured["wire"],
         "tokens": measured["tokens"],
@@ -123,6 +131,11 @@ def format_table(record: dict[str, Any]) -> str:
             f"{record['coupled_local_ms']:.2f} ms/token: **{record['split_vs_coupled_local']:.2f}x** "
             f"(tokens equal: {record['coupled_tokens_equal']}).",
         ]
+    for path, other in record["other_coupled"].items():
+        lines.append(
+            f"Split vs the coupled graph {path} run locally: {other['ms']:.2f} ms/token, "
+            f"**{other['split_vs']:.2f}x** (tokens equal: {other['tokens_equal']})."
+        )
     estimate = record["split_int8_backbone_estimate_ms"]
     if estimate is not None and record["coupled_local_ms"] is not None:
         lines += [

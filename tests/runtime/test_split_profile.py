@@ -13,10 +13,13 @@ from benchmarks.split_stages import PROCESS_STAGES, STAGES
 def test_smoke_profile_writes_every_stage_and_the_graphs_alone(toy_export, tmp_path) -> None:
     args = ["--smoke", "--export", str(toy_export.export), "--out", str(tmp_path)]
     args += ["--new-tokens", "3", "--repeats", "1", "--prompt-tokens", "5", "--no-int8-backbone"]
+    coupled = toy_export.export / "coupled.onnx"
+    args += ["--coupled-graph", str(coupled)]
     result = CliRunner().invoke(split_profile.cli, args, obj="python -m benchmarks.split_profile --smoke")
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "split_profile_smoke.json").read_text())
     assert [row["stage"] for row in record["stages"]] == [stage for stage, _, _ in STAGES]
+    assert record["other_coupled"][str(coupled)]["tokens_equal"] is True
     # The disjoint stages add up to the wall time of a step, by construction.
     assert abs(sum(row["ms"] for row in record["stages"]) - record["wall_ms"]) < 1e-6
     assert record["wire"]["requests_per_token"] == 1.0  # one request per decoded token
