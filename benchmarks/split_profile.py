@@ -204,6 +204,13 @@ def time_alone(export: Any, export_path: Path, settings: Settings) -> dict[str, 
     for key in (DEVICE_SHADOW, DEVICE_HEAD, CLOUD_BACKBONE):
         for spin in (False, True):
             out[f"{key} {_SPIN[spin]}"] = one_token_s(session(key, spin), export.graph(key), past)
+    # shadow-serve itself opens its graph without the CPU arena too (runtime/serve_cli.py).
+    options = session_options(settings.threads, spin_wait=False, cpu_arena=False)
+    graph = ort.InferenceSession(str(export.root / export.graph(CLOUD_BACKBONE).file), options, providers=[_CPU])
+    out[f"{CLOUD_BACKBONE} no spin, no CPU arena (as shadow-serve)"] = one_token_s(
+        graph, export.graph(CLOUD_BACKBONE), past
+    )
+    del graph
     if settings.int8_backbone and export.graph(CLOUD_BACKBONE).weights == "fp32":
         out.update(int8_backbone_alone(export, settings.threads, past))
     if export.has(COUPLED):
