@@ -104,7 +104,7 @@ def format_table(record: dict[str, Any]) -> str:
         else "shadow-serve in a process of its own: its share is one stage"
     )
     lines = [
-        f"Split decode over loopback, per token (median of {record['repeats']} repeats, "
+        f"Split decode over loopback, per token (the repeat of median wall time of {record['repeats']}, "
         f"{record['new_tokens']} new tokens after {record['prompt_tokens']}): wall {record['wall_ms']:.2f} ms, "
         f"{split}.",
         "",
