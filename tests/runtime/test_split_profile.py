@@ -62,3 +62,9 @@ def test_in_thread_grpc_times_the_servicer_as_the_server_share(toy_export, tmp_p
     stages = {row["stage"]: row["ms"] for row in record["stages"]}
     assert stages["backbone_graph"] > 0 and stages["server_read_body"] == 0  # no HTTP body on the gRPC wire
     assert record["coupled_tokens_equal"] is True
+
+
+def test_the_table_is_the_repeat_of_median_wall_time() -> None:
+    repeats = [{"wall_s": wall, "stages_s": {"x": wall}} for wall in (3.0, 1.0, 2.0, 9.0)]
+    assert split_profile.median_repeat(repeats)["wall_s"] == 2.0  # the lower middle of an even count
+    assert split_profile.median_repeat(repeats[:3])["wall_s"] == 2.0
