@@ -184,8 +184,10 @@ def median_repeat(per_repeat: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def time_alone(export: Any, export_path: Path, settings: Settings) -> dict[str, Any]:
-    """Each split graph alone, one token after a past of the prompt plus half the new tokens, without spin-waiting
-    (as served) and spinning (as the local rows run); and the export's coupled graph's decode (spinning), if any."""
+    """The local coupled graphs' decode (spinning, as the speed rows run them: the export's, then
+    ``--coupled-graph``'s), then each split graph alone, one token after a past of the prompt plus half the new
+    tokens, without spin-waiting (as served) and spinning, and last the export's coupled graph again (drift
+    within the run shows as a difference between the two)."""
     import onnxruntime as ort
 
     from shadowpeft.runtime.contract import CLOUD_BACKBONE, COUPLED, DEVICE_HEAD, DEVICE_SHADOW
@@ -193,37 +195,41 @@ def time_alone(export: Any, export_path: Path, settings: Settings) -> dict[str, 
 
     past = len(settings.prompt) + settings.new_tokens // 2
 
-    def session(key: str, spin: bool) -> Any:
-        if spin == settings.spin_wait:  # as the split run opened it
-            return export.session(key)
-        options = session_options(settings.threads, spin_wait=spin)
-        return ort.InferenceSession(str(export.root / export.graph(key).file), options, providers=[_CPU])
+    def session(path: Path, *, spin: bool, arena: bool = True) -> Any:
+        options = session_options(settings.threads, spin_wait=spin, cpu_arena=arena)
+        return ort.InferenceSession(str(path), options, providers=[_CPU])
+
+    def decode(path: Path, name: str) -> None:
+        graph = session(path, spin=True)
+        runs = [speed_rows.greedy_graph(graph, settings.prompt, settings.new_tokens) for _ in range(2)]
+        out[f"{name} decode"] = statistics.median(r[2] / (settings.new_tokens - 1) for r in runs)
+        out[f"{name} tokens"] = runs[0][0]
 
     out: dict[str, Any] = {"past_tokens": past}
+    coupled = export.root / export.graph(COUPLED).file if export.has(COUPLED) else None
+    if coupled is not None:
+        decode(coupled, "coupled local")
+    for path in settings.other_coupled:  # e.g. the fp32 export's: the backbone at the cloud graph's precision
+        decode(path, f"coupled {path}")
     for key in (DEVICE_SHADOW, DEVICE_HEAD, CLOUD_BACKBONE):
         for spin in (False, True):
-            out[f"{key} {_SPIN[spin]}"] = one_token_s(session(key, spin), export.graph(key), past)
+            graph = (
+                export.session(key)
+                if spin == settings.spin_wait
+                else session(export.root / export.graph(key).file, spin=spin)
+            )
+            out[f"{key} {_SPIN[spin]}"] = one_token_s(graph, export.graph(key), past)
+            del graph
     # shadow-serve itself opens its graph without the CPU arena too (runtime/serve_cli.py).
-    options = session_options(settings.threads, spin_wait=False, cpu_arena=False)
-    graph = ort.InferenceSession(str(export.root / export.graph(CLOUD_BACKBONE).file), options, providers=[_CPU])
+    graph = session(export.root / export.graph(CLOUD_BACKBONE).file, spin=False, arena=False)
     out[f"{CLOUD_BACKBONE} no spin, no CPU arena (as shadow-serve)"] = one_token_s(
         graph, export.graph(CLOUD_BACKBONE), past
     )
     del graph
     if settings.int8_backbone and export.graph(CLOUD_BACKBONE).weights == "fp32":
         out.update(int8_backbone_alone(export, settings.threads, past))
-    if export.has(COUPLED):
-        coupled = session(COUPLED, True)
-        runs = [speed_rows.greedy_graph(coupled, settings.prompt, settings.new_tokens) for _ in range(2)]
-        out["coupled local decode"] = statistics.median(r[2] / (settings.new_tokens - 1) for r in runs)
-        out["coupled local tokens"] = runs[0][0]
-    for path in settings.other_coupled:  # e.g. the fp32 export's: the backbone at the cloud graph's precision
-        options = session_options(settings.threads)
-        graph = ort.InferenceSession(str(path), options, providers=[_CPU])
-        runs = [speed_rows.greedy_graph(graph, settings.prompt, settings.new_tokens) for _ in range(2)]
-        out[f"coupled {path} decode"] = statistics.median(r[2] / (settings.new_tokens - 1) for r in runs)
-        out[f"coupled {path} tokens"] = runs[0][0]
-        del graph
+    if coupled is not None:
+        decode(coupled, "coupled local, again at the end,")
     return out
 
 
