@@ -152,6 +152,8 @@ def format_table(record: dict[str, Any]) -> str:
         ]
     if record["precision_note"]:
         lines += ["", record["precision_note"]]
+        if record["coupled_tokens_equal"] is False:
+            lines.append("Tokens may differ from a local coupled graph's where the weights differ (int8 vs fp32).")
     return "\n".join(lines)
 
 
