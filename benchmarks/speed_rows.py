@@ -299,20 +299,36 @@ def delayed_transport(delay_s: float) -> Any:
 
 
 @contextlib.contextmanager
-def serving(export: Any) -> Iterator[int]:
-    """shadow-serve's app on 127.0.0.1 (a free port) in a thread of this process; yields the port."""
+def serving(export: Any, *, app: Any = None, wrap: Any = None, grpc: bool = False) -> Iterator[int]:
+    """shadow-serve's app on 127.0.0.1 (a free port) in a thread of this process; yields the port.
+
+    Args:
+        export: The opened export to serve.
+        app: The app (``create_app(export, ...)``) if the caller made it; else one is made here.
+        wrap: Called with the app, returns the ASGI app uvicorn serves (benchmarks/split_profile.py times it).
+        grpc: Serve the gRPC service beside it on the same loop (its port: ``app.state.grpc_port``), as
+            ``shadow-serve --grpc-port`` does.
+    """
+    import asyncio
     import socket
     import threading
 
     import uvicorn
 
-    from shadowpeft.runtime.server import ServerConfig, create_app, serving_options
+    from shadowpeft.runtime.server import ServerConfig, create_app, serve, serving_options
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    app = create_app(export, ServerConfig(TOKEN))  # served as shadow-serve serves it (connection limits)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **serving_options(app)))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    app = app or create_app(export, ServerConfig(TOKEN))  # served as shadow-serve serves it (connection limits)
+    served = wrap(app) if wrap is not None else app
+    server = uvicorn.Server(uvicorn.Config(served, log_level="warning", **serving_options(app)))
+    if grpc:  # one loop for both, as shadow-serve --grpc-port runs them
+        from shadowpeft.runtime.grpc_server import GrpcOptions
+
+        running = serve(server, grpc=GrpcOptions("127.0.0.1", 0), sockets=[sock])
+        thread = threading.Thread(target=asyncio.run, args=(running,), daemon=True)
+    else:
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():

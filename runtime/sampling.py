@@ -61,6 +61,10 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, seen: list[int]) -> int:
         """Next token id from ``logits`` (V,) given the ids ``seen`` so far (prompt and output)."""
+        if self.greedy and self.config.repetition_penalty == 1.0:
+            # What pick(distribution(...)) returns, without two float64 copies of the vocabulary per token
+            # (in a SmolLM2 split decode step, V = 49,152: 112 us -> 31 us; the local graph rows take a bare argmax).
+            return int(np.argmax(logits))
         return self.pick(self.distribution(logits, seen))
 
     @property

@@ -14,6 +14,16 @@ def test_greedy_and_top_k_1_pick_the_argmax():
     assert all(Sampler(SamplingConfig(temperature=1.0, top_k=1, seed=s))(logits, []) == 1 for s in range(20))
 
 
+def test_plain_greedy_takes_the_argmax_of_the_logits_directly(monkeypatch):
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal(4096).astype(np.float32) for _ in range(20)]
+    cases += [np.array([1.0, 3.0, 3.0, -np.inf], dtype=np.float32), np.full(8, -np.inf, dtype=np.float32)]
+    sampler = Sampler(SamplingConfig())
+    expected = [sampler.pick(sampler.distribution(logits, [])) for logits in cases]  # ties: the first, as before
+    monkeypatch.setattr(Sampler, "distribution", lambda *args: pytest.fail("no V-sized float64 distribution"))
+    assert [sampler(logits, [1, 2]) for logits in cases] == expected
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     # probabilities ~ [0.6, 0.3, 0.1]: p=0.5 keeps only the first, p=0.8 the first two.
     logits = np.log(np.array([0.6, 0.3, 0.1]))
