@@ -1,4 +1,4 @@
-"""Decoder layers written with onnxruntime's fused operators, for export (``shadow-export --ops fused``).
+"""Decoder layers written with onnxruntime's fused operators, for export (``shadow-export --ops``).
 
 A Llama-style layer (RMSNorm, q/k/v/o attention with rotary positions, gated SiLU MLP; Llama,
 Mistral, Qwen2, Qwen3 and their relatives) is written as
@@ -8,9 +8,9 @@ Mistral, Qwen2, Qwen3 and their relatives) is written as
     -> SkipSimplifiedLayerNormalization (residual add + norm) -> MLP -> Add
 
 (:mod:`shadowpeft.export.fused_ops`), instead of the ~40 small operators the standard graph
-traces. The shadow injections and updates between layers are not touched: they stay plain
-MatMuls that the quantizers see. The q, k and v weights become one ``(d, q + 2k)`` initializer,
-so a quantized graph has one MatMulNBits / MatMulInteger for all three.
+traces. The shadow injections and updates between layers are not part of it: they stay plain
+MatMuls that the quantizers see (:mod:`shadowpeft.export.graphs` writes them for both kinds of graph). The q, k and v weights become one ``(d, q + 2k)`` initializer,
+so a quantized graph has one MatMulNBits for all three.
 
 Whether a stack can be fused is decided by :func:`fusion_blocker`, which checks the modules'
 structure and then runs one fused layer against the Hugging Face layer on random inputs: a family
