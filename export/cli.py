@@ -29,7 +29,13 @@ _WEIGHTS = {fmt.option: fmt.name for fmt in FORMATS.values()}
     "--quantize",
     type=click.Choice(list(_WEIGHTS)),
     default=None,
-    help="Weights of the on-device graphs [the profile's, else none]. The cloud graph stays fp32.",
+    help="Weights of the on-device graphs [the profile's, else none]. The cloud graph stays fp32 "
+    "unless --quantize-cloud.",
+)
+@click.option(
+    "--quantize-cloud",
+    is_flag=True,
+    help="Quantize cloud/backbone too, to the device graphs' weight format (default: it stays fp32).",
 )
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(17, 23), help="ONNX opset.")
 @click.option("--base", default=None, help="Base model to load instead of the one the checkpoint names.")
@@ -57,6 +63,7 @@ def main(
     selections: tuple[str, ...],
     device: str | None,
     quantize: str | None,
+    quantize_cloud: bool,
     opset: int,
     base: str | None,
     tolerance: float,
@@ -69,10 +76,12 @@ def main(
     (then pass --base). Every graph is checked against PyTorch with onnxruntime before anything is
     written; the export directory appears only once it is complete.
     """
-    _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, ops, overwrite)
+    _export(checkpoint, out, selections, device, quantize, quantize_cloud, opset, base, tolerance, ops, overwrite)
 
 
-def _export(checkpoint, out, selections, device, quantize, opset, base, tolerance, ops, overwrite) -> None:
+def _export(  # noqa: PLR0913 - the CLI's options, one by one
+    checkpoint, out, selections, device, quantize, quantize_cloud, opset, base, tolerance, ops, overwrite
+) -> None:
     from shadowpeft.errors import AssetError, CheckpointError, UnsupportedArchitectureError
     from shadowpeft.export.pipeline import STAGES, ExportOptions, export_checkpoint
     from shadowpeft.export.report import summary_lines
@@ -89,6 +98,7 @@ def _export(checkpoint, out, selections, device, quantize, opset, base, toleranc
         overwrite=overwrite,
         tolerance=tolerance,
         ops=ops,
+        quantize_cloud=quantize_cloud,
     )
     start = time.perf_counter()
 

@@ -9,8 +9,9 @@ Mistral, Qwen2, Qwen3 and their relatives) is written as
 
 (:mod:`shadowpeft.export.fused_ops`), instead of the ~40 small operators the standard graph
 traces. The shadow injections and updates between layers are not part of it: they stay plain
-MatMuls that the quantizers see (:mod:`shadowpeft.export.graphs` writes them for both kinds of graph). The q, k and v weights become one ``(d, q + 2k)`` initializer,
-so a quantized graph has one MatMulNBits for all three.
+MatMuls that the quantizers see (:mod:`shadowpeft.export.graphs` writes them for both kinds of
+graph). The q, k and v weights become one ``(d, q + 2k)`` initializer, so a quantized graph has
+one MatMulNBits for all three.
 
 Whether a stack can be fused is decided by :func:`fusion_blocker`, which checks the modules'
 structure and then runs one fused layer against the Hugging Face layer on random inputs: a family

@@ -80,6 +80,8 @@ class ExportOptions:
         overwrite: Replace an existing output directory.
         tolerance: Largest allowed |logit difference| between fp32 graphs and PyTorch.
         steps: Cached decode steps of the parity check.
+        quantize_cloud: Quantize ``cloud/backbone`` too, to the device graphs' weight format (by default
+            it stays fp32: the server's memory and speed then follow the device graphs' format).
         ops: ``auto`` (onnxruntime's fused operators for every decoder stack that allows them),
             ``fused`` (the same, failing for a stack that does not) or ``standard`` (standard ONNX
             operators only, for providers without onnxruntime's contrib operators).
@@ -94,6 +96,11 @@ class ExportOptions:
     tolerance: float = FP32_LOGIT_TOLERANCE
     steps: int = 8
     ops: str = "auto"
+    quantize_cloud: bool = False
+
+    def quantizes(self, job: GraphJob) -> bool:
+        """Whether ``job``'s graph is quantized (when the weight format quantizes at all)."""
+        return job.on_device or self.quantize_cloud
 
     @property
     def weight_format(self) -> str:
@@ -121,6 +128,13 @@ def export_checkpoint(
     fmt = weight_format(weights)
     # The profile's quantization parameters travel from here, once; the format checks them now,
     # before anything is loaded, and the manifest records what the quantizer wrote.
+    if options.quantize_cloud and not fmt.quantizes:
+        raise ExportError(
+            "--quantize-cloud quantizes cloud/backbone to the device graphs' weight format, which is fp32 here; "
+            "pass --quantize int8 or int4 (or a --device profile that sets one)."
+        )
+    if options.quantize_cloud and CLOUD_BACKBONE not in keys:
+        raise ExportError("--quantize-cloud: this export writes no cloud graph; add --split.")
     requested = QuantizationParams.from_profile(options.profile)
     quantization = fmt.manifest_name(fmt.parameters(requested))
     check_destination(out, overwrite=options.overwrite)
@@ -137,13 +151,13 @@ def export_checkpoint(
                 job.wrapper(*job.example)  # fails here, with a PyTorch traceback, before the exporter runs
             for job in jobs:
                 report("export", job.file)
-                target = (root if not job.on_device else fp32_root) / job.file
+                target = _fp32_path(job, root, fp32_root, options)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 export_graph(job.wrapper, job.example, job.io, target, opset=options.opset)
         report("validate", f"prefill + {options.steps} cached steps")
         figures = _validate(loaded.model, jobs, root, fp32_root, options)
         if fmt.quantizes:
-            quantization, quantized = _quantize(loaded, jobs, root, fp32_root, fmt, requested, report)
+            quantization, quantized = _quantize(loaded, jobs, root, fp32_root, fmt, requested, report, options)
             figures.update(quantized)
         report("write", str(out))
         manifest = _manifest(loaded, jobs, root, weights, quantization, options, figures, escalation, fusion)
@@ -173,12 +187,13 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _fp32_path(job: GraphJob, root: Path, fp32_root: Path) -> Path:
-    return (fp32_root if job.on_device else root) / job.file
+def _fp32_path(job: GraphJob, root: Path, fp32_root: Path, options: ExportOptions) -> Path:
+    """Where the fp32 graph of ``job`` is written: the scratch folder when it will be quantized."""
+    return (fp32_root if options.quantizes(job) else root) / job.file
 
 
 def _validate(model, jobs: list[GraphJob], root: Path, fp32_root: Path, options: ExportOptions) -> dict[str, float]:
-    sessions = {job.key: _session(_fp32_path(job, root, fp32_root)) for job in jobs}
+    sessions = {job.key: _session(_fp32_path(job, root, fp32_root, options)) for job in jobs}
     ios = {job.key: job.io for job in jobs}
     results = check_parity(model, sessions, ios, steps=options.steps, tolerance=options.tolerance)
     figures: dict[str, float] = {}
@@ -199,12 +214,14 @@ def _quantize(
     fmt: WeightFormatPass,
     requested: QuantizationParams,
     report: Progress,
+    options: ExportOptions,
 ) -> tuple[str, dict[str, float]]:
-    """Quantizes the on-device graphs; returns the manifest's ``quantization`` (the quantizer's answer) and figures."""
+    """Quantizes the on-device graphs (and the cloud graph with ``--quantize-cloud``); returns the manifest's
+    ``quantization`` (the quantizer's answer) and figures."""
     figures: dict[str, float] = {}
     names = set()
     for job in jobs:
-        if not job.on_device:
+        if not options.quantizes(job):
             continue
         report("quantize", f"{job.file} -> {fmt.name}")
         result = quantize_graph(
@@ -218,10 +235,8 @@ def _quantize(
         figures[f"{job.key}.quantized_matmuls"] = result.quantized_matmuls
         names.add(result.quantization)
     if len(names) != 1:
-        raise ExportError(
-            f"The on-device graphs were quantized differently ({', '.join(sorted(names))}); report this."
-        )
-    fp32 = {job.key: _session(_fp32_path(job, root, fp32_root)) for job in jobs}
+        raise ExportError(f"The graphs were quantized differently ({', '.join(sorted(names))}); report this.")
+    fp32 = {job.key: _session(_fp32_path(job, root, fp32_root, options)) for job in jobs}
     quantized = {job.key: _session(root / job.file) for job in jobs}
     ios = {job.key: job.io for job in jobs}
     figures.update(quantized_agreement(fp32, quantized, ios, loaded.tokenizer, prefix=fmt.name))
@@ -243,7 +258,7 @@ def _manifest(
     device_bytes = 0
     for job in jobs:
         sha, data, size = graph_files(root, job.file, external_data_files(root / job.file))
-        graph_weights = weights if job.on_device else FP32
+        graph_weights = weights if options.quantizes(job) else FP32
         opset = graph_opset(root / job.file)  # quantizers may raise it (int4 embeddings need 21)
         graphs[job.key] = GraphSpec(
             job.file,
@@ -328,7 +343,7 @@ def graph_opset(path: Path) -> int:
     return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
-def quantize_export(src: Path, dst: Path, *, weights: str) -> Manifest:
+def quantize_export(src: Path, dst: Path, *, weights: str, cloud: bool = False) -> Manifest:
     """Writes to ``dst`` a copy of the fp32 export ``src`` whose on-device graphs are quantized to ``weights``.
 
     The quantize and write stages of :func:`export_checkpoint` on an existing export, for comparing
@@ -342,6 +357,7 @@ def quantize_export(src: Path, dst: Path, *, weights: str) -> Manifest:
         src: An export directory with fp32 on-device graphs.
         dst: The directory to write; must not exist.
         weights: ``int8`` or ``int4``.
+        cloud: Quantize ``cloud/backbone`` too (``shadow-export --quantize-cloud``).
 
     Returns:
         The manifest written to ``dst``.
@@ -351,7 +367,7 @@ def quantize_export(src: Path, dst: Path, *, weights: str) -> Manifest:
     on_device = {
         key: spec.file
         for key, spec in manifest.graphs.items()
-        if spec.role != GRAPH_ROLES[CLOUD_BACKBONE] and key not in copies
+        if (cloud or spec.role != GRAPH_ROLES[CLOUD_BACKBONE]) and key not in copies
     }
     skipped = {Path(manifest.graphs[key].file).name for key in copies} | {Path(f).name for f in on_device.values()}
     skipped |= {n for f in on_device.values() for n in external_data_files(src / f)}

@@ -116,6 +116,25 @@ def test_detached_reexport_is_byte_identical_and_int4_applies(toy, tmp_path):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
+def test_quantize_cloud_quantizes_the_backbone_to_the_device_format(toy, tmp_path):
+    out = tmp_path / "export"
+    result = run(toy["ckpt"], "-o", out, "--split", "--quantize", "int8", "--quantize-cloud")
+    assert result.exit_code == 0, result.output
+    manifest = verify_files(out)
+    assert {key: g.weights for key, g in manifest.graphs.items()} == {
+        "device/shadow": "int8",
+        "device/head": "int8",
+        "cloud/backbone": "int8",
+    }
+    figures = manifest.validation
+    # The backbone went through the quantizer (the toy's 32-wide matrices are below its block size, so
+    # nothing in it is narrow enough to change: the count says how many MatMuls it quantized) ...
+    assert "cloud/backbone.onnx -> int8" in result.output
+    assert figures["cloud/backbone.quantized_matmuls"] >= 0 and "cloud/backbone.fp32_bytes" in figures
+    # ... and the split chain's agreement is measured with it in the chain.
+    assert figures["int8.split.top1_agreement"] >= BROKEN_PASS_TOP1
+
+
 def test_ops_standard_writes_plain_onnx_operators(toy, tmp_path):
     out = tmp_path / "export"
     result = run(toy["ckpt"], "-o", out, "--detached", "--ops", "standard")
@@ -199,6 +218,8 @@ def test_leftovers_of_a_killed_export_are_removed_by_the_next_one(toy, tmp_path,
         ("ok", ["--device", "no-such-phone"], "Unknown device profile 'no-such-phone'"),
         ("published", [], "--base"),
         ("ok", ["--quantize", "int3"], "Invalid value for '--quantize'"),
+        ("ok", ["--quantize-cloud"], "--quantize-cloud quantizes cloud/backbone to the device graphs' weight format"),
+        ("ok", ["--detached", "--quantize", "int8", "--quantize-cloud"], "writes no cloud graph; add --split"),
         ("escalation-not-json", [], "escalation.json is not valid JSON"),
         ("escalation-bad-threshold", [], "threshold=2.5 is not a number in [0, 1]"),
         ("header-base-not-object", [], "not a valid checkpoint header (base must be an object, got 'x')"),
