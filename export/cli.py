@@ -79,7 +79,7 @@ def main(
     _export(checkpoint, out, selections, device, quantize, quantize_cloud, opset, base, tolerance, ops, overwrite)
 
 
-def _export(  # noqa: PLR0913 - the CLI's options, one by one
+def _export(
     checkpoint, out, selections, device, quantize, quantize_cloud, opset, base, tolerance, ops, overwrite
 ) -> None:
     from shadowpeft.errors import AssetError, CheckpointError, UnsupportedArchitectureError

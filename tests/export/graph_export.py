@@ -34,7 +34,7 @@ class Exported:
 def export_graphs(
     model: ShadowForCausalLM, root: Path, keys: tuple[str, ...] = ALL_GRAPHS, fusion: Fusion | None = None
 ) -> Exported:
-    """Trace ``keys`` of ``model`` into ``root`` exactly as the pipeline does (standard operators unless ``fusion``)."""
+    """Trace ``keys`` of ``model`` into ``root`` as the pipeline does (standard operators unless ``fusion``)."""
     files, ios = {}, {}
     with export_view(model, fusion), torch.no_grad():
         for job in graph_jobs(model, keys):
