@@ -356,7 +356,8 @@ def machine_load() -> dict[str, Any]:
     "--int8-backbone/--no-int8-backbone",
     default=True,
     show_default=True,
-    help="Also time an int8 copy of the fp32 cloud/backbone alone (an estimate; no such export format).",
+    help="Also time an int8 copy of an fp32 cloud/backbone alone (an estimate; shadow-export --quantize-cloud "
+    "writes the real thing).",
 )
 @click.option(
     "--spin-wait/--no-spin-wait",

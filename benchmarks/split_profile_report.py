@@ -9,9 +9,9 @@ from benchmarks.harness import machine_info, now, save_json
 from benchmarks.split_stages import PROCESS_STAGES, STAGES
 
 NOTE_PRECISION = (
-    "The export pipeline keeps cloud/backbone fp32 (export/plan.py: only on-device graphs are quantized; "
-    "export.pipeline.quantize_export quantizes every role but cloud-backbone), so split decoding cannot run "
-    "the backbone at the device graphs' precision; the local coupled graph is int8 throughout."
+    "This export's cloud/backbone is fp32 (shadow-export's default) while the local coupled graph is quantized "
+    "throughout; `shadow-export --quantize-cloud` (or quantize_export(..., cloud=True)) gives the backbone the "
+    "device graphs' weight format, for a comparison at the same precision."
 )
 
 
