@@ -6,6 +6,7 @@ never leaves a truncated JSON, page or chart.
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -244,8 +245,12 @@ def _target_line(t: dict[str, Any]) -> str:
     return f"| {t['text']} | {value} | {required} | {state} | {t['notes']} |"
 
 
-def markdown_report(record: dict[str, Any]) -> str:
-    """The results page: settings, machine, the table, targets, bandwidth, split details, method."""
+def markdown_report(record: dict[str, Any], profiles: list[dict[str, Any]] | None = None) -> str:
+    """The results page: settings, machine, the table, targets, bandwidth, split details, method.
+
+    ``profiles``: records of ``benchmarks/split_profile.py`` (separate runs) whose per-token breakdown of a
+    split decode step the split section shows.
+    """
     m, bw = record["machine"], record["bandwidth"]
     first = record["rows"][0]["label"] if record["rows"] else "-"
     lines = [
@@ -279,7 +284,7 @@ def markdown_report(record: dict[str, Any]) -> str:
         )
     lines += ["", "## Targets", "", "| target | measured | required | state | notes |", "|---|---:|---:|---|---|"]
     lines += [_target_line(t) for t in record["targets"]]
-    lines += _bandwidth_lines(record, bw) + _split_lines(record)
+    lines += _bandwidth_lines(record, bw) + _split_lines(record) + split_profile_lines(profiles or [])
     if record["failed"]:
         lines += ["", "## Rows that failed", ""] + [f"- {k}: {v}" for k, v in record["failed"].items()]
     lines += ["", "## Method", "", record["method"], ""]
@@ -318,6 +323,36 @@ def _split_lines(record: dict[str, Any]) -> list[str]:
             f"{e['delay_ms_per_round_trip']:g} ms injected per round trip."
         )
     return ["", "## Split rows", "", *lines] if lines else []
+
+
+def split_profile_lines(profiles: list[dict[str, Any]]) -> list[str]:
+    """The per-token breakdown of a split decode step, one column per profile run (its own command and date)."""
+    if not profiles:
+        return []
+    lines = [
+        "",
+        "### Where a split decode step's time goes (benchmarks/split_profile.py)",
+        "",
+        "Separate runs of the profiler (the split-loopback row with every stage timed; each run's command, date and "
+        "machine load are in its own results file), ms per decoded token:",
+        "",
+    ]
+    names = [f"backbone {p['graph_weights'].get('cloud/backbone', '?')}" for p in profiles]
+    lines += ["| stage | compute | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(profiles)]
+    labels = {stage["stage"]: (stage["label"], stage["compute"]) for p in profiles for stage in p["stages"]}
+    for stage, (label, compute) in labels.items():
+        values = [next((s["ms"] for s in p["stages"] if s["stage"] == stage), None) for p in profiles]
+        cells = " | ".join("-" if v is None else f"{v:.2f}" for v in values)
+        lines.append(f"| {label} | {'yes' if compute else 'no'} | {cells} |")
+    for key, label in (("compute_ms", "**compute**"), ("not_compute_ms", "**not compute**"), ("wall_ms", "**wall**")):
+        lines.append(f"| {label} | | " + " | ".join(f"**{p[key]:.2f}**" for p in profiles) + " |")
+    lines += [
+        "| local coupled graph, same run | | " + " | ".join(f"{p['coupled_local_ms']:.2f}" for p in profiles) + " |",
+        "| split / local coupled | | " + " | ".join(f"{p['split_vs_coupled_local']:.2f}x" for p in profiles) + " |",
+        "",
+        "Runs: " + "; ".join(f"`{p['command']}` ({p['date'][:16]}, shared: {p['shared_machine']})" for p in profiles),
+    ]
+    return lines
 
 
 def format_table(record: dict[str, Any]) -> str:
@@ -370,11 +405,21 @@ def plot(record: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ files
 
 
+def split_profiles(folder: Path) -> list[dict[str, Any]]:
+    """The full (non-smoke) split profile records in ``folder``, by file name."""
+    records = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("split_profile*.json"))]
+    return [r for r in records if not r.get("smoke")]
+
+
 def write_outputs(record: dict[str, Any], out_dir: Path, stem: str) -> tuple[Path, Path, Path]:
-    """``<stem>.json``, ``.md`` and ``.png`` in ``out_dir``, each written atomically."""
+    """``<stem>.json``, ``.md`` and ``.png`` in ``out_dir``, each written atomically.
+
+    The page includes the split profiles (``split_profile*.json``) found in ``out_dir`` for a full run.
+    """
     paths = (out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png")
     save_json(paths[0], record)
-    write_atomic(paths[1], markdown_report(record))
+    profiles = [] if record["smoke"] else split_profiles(out_dir)
+    write_atomic(paths[1], markdown_report(record, profiles))
     if record["rows"]:
         plot(record, paths[2])
     return paths

@@ -159,3 +159,21 @@ def test_training_cost_smoke(training_run: tuple[ModuleType, int, dict, Path]) -
     assert record["machine"]["cpu_model"] and record["command"].startswith("python -m benchmarks.training_cost")
     assert (out / "training_cost_smoke.md").read_text(encoding="utf-8").startswith("# Training cost")
     assert (out / "training_cost_smoke.png").stat().st_size > 0
+
+
+def test_the_speed_page_shows_the_split_profiles_beside_it(tmp_path: Path) -> None:
+    stage = {"stage": "backbone_graph", "label": "cloud/backbone session run (server)", "compute": True, "ms": 9.5}
+    profile = {
+        "smoke": False, "graph_weights": {"cloud/backbone": "int8"}, "stages": [stage], "compute_ms": 9.5,
+        "not_compute_ms": 3.25, "wall_ms": 12.75, "coupled_local_ms": 9.0, "split_vs_coupled_local": 1.42,
+        "command": "python -m benchmarks.split_profile", "date": "2026-12-05T00:47:17", "shared_machine": False,
+    }  # fmt: skip
+    (tmp_path / "split_profile.json").write_text(json.dumps(profile), encoding="utf-8")
+    (tmp_path / "split_profile_smoke.json").write_text(json.dumps({**profile, "smoke": True}), encoding="utf-8")
+    found = speed_report.split_profiles(tmp_path)
+    assert found == [profile]  # the smoke record is not shown
+    lines = "\n".join(speed_report.split_profile_lines(found))
+    assert "| stage | compute | backbone int8 |" in lines
+    assert "| cloud/backbone session run (server) | yes | 9.50 |" in lines
+    assert "| **not compute** | | **3.25** |" in lines and "| split / local coupled | | 1.42x |" in lines
+    assert speed_report.split_profile_lines([]) == []
