@@ -1,9 +1,8 @@
 """``shadow-export``'s work, stage by stage: load, trace, export, validate, quantize, write.
 
-The graphs are traced from :func:`~shadowpeft.export.graphs.export_view` (eager attention or fused
-layers, one
-injection weight per layer) and validated against the model as it is (its own attention
-implementation), so parity also covers the difference between the two.
+The graphs are traced from :func:`~shadowpeft.export.graphs.export_view` (fused layers where the
+architecture allows, otherwise eager attention; one injection weight per layer) and validated against
+the model as it is (its own attention implementation), so parity also covers the difference.
 """
 
 from __future__ import annotations
@@ -80,11 +79,11 @@ class ExportOptions:
         overwrite: Replace an existing output directory.
         tolerance: Largest allowed |logit difference| between fp32 graphs and PyTorch.
         steps: Cached decode steps of the parity check.
-        quantize_cloud: Quantize ``cloud/backbone`` too, to the device graphs' weight format (by default
-            it stays fp32: the server's memory and speed then follow the device graphs' format).
         ops: ``auto`` (onnxruntime's fused operators for every decoder stack that allows them),
             ``fused`` (the same, failing for a stack that does not) or ``standard`` (standard ONNX
             operators only, for providers without onnxruntime's contrib operators).
+        quantize_cloud: Quantize ``cloud/backbone`` too, to the device graphs' weight format (by default
+            it stays fp32; quantized, the server's memory and speed follow the device graphs' format).
     """
 
     selections: tuple[str, ...] = ("split",)
