@@ -220,6 +220,9 @@ def test_eval_command_prints_metrics(toy, tmp_path):
     assert re.search(r"accuracy \(detached\): \d+\.\d\d% on \d+ examples$", output.strip())
 
 
+_GLOO_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.slow
 def test_two_process_accelerate_launch(toy, tmp_path):
     """DDP over gloo on CPU: `accelerate launch --multi_gpu` starts torchrun; without CUDA the Trainer uses CPU."""
@@ -259,6 +262,12 @@ def test_two_process_accelerate_launch(toy, tmp_path):
         "4",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    if done.returncode != 0 and _GLOO_ABORT in done.stderr:
+        # Known environmental abort: under the other xdist worker's load on 2 cores, a gloo rank now and then
+        # dies with this C++ message mid-training (seen in two clean-clone CI runs; the same test then passed alone).
+        # One fresh launch; a second abort, or any other failure, fails the test.
+        shutil.rmtree(out, ignore_errors=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("saved: ") == 1  # only rank 0 reports and publishes
     summary = json.loads((out / "training.json").read_text())["summary"]
