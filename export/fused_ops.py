@@ -184,9 +184,7 @@ def _rms_norm_onnx(x, weight, eps: float):
 
 
 def _skip_rms_norm_onnx(x, skip, weight, eps: float):
-    out, _mean, _inv_std, total = _op("SkipSimplifiedLayerNormalization", _MICROSOFT)(
-        x, skip, weight, epsilon=eps, _outputs=4
-    )
+    out, _mean, _inv_std, total = _op("SkipSimplifiedLayerNormalization", _MICROSOFT)(x, skip, weight, epsilon=eps)
     return out, total
 
 

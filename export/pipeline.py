@@ -363,17 +363,17 @@ def quantize_export(src: Path, dst: Path, *, weights: str, cloud: bool = False) 
     """
     manifest = Manifest.from_file(src)
     copies = [key for key in manifest.graphs if key.startswith(ORT_KEY_PREFIX)]
-    on_device = {
+    targets = {  # the graphs to quantize: on-device ones, and cloud/backbone with ``cloud``
         key: spec.file
         for key, spec in manifest.graphs.items()
         if (cloud or spec.role != GRAPH_ROLES[CLOUD_BACKBONE]) and key not in copies
     }
-    skipped = {Path(manifest.graphs[key].file).name for key in copies} | {Path(f).name for f in on_device.values()}
-    skipped |= {n for f in on_device.values() for n in external_data_files(src / f)}
+    skipped = {Path(manifest.graphs[key].file).name for key in copies} | {Path(f).name for f in targets.values()}
+    skipped |= {n for f in targets.values() for n in external_data_files(src / f)}
     shutil.copytree(src, dst, ignore=lambda folder, names: [n for n in names if n in skipped])
     graphs = dict(manifest.graphs)
     for key, spec in manifest.graphs.items():
-        if key not in on_device:
+        if key not in targets:
             continue
         quantize_graph(src / spec.file, dst / spec.file, weights=weights)
         sha, data, _ = graph_files(dst, spec.file, external_data_files(dst / spec.file))
